@@ -1,0 +1,170 @@
+"""The config schema, its defaults, and validation with clear messages.
+
+Every config file in configs/ starts from `base_config()` and overrides
+fields, so `validate` can reject unknown keys (typos) against one schema.
+"""
+import os
+
+import ml_collections
+
+BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
+DATASETS = ('embedded', 'voc', 'cityscapes', 'folder')
+SPECIAL_INIT = ('', 'imagenet-if-present', 'imagenet')
+
+
+class ConfigError(ValueError):
+  """A user error in the config; the message says what to change."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (the authors' VOC settings where they apply)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = 'embedded'             # embedded | voc | cityscapes | folder
+  d.root = ''                     # manual dir (voc, cityscapes) or folder root
+  d.num_classes = 6
+  d.class_names = ()              # () = the dataset's own names
+  d.num_labeled = 16              # seeded random draw of this many labeled ids
+  d.split_seed = 0                # which draw (the authors' "datalist")
+  d.labeled_split_file = ''       # authors'-format split files override the draw
+  d.unlabeled_split_file = ''
+  d.crop_size = 96
+  d.base_size = 128
+  d.labeled_batch_size = 8        # GLOBAL batch sizes (all hosts, all devices)
+  d.unlabeled_batch_size = 8
+  d.eval_batch_size = 8
+  d.labeled_scale_range = (0.5, 2.0)
+  d.unlabeled_scale_range = (0.8, 2.0)
+  d.iou_range = (0.1, 1.0)
+  d.labeled_color_jitter = False  # the authors: VOC no, Cityscapes yes
+  d.same_crop = False             # ablation: both views from one crop
+  d.embedded = ml_collections.ConfigDict()
+  d.embedded.num_train = 256
+  d.embedded.num_val = 64
+  d.embedded.image_size = 128
+  d.embedded.context_biased = False
+
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = 'mobilenet_v2'     # resnet50 | resnet101 | mobilenet_v2 | resnet_tiny
+  m.output_stride = 16
+  m.projector = True
+  m.proj_dim = 128
+  m.dtype = 'float32'             # compute dtype: float32 | bfloat16
+  # '' (random init) | path to a converted backbone (.msgpack) |
+  # 'imagenet' (MobileNetV2 only; fetched if missing) | 'imagenet-if-present'.
+  c.init_from = ''
+
+  c.cac = u = ml_collections.ConfigDict()
+  u.supervised_only = False       # the baseline: no unlabeled stream at all
+  u.weight = 0.1
+  u.unsup_start_step = 5785       # 5 "epochs" of 1157 steps (VOC)
+  u.temperature = 0.1
+  u.pos_threshold = 0.75          # 0 disables positive filtering
+  u.directional = True
+  u.filter_negatives = True
+  u.bank_steps = 1                # previous steps kept as negatives
+  u.neg_per_image = 0             # 0 = all cells of both views
+  u.chunk_size = 8192             # negatives per chunk of the DC loss
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 0.01
+  o.backbone_lr_mult = 0.1
+  o.momentum = 0.9
+  o.weight_decay = 1e-4
+  o.poly_power = 0.9
+  c.total_steps = 92560           # 80 "epochs" of 1157 steps
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.flip = False                  # average with the mirrored image
+  e.num_images_logged = 3         # val images drawn in TensorBoard
+
+  c.log_every = 50
+  c.eval_every = 1157
+  c.checkpoint_every = 1157
+  c.keep_checkpoints = 2
+  return c
+
+
+def _unknown_keys(cfg, schema, prefix=''):
+  out = []
+  for key in cfg.keys():
+    if key not in schema:
+      out.append(prefix + key)
+    elif isinstance(schema[key], ml_collections.ConfigDict):
+      out += _unknown_keys(cfg[key], schema[key], f'{prefix}{key}.')
+  return out
+
+
+def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError listing every problem found (not just the first)."""
+  problems = [f'unknown config key {k!r} (typo? see cac_jax/config_lib.py for the schema)'
+              for k in _unknown_keys(config, base_config())]
+  if problems:  # the checks below assume the schema
+    raise ConfigError('\n  '.join(['invalid config:'] + problems))
+  d, m, u = config.data, config.model, config.cac
+  if d.crop_size % 8 or d.crop_size <= 0:
+    problems.append(f'data.crop_size={d.crop_size} must be a positive multiple of 8 '
+                    '(the DC loss works on the stride-8 grid)')
+  batches = [('data.labeled_batch_size', d.labeled_batch_size),
+             ('data.eval_batch_size', d.eval_batch_size)]
+  if not u.supervised_only:
+    batches.append(('data.unlabeled_batch_size', d.unlabeled_batch_size))
+  for name, size in batches:
+    if size <= 0 or size % num_devices:
+      problems.append(f'{name}={size} must be a positive multiple of the {num_devices} '
+                      f'devices (batch sizes are global)')
+    elif size % num_processes:
+      problems.append(f'{name}={size} must be divisible by the {num_processes} hosts')
+  if d.name not in DATASETS:
+    problems.append(f'data.name={d.name!r} is not one of {DATASETS}')
+  elif d.name != 'embedded' and not os.path.isdir(d.root):
+    problems.append(f'data.root={d.root!r} is not a directory; set --config.data.root '
+                    f'to the {d.name} directory (see README, "Training on your data")')
+  if d.num_classes < 2:
+    problems.append(f'data.num_classes={d.num_classes} must be at least 2')
+  if m.backbone not in BACKBONES:
+    problems.append(f'model.backbone={m.backbone!r} is not one of {BACKBONES}')
+  if m.output_stride not in (8, 16):
+    problems.append(f'model.output_stride={m.output_stride} must be 8 or 16')
+  if m.dtype not in ('float32', 'bfloat16'):
+    problems.append(f'model.dtype={m.dtype!r} must be float32 or bfloat16')
+  if config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
+    problems.append(f'init_from={config.init_from!r} does not exist; convert torchvision '
+                    'weights with `python -m cac_jax.models.convert` and pass the output')
+  if config.init_from == 'imagenet' and m.backbone != 'mobilenet_v2':
+    problems.append("init_from='imagenet' is only available offline for mobilenet_v2; "
+                    'for ResNets convert torchvision weights and pass their path')
+  if not 0.0 <= u.pos_threshold < 1.0:
+    problems.append(f'cac.pos_threshold={u.pos_threshold} must be in [0, 1)')
+  if u.temperature <= 0:
+    problems.append(f'cac.temperature={u.temperature} must be positive')
+  for name in ('bank_steps', 'neg_per_image', 'unsup_start_step'):
+    if u[name] < 0:
+      problems.append(f'cac.{name}={u[name]} must be >= 0')
+  if u.chunk_size <= 0:
+    problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
+  if config.total_steps <= 0:
+    problems.append(f'total_steps={config.total_steps} must be positive')
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
+    if config[name] <= 0:
+      problems.append(f'{name}={config[name]} must be positive')
+  if problems:
+    raise ConfigError('\n  '.join(['invalid config:'] + problems))
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """Parses a config-file argument 'k1=v1,k2=v2' (from --config=file.py:ARG).
+
+  Values are converted to the type of the default; unknown keys are an error.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ConfigError(f'config argument {item!r}: expected one of '
+                        f'{sorted(defaults)} as key=value, e.g. '
+                        + ','.join(f'{k}={v}' for k, v in defaults.items()))
+    out[key] = type(defaults[key])(value)
+  return out

@@ -1,0 +1,101 @@
+"""One CAC update: a pure function of (state, batch), jitted once.
+
+    labeled  -> model -> CE
+    view 1   -> model -> stride-8 projected features, logits   \
+    view 2   -> model -> stride-8 projected features, logits   -> DC loss (both directions)
+    negatives = this step's cells of both views (global batch) + feature bank
+    grads -> SGD -> new params; bank <- this step's negatives
+
+The three passes are separate model calls, each normalising with its own
+batch statistics (global over the sharded batch, i.e. SyncBN), as the authors
+do. Running BN statistics are threaded through the passes in that order.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cac_jax import bank as bank_lib
+from cac_jax import losses
+from cac_jax.train_state import TrainState
+
+
+def _forward(model, params, batch_stats, images, key, dc_outputs):
+  out, mutated = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=True,
+      dc_outputs=dc_outputs, rngs={'dropout': key}, mutable=['batch_stats'])
+  return out, mutated['batch_stats']
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
+  """Applies one update.
+
+  Args:
+    state: the replicated TrainState (donated by the caller's jit).
+    batch: global arrays sharded on 'data': batch['labeled'] = {image [B,C,C,3]
+      float32 normalised, label [B,C,C] int32}; with `with_dc`, also
+      batch['unlabeled'] = {image1, image2 [B,C,C,3], box1, box2 int32 [B,4],
+      flip1, flip2 bool [B]}.
+    model, tx, config: static; closed over by `make_train_step`.
+    with_dc: static. False for the supervised-only baseline and for the steps
+      before `cac.unsup_start_step` (where the DC weight is zero, so the two
+      unlabeled passes would only cost time).
+
+  Returns:
+    (new_state, metrics): metrics is a dict of float32 scalars, on device.
+  """
+  cac = config.cac
+  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  k_lab, k_v1, k_v2, k_neg = jax.random.split(key, 4)
+  labeled = batch['labeled']
+
+  def loss_fn(params):
+    out, batch_stats = _forward(model, params, state.batch_stats,
+                                labeled['image'], k_lab, dc_outputs=False)
+    ce = losses.cross_entropy(out['logits'], labeled['label'])
+    metrics = {'loss_ce': ce}
+    if not with_dc:
+      return ce, (batch_stats, metrics, None)
+    un = batch['unlabeled']
+    out1, batch_stats = _forward(model, params, batch_stats, un['image1'], k_v1, True)
+    out2, batch_stats = _forward(model, params, batch_stats, un['image2'], k_v2, True)
+    dc, aux = losses.dc_loss_from_views(
+        out1['proj8'], out2['proj8'], out1['logits8'], out2['logits8'],
+        un['box1'], un['box2'], un['flip1'], un['flip2'],
+        state.bank.feats, state.bank.labels, state.bank.valid,
+        key=k_neg, temperature=cac.temperature,
+        pos_threshold=cac.pos_threshold, directional=cac.directional,
+        filter_negatives=cac.filter_negatives,
+        neg_per_image=cac.neg_per_image, chunk_size=cac.chunk_size)
+    metrics.update(
+        loss_dc=dc, loss_dc_12=aux['loss_12'], loss_dc_21=aux['loss_21'],
+        active_frac_12=aux['active_frac_12'],
+        active_frac_21=aux['active_frac_21'],
+        overlap_frac=aux['overlap_frac'])
+    negatives = (aux['new_neg_feats'], aux['new_neg_labels'])
+    return ce + cac.weight * dc, (batch_stats, metrics, negatives)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, metrics, negatives)), grads = grad_fn(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  bank = state.bank
+  if negatives is not None and bank.feats.shape[0] > 0:
+    bank = bank_lib.push(bank, *negatives)
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                 bank_fill=jnp.mean(bank.valid.astype(jnp.float32))
+                 if bank.valid.size else jnp.zeros(()))
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state,
+                            bank=bank)
+  return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+
+def make_train_step(model, tx, config, state_shardings, *, with_dc: bool):
+  """jit(train_step) with the state donated and its sharding pinned."""
+  step = functools.partial(train_step, model=model, tx=tx, config=config,
+                           with_dc=with_dc)
+  return jax.jit(step, donate_argnums=(0,),
+                 out_shardings=(state_shardings, None))
