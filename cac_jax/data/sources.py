@@ -1,0 +1,349 @@
+"""The `Source` contract: which examples a split has, and how to decode them.
+
+A `Source` is a plain, immutable list of example references (encoded bytes or
+file paths) plus the class metadata. The input pipeline turns it into a
+`tf.data.Dataset` with `decode_image` / `decode_label`; everything dataset
+specific (directory layouts, split files, label maps) stays in the dataset
+modules (`embedded`, `voc`, `cityscapes`, `folder`), which `get_source`
+dispatches to.
+
+Split protocol, shared by all datasets (`split_ids`): the labeled ids are a
+seeded random draw (`data.split_seed`) of `data.num_labeled` train ids, unless
+`data.labeled_split_file` names the authors' split file; the unlabeled ids are
+those of `data.unlabeled_split_file` if given, else the train ids that are not
+labeled.
+"""
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from cac_jax import config_lib
+
+SPLITS = ('labeled', 'unlabeled', 'val')
+IGNORE_LABEL = 255
+
+
+class DataError(config_lib.ConfigError):
+  """Bad dataset input (a ValueError). `problems` lists every problem, one per entry.
+
+  A ConfigError subclass so entry points report it as a user error, without a
+  stack trace.
+  """
+
+  def __init__(self, problems: Sequence[str] | str):
+    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    super().__init__(
+        f'{len(self.problems)} data problem(s):\n  - ' + '\n  - '.join(self.problems))
+
+
+# eq=False: the generated __eq__/__hash__ would compare/hash the NumPy fields,
+# which raises; Sources are compared by identity.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+  """The examples of one split.
+
+  Attributes:
+    ids: example ids, in a fixed order (the pipeline indexes examples by
+      position, so this order is part of the data stream's determinism).
+    images: per id, encoded PNG/JPEG bytes or a file path.
+    labels: per id, an encoded single-channel (gray or palette) PNG of class
+      ids, or its path; None for unlabeled splits.
+    from_files: True if `images`/`labels` hold file paths, False for bytes.
+    num_classes: number of classes K; valid label values are [0, K) and 255.
+    class_names: K names.
+    palette: uint8 [K, 3] display colours.
+    label_map: uint8 [256] lookup applied to raw decoded label values (e.g.
+      Cityscapes id -> train id); None means identity.
+  """
+  ids: tuple[str, ...]
+  images: tuple[bytes | str, ...]
+  labels: tuple[bytes | str, ...] | None
+  from_files: bool
+  num_classes: int
+  class_names: tuple[str, ...]
+  palette: np.ndarray
+  label_map: np.ndarray | None = None
+
+  def __post_init__(self):
+    n = len(self.ids)
+    if len(self.images) != n or (self.labels is not None and len(self.labels) != n):
+      raise ValueError(f'Source has {n} ids but {len(self.images)} images and '
+                       f'{None if self.labels is None else len(self.labels)} labels; '
+                       'they must be parallel tuples')
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(f'Source has num_classes={self.num_classes} but '
+                       f'{len(self.class_names)} class names')
+    if self.palette.shape != (self.num_classes, 3) or self.palette.dtype != np.uint8:
+      raise ValueError(f'palette must be uint8 [{self.num_classes}, 3], got '
+                       f'{self.palette.dtype} {self.palette.shape}')
+    if self.label_map is not None and (self.label_map.shape != (256,)
+                                       or self.label_map.dtype != np.uint8):
+      raise ValueError(f'label_map must be uint8 [256], got {self.label_map.dtype} '
+                       f'{self.label_map.shape}')
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+# ----------------------------------------------------------------------------
+# Decoding (pure TF, usable eagerly and inside tf.data).
+# ----------------------------------------------------------------------------
+
+
+def decode_image(ref, from_files: bool) -> tf.Tensor:
+  """Decodes a PNG/JPEG (bytes or file path) to RGB.
+
+  Gray becomes RGB, alpha is dropped, 16-bit PNGs are scaled to 8 bits.
+
+  Returns:
+    uint8 [H, W, 3].
+  """
+  data = tf.io.read_file(ref) if from_files else ref
+  image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _png_palette(data: tf.Tensor) -> tf.Tensor:
+  """Reads the PLTE chunk of a PNG: uint8 [P, 3] palette colours.
+
+  PNG chunks are (length: 4 bytes big-endian, type: 4, data, crc: 4) after the
+  8-byte signature; PLTE may follow optional chunks (gAMA, sRGB, ...), so we
+  walk the chunk list instead of assuming an offset.
+  """
+  size = tf.strings.length(data)
+
+  def chunk_length(pos):
+    return tf.io.decode_raw(tf.strings.substr(data, pos, 4), tf.int32,
+                            little_endian=False)[0]
+
+  def cond(pos, found):
+    return tf.logical_and(tf.logical_not(found), pos + 8 <= size)
+
+  def body(pos, found):
+    is_plte = tf.equal(tf.strings.substr(data, pos + 4, 4), 'PLTE')
+    return tf.where(is_plte, pos, pos + 12 + chunk_length(pos)), is_plte
+
+  pos, found = tf.while_loop(cond, body, (tf.constant(8), tf.constant(False)))
+  with tf.control_dependencies([tf.debugging.Assert(found, ['palette PNG without PLTE chunk'])]):
+    plte = tf.strings.substr(data, pos + 8, chunk_length(pos))
+  return tf.reshape(tf.io.decode_raw(plte, tf.uint8), [-1, 3])
+
+
+def _rgb_to_palette_index(rgb: tf.Tensor, palette: tf.Tensor) -> tf.Tensor:
+  """Maps RGB pixels back to palette indices (first index with that colour).
+
+  TF's PNG decoder expands palette images to RGB; the palette index is the
+  class id, so we invert the palette. Colours used by two indices at once are
+  ambiguous; `validate_source` reports such masks.
+  """
+  def key(c):
+    c = tf.cast(c, tf.int32)
+    return c[..., 0] * 65536 + c[..., 1] * 256 + c[..., 2]
+
+  pal_keys = key(palette)
+  # A stable sort keeps the lowest index first among duplicate colours.
+  order = tf.argsort(pal_keys, stable=True)
+  sorted_keys = tf.gather(pal_keys, order)
+  pixel_keys = tf.reshape(key(rgb), [-1])
+  pos = tf.searchsorted(sorted_keys, pixel_keys, side='left')
+  pos = tf.minimum(pos, tf.size(sorted_keys) - 1)
+  index = tf.reshape(tf.gather(order, pos), tf.shape(rgb)[:2])
+  return tf.cast(index, tf.uint8)
+
+
+def decode_label(ref, from_files: bool, label_map=None) -> tf.Tensor:
+  """Decodes a class-id PNG mask (bytes or file path).
+
+  Gray PNGs (1-16 bit; gray+alpha too) hold the class id as the value; palette
+  PNGs hold it as the palette index (e.g. VOC's SegmentationClass). RGB masks
+  are rejected: colours are not class ids. `label_map` (uint8 [256]) is then
+  applied to the raw values.
+
+  Returns:
+    uint8 [H, W] class ids; 255 = ignore.
+  """
+  data = tf.io.read_file(ref) if from_files else ref
+  tf.debugging.assert_equal(tf.strings.substr(data, 1, 3), 'PNG',
+                            message='label masks must be PNG files')
+  header = tf.io.decode_raw(tf.strings.substr(data, 24, 2), tf.uint8)
+  bit_depth, color_type = tf.cast(header[0], tf.int32), tf.cast(header[1], tf.int32)
+  # PNG colour types: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
+  tf.debugging.assert_equal(
+      tf.reduce_any(tf.equal(color_type, [0, 3, 4])), True,
+      message='label mask is an RGB(A) PNG; store class ids as a single-channel '
+              'gray or palette PNG')
+
+  def palette_branch():
+    rgb = tf.io.decode_png(data, channels=3)
+    return _rgb_to_palette_index(rgb, _png_palette(data))
+
+  def gray16_branch():
+    gray = tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0]
+    # Values above 255 cannot be class ids here: they become ignore.
+    return tf.cast(tf.minimum(gray, IGNORE_LABEL), tf.uint8)
+
+  def gray8_branch():
+    gray = tf.io.decode_png(data, channels=1)[..., 0]
+    # libpng rescales 1/2/4-bit gray to 0..255 (1-bit 1 -> 255); undo it so the
+    # stored value is the class id.
+    scale = tf.cast(255 // (tf.bitwise.left_shift(1, tf.minimum(bit_depth, 8)) - 1), tf.uint8)
+    return gray // scale
+
+  label = tf.case([(tf.equal(color_type, 3), palette_branch),
+                   (tf.equal(bit_depth, 16), gray16_branch)], default=gray8_branch)
+  if label_map is not None:
+    label = tf.gather(tf.constant(np.asarray(label_map, np.uint8)), tf.cast(label, tf.int32))
+  label.set_shape([None, None])
+  return label
+
+
+# ----------------------------------------------------------------------------
+# Splits.
+# ----------------------------------------------------------------------------
+
+
+def read_split_file(path: str, id_from_path=None) -> list[str]:
+  """Reads ids from a split file.
+
+  Accepts plain id lines (`2007_000032`) and the authors' format
+  (`<image path> <label path>`, e.g. `/JPEGImages/2007_000032.jpg
+  /SegmentationClassAug/2007_000032.png`); the id is derived from the image
+  path with `id_from_path` (default: file name without extension).
+
+  Raises:
+    DataError: missing or empty file.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f'split file {path} does not exist; fix the path in the config')
+  id_from_path = id_from_path or (lambda p: os.path.splitext(os.path.basename(p))[0])
+  ids = []
+  with open(path) as f:
+    for line in f:
+      fields = line.split()
+      if fields:
+        ids.append(id_from_path(fields[0]))
+  if not ids:
+    raise DataError(f'split file {path} is empty; list one image per line')
+  return ids
+
+
+def check_unique(ids: Sequence[str], where: str) -> None:
+  """Raises DataError naming every id that occurs more than once."""
+  seen, dups = set(), []
+  for i in ids:
+    if i in seen and i not in dups:
+      dups.append(i)
+    seen.add(i)
+  if dups:
+    raise DataError(f'{where} lists duplicate ids {dups[:10]}'
+                    f'{" ..." if len(dups) > 10 else ""}; remove the repeated lines')
+
+
+def split_ids(data_config, train_ids: Sequence[str], split: str,
+              id_from_path=None) -> list[str]:
+  """The labeled or unlabeled ids of the train set (see module docstring).
+
+  Args:
+    data_config: the `config.data` ConfigDict.
+    train_ids: all train ids, in a fixed order.
+    split: 'labeled' or 'unlabeled'.
+    id_from_path: maps an image path of a split-file line to its id.
+
+  Returns:
+    The ids, in the order of `train_ids` (draws) or of the split file.
+
+  Raises:
+    DataError: split files that are empty, name unknown ids, repeat ids or
+      overlap; `num_labeled` out of range.
+  """
+  if split not in ('labeled', 'unlabeled'):
+    raise ValueError(f'split must be labeled or unlabeled, got {split!r}')
+  check_unique(train_ids, 'the train list')
+  known = set(train_ids)
+
+  def from_file(path):
+    ids = read_split_file(path, id_from_path)
+    check_unique(ids, f'split file {path}')
+    missing = [i for i in ids if i not in known]
+    if missing:
+      raise DataError(f'split file {path} names {len(missing)} id(s) that are not in '
+                      f'the train set, e.g. {missing[:5]}; check data.root and the file')
+    return ids
+
+  if data_config.labeled_split_file:
+    labeled = from_file(data_config.labeled_split_file)
+  else:
+    n = int(data_config.num_labeled)
+    if not 1 <= n <= len(train_ids):
+      raise DataError(f'data.num_labeled={n} must be in [1, {len(train_ids)}] (the '
+                      'number of train images); use the train size for full supervision')
+    # Draws are indices into train_ids, kept in train order.
+    rng = np.random.default_rng(int(data_config.split_seed))
+    chosen = np.sort(rng.permutation(len(train_ids))[:n])
+    labeled = [train_ids[i] for i in chosen]
+  if split == 'labeled':
+    return labeled
+  if data_config.unlabeled_split_file:
+    unlabeled = from_file(data_config.unlabeled_split_file)
+    overlap = sorted(set(unlabeled) & set(labeled))
+    if overlap:
+      raise DataError(f'split file {data_config.unlabeled_split_file} shares '
+                      f'{len(overlap)} id(s) with the labeled split, e.g. {overlap[:5]}; '
+                      'unlabeled images must not be labeled ones')
+    return unlabeled
+  labeled_set = set(labeled)
+  return [i for i in train_ids if i not in labeled_set]
+
+
+def class_names_or(data_config, names: Sequence[str]) -> tuple[str, ...]:
+  """The config's class names if set, else the dataset's, checked against K."""
+  chosen = tuple(data_config.class_names) or tuple(names)
+  if len(chosen) != data_config.num_classes:
+    raise DataError(f'data.num_classes={data_config.num_classes} but there are '
+                    f'{len(chosen)} class names {chosen}; make them agree')
+  return chosen
+
+
+def get_source(data_config, split: str) -> Source:
+  """The `Source` of one split of the configured dataset.
+
+  Args:
+    data_config: `config.data` (fields in configs/default.py).
+    split: 'labeled' | 'unlabeled' | 'val'.
+
+  Raises:
+    DataError: the dataset's files or split files are missing or inconsistent.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  # Imported here: each dataset module imports this one.
+  from cac_jax.data import cityscapes, embedded, folder, voc
+  readers = {'embedded': embedded.get_source, 'voc': voc.get_source,
+             'cityscapes': cityscapes.get_source, 'folder': folder.get_source}
+  if data_config.name not in readers:
+    raise ValueError(f'data.name={data_config.name!r} is not one of {sorted(readers)}')
+  # Sources are immutable and costly to list (TFDS reads, directory scans);
+  # training asks for the val source at every evaluation, so memoise them.
+  key = (_config_key(data_config), split)
+  if key not in _SOURCE_CACHE:
+    _SOURCE_CACHE[key] = readers[data_config.name](data_config, split)
+  return _SOURCE_CACHE[key]
+
+
+_SOURCE_CACHE: dict = {}
+
+
+def _config_key(data_config) -> str:
+  as_dict = data_config.to_dict() if hasattr(data_config, 'to_dict') else vars(data_config)
+  return json.dumps(as_dict, sort_keys=True, default=str)
+
+
+def require_dir(path: str, what: str, fix: str) -> None:
+  """Raises DataError if `path` is not a directory."""
+  if not path or not os.path.isdir(path):
+    raise DataError(f'{what} {path!r} is not a directory; {fix}')
