@@ -1,0 +1,402 @@
+"""Numerical tests of the network against PyTorch references built here.
+
+The references use only ``torch.nn`` primitives (no torchvision) in the
+torchvision layout, get random weights and random BatchNorm running
+statistics, and their ``state_dict`` goes through the real converter
+(:func:`cac_jax.models.convert.convert_state_dict`). Tolerance: 1e-4 relative
+to the largest reference magnitude; float32 convolutions in torch and XLA
+differ only by summation order (~1e-6 relative), while a wrong padding,
+stride, dilation or layout change gives O(1) errors.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cac_jax.models import build_model, convert, deeplabv3plus, layers, resnet
+
+RTOL = 1e-4
+
+
+def _model_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = dict(backbone='resnet_tiny', output_stride=16, projector=True,
+             proj_dim=128, dtype='float32')
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def _close(ours, ref, rtol=RTOL):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- references
+
+
+def _bn(c):
+  return torch.nn.BatchNorm2d(c, eps=1e-5)
+
+
+class TorchBottleneck(torch.nn.Module):
+  """torchvision Bottleneck v1.5 with an explicit dilation."""
+
+  def __init__(self, inplanes, planes, stride, dilation, downsample):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = _bn(planes)
+    self.conv2 = torch.nn.Conv2d(planes, planes, 3, stride, padding=dilation,
+                                 dilation=dilation, bias=False)
+    self.bn2 = _bn(planes)
+    self.conv3 = torch.nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = _bn(planes * 4)
+    self.downsample = torch.nn.Sequential(
+        torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+        _bn(planes * 4)) if downsample else None
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = F.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    identity = self.downsample(x) if self.downsample is not None else x
+    return F.relu(out + identity)
+
+
+class TorchResNet(torch.nn.Module):
+  """conv1 7x7/2 -> bn1 -> relu -> maxpool 3/2 -> layer1..4 (Bottleneck)."""
+
+  def __init__(self, stage_sizes, widths, stem, strides, stage_dilations):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+    self.bn1 = _bn(stem)
+    inplanes = stem
+    for s, (n, planes) in enumerate(zip(stage_sizes, widths)):
+      blocks = []
+      for i in range(n):
+        blocks.append(TorchBottleneck(
+            inplanes, planes, strides[s] if i == 0 else 1, stage_dilations[s][i],
+            downsample=i == 0 and (strides[s] != 1 or inplanes != planes * 4)))
+        inplanes = planes * 4
+      setattr(self, f'layer{s + 1}', torch.nn.Sequential(*blocks))
+
+  def forward(self, x):
+    x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+    low = self.layer1(x)
+    return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class TorchConvBNReLU(torch.nn.Module):
+
+  def __init__(self, cin, cout, k, dilation=1):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(cin, cout, k, padding=dilation * (k // 2),
+                                dilation=dilation, bias=False)
+    self.bn = _bn(cout)
+
+  def forward(self, x):
+    return F.relu(self.bn(self.conv(x)))
+
+
+class TorchASPP(torch.nn.Module):
+
+  def __init__(self, cin, rates):
+    super().__init__()
+    self.b0 = TorchConvBNReLU(cin, 256, 1)
+    self.b1, self.b2, self.b3 = (TorchConvBNReLU(cin, 256, 3, r) for r in rates)
+    self.pool = TorchConvBNReLU(cin, 256, 1)
+    self.project = TorchConvBNReLU(5 * 256, 256, 1)
+
+  def forward(self, x):
+    pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
+    pooled = F.interpolate(pooled, x.shape[2:], mode='bilinear', align_corners=True)
+    return self.project(torch.cat(
+        [self.b0(x), self.b1(x), self.b2(x), self.b3(x), pooled], 1))
+
+
+class TorchDecoder(torch.nn.Module):
+
+  def __init__(self, low_channels):
+    super().__init__()
+    self.low = TorchConvBNReLU(low_channels, 48, 1)
+    self.fuse1 = TorchConvBNReLU(304, 256, 3)
+    self.fuse2 = TorchConvBNReLU(256, 256, 3)
+
+  def forward(self, x, low):
+    low = self.low(low)
+    x = F.interpolate(x, low.shape[2:], mode='bilinear', align_corners=True)
+    return self.fuse2(self.fuse1(torch.cat([x, low], 1)))
+
+
+class TorchHead(torch.nn.Module):
+
+  def __init__(self, high_channels, low_channels, rates):
+    super().__init__()
+    self.aspp = TorchASPP(high_channels, rates)
+    self.decoder = TorchDecoder(low_channels)
+
+  def forward(self, high, low):
+    return self.decoder(self.aspp(high), low)
+
+
+class TorchDeepLab(torch.nn.Module):
+  """Eval-mode DeepLabv3+ with the CAC classifier and projector."""
+
+  def __init__(self, backbone, high_channels, low_channels, rates, k, proj_dim):
+    super().__init__()
+    self.backbone = backbone
+    self.head = TorchHead(high_channels, low_channels, rates)
+    self.classifier = torch.nn.Module()
+    self.classifier.conv = torch.nn.Conv2d(256, k, 1)
+    self.projector = torch.nn.Module()
+    self.projector.conv1 = torch.nn.Conv2d(256, 256, 1)
+    self.projector.conv2 = torch.nn.Conv2d(256, proj_dim, 1)
+
+  def forward(self, x):
+    low, high = self.backbone(x)
+    decoded = self.head(high, low)
+    logits = F.interpolate(self.classifier.conv(decoded), x.shape[2:],
+                           mode='bilinear', align_corners=True)
+    pooled = F.avg_pool2d(decoded, 2)
+    proj = self.projector.conv2(F.relu(self.projector.conv1(pooled)))
+    return logits, self.classifier.conv(pooled), F.normalize(proj, dim=1)
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """Random conv weights and BatchNorm affine + running statistics; eval mode."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        fan_in = m.weight[0].numel()
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+        if m.bias is not None:
+          m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+      elif isinstance(m, torch.nn.BatchNorm2d):
+        c = m.num_features
+        m.weight.copy_(0.5 + torch.rand(c, generator=g))
+        m.bias.copy_(0.1 * torch.randn(c, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+  return module.eval()
+
+
+def _state_dict(module):
+  return {k: v.numpy() for k, v in module.state_dict().items()}
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# Narrow Bottleneck ResNet with every structural feature of ResNet-50: strided
+# stages, downsample branches (strided and not), dilated and multi-grid stages.
+SMALL_STAGES, SMALL_WIDTHS, SMALL_STEM = (1, 2, 2, 3), (4, 8, 8, 16), 8
+
+
+def _small_flax_resnet(output_stride):
+  return resnet.ResNet(resnet.Bottleneck, SMALL_STAGES, SMALL_WIDTHS,
+                       stem_width=SMALL_STEM, output_stride=output_stride)
+
+
+def _small_torch_resnet(output_stride, seed):
+  strides, base = resnet.layer_plan(output_stride)
+  # Dilations written out from the spec (CAC_SPEC.md section 3), not from code.
+  dilations = {16: [[1], [1, 1], [1, 1], [2, 4, 8]],
+               8: [[1], [1, 1], [2, 2], [4, 8, 16]]}[output_stride]
+  assert strides == {16: (1, 2, 2, 1), 8: (1, 2, 1, 1)}[output_stride]
+  del base
+  return _randomise(TorchResNet(SMALL_STAGES, SMALL_WIDTHS, SMALL_STEM, strides,
+                                dilations), seed)
+
+
+# --------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (17, 9)), ((9, 6), (4, 11)),
+                                          ((1, 3), (4, 4)), ((6, 6), (6, 6))])
+def test_resize_matches_torch_align_corners(in_hw, out_hw):
+  x = np.random.default_rng(0).standard_normal((2,) + in_hw + (3,)).astype(np.float32)
+  ref = F.interpolate(_nchw(x), out_hw, mode='bilinear', align_corners=True)
+  ours = layers.resize_bilinear_align_corners(jnp.asarray(x), out_hw)
+  _close(ours, _nhwc(ref), rtol=1e-5)
+
+
+@pytest.mark.parametrize('output_stride', [16, 8])
+def test_bottleneck_resnet_matches_torch(output_stride):
+  torch_net = _small_torch_resnet(output_stride, seed=output_stride)
+  flax_net = _small_flax_resnet(output_stride)
+  variables = convert.convert_state_dict(
+      _state_dict(torch_net), convert.abstract_variables(flax_net))
+  # Odd sizes exercise PyTorch's floor arithmetic of strided padded windows.
+  x = np.random.default_rng(output_stride).standard_normal((2, 45, 38, 3)).astype(np.float32)
+  with torch.no_grad():
+    low_ref, high_ref = torch_net(_nchw(x))
+  out = _apply(flax_net, variables, jnp.asarray(x), train=False)
+  _close(out['low'], _nhwc(low_ref))
+  _close(out['high'], _nhwc(high_ref))
+  assert out['high'].shape[1:3] == {16: (3, 3), 8: (6, 5)}[output_stride]
+
+
+@pytest.mark.parametrize('output_stride', [16, 8])
+def test_deeplabv3plus_matches_torch(output_stride):
+  """Backbone + ASPP + decoder + classifier + projector, eval mode."""
+  rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+  k, proj_dim = 5, 16
+  torch_net = _randomise(TorchDeepLab(
+      _small_torch_resnet(output_stride, seed=1), SMALL_WIDTHS[3] * 4,
+      SMALL_WIDTHS[0] * 4, rates, k, proj_dim), seed=2)
+  flax_net = deeplabv3plus.DeepLabV3Plus(
+      backbone=_small_flax_resnet(output_stride), num_classes=k,
+      output_stride=output_stride, proj_dim=proj_dim)
+  variables = convert.convert_state_dict(
+      _state_dict(torch_net), convert.abstract_variables(flax_net))
+  x = np.random.default_rng(3).standard_normal((2, 48, 40, 3)).astype(np.float32)
+  with torch.no_grad():
+    logits_ref, logits8_ref, proj8_ref = torch_net(_nchw(x))
+  out = _apply(flax_net, variables, jnp.asarray(x), train=False, dc_outputs=True)
+  _close(out['logits'], _nhwc(logits_ref))
+  _close(out['logits8'], _nhwc(logits8_ref))
+  _close(out['proj8'], _nhwc(proj8_ref))
+
+
+def _init(model, x):
+  # Jitted: eager Flax dispatches (and compiles) every op on its own, which is
+  # ~10x slower here than one compiled program from the persistent cache.
+  init = jax.jit(lambda y: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, y, train=False))
+  return init(x)
+
+
+def _apply(model, variables, x, **kwargs):
+  return jax.jit(lambda v, y: model.apply(v, y, **kwargs))(variables, x)
+
+
+def test_resnet_tiny_output_shapes_and_contract():
+  model = build_model(_model_config(), num_classes=6)
+  x = jax.random.normal(jax.random.key(5), (2, 64, 96, 3))
+  variables = _init(model, x)       # dc_outputs=False, yet projector is created
+  assert set(variables['params']) == {'backbone', 'head', 'classifier', 'projector'}
+  assert set(variables['batch_stats']) == {'backbone', 'head'}
+  feats = _apply(resnet.resnet_tiny(),
+                 {'params': variables['params']['backbone'],
+                  'batch_stats': variables['batch_stats']['backbone']}, x, train=False)
+  assert feats['low'].shape == (2, 16, 24, 16)
+  assert feats['high'].shape == (2, 4, 6, 128)
+
+  eval_out = _apply(model, variables, x, train=False)
+  assert set(eval_out) == {'logits'}
+  assert eval_out['logits'].shape == (2, 64, 96, 6)
+
+  out, new_state = _apply(model, variables, x, train=True, dc_outputs=True,
+                          rngs={'dropout': jax.random.key(2)},
+                          mutable=['batch_stats'])
+  assert out['logits'].shape == (2, 64, 96, 6) and out['logits'].dtype == jnp.float32
+  assert out['logits8'].shape == (2, 8, 12, 6) and out['logits8'].dtype == jnp.float32
+  assert out['proj8'].shape == (2, 8, 12, 128) and out['proj8'].dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(out['proj8'], axis=-1), 1.0, rtol=1e-5)
+  # Training mode updated the running statistics: new = 0.9 old + 0.1 batch.
+  old = variables['batch_stats']['backbone']['bn1']['mean']
+  new = new_state['batch_stats']['backbone']['bn1']['mean']
+  assert float(jnp.abs(new - old).max()) > 0
+
+  no_proj = build_model(_model_config(projector=False), num_classes=6)
+  v2 = _init(no_proj, x)
+  assert 'projector' not in v2['params']
+  out2 = _apply(no_proj, v2, x, train=False, dc_outputs=True)
+  assert out2['proj8'].shape == (2, 8, 12, 256)
+  with pytest.raises(ValueError, match='divisible by 8'):
+    model.apply(variables, x[:, :60], train=False, dc_outputs=True)
+  with pytest.raises(ValueError, match='resnet50'):
+    build_model(_model_config(backbone='resnet5'), num_classes=6)
+
+
+def test_mobilenet_v2_feature_shapes():
+  from cac_jax.models import mobilenet_v2
+  x = jax.ShapeDtypeStruct((1, 96, 64, 3), jnp.float32)
+  for output_stride, high_hw in ((16, (6, 4)), (32, (3, 2))):
+    net = mobilenet_v2.MobileNetV2(output_stride=output_stride)
+    out = jax.eval_shape(lambda y, net=net: net.init_with_output(
+        jax.random.key(0), y, train=False)[0], x)
+    assert out['low'].shape == (1, 24, 16, 24)
+    assert out['high'].shape == (1,) + high_hw + (320,)
+
+
+def test_batchnorm_is_global_under_sharded_jit():
+  """SyncBN: on a batch sharded over 8 devices the statistics are global."""
+  model = build_model(_model_config(), num_classes=3)
+  x = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
+  variables = _init(model, x)
+
+  def step(v, images):
+    out, state = model.apply(v, images, train=True, dc_outputs=True,
+                             rngs={'dropout': jax.random.key(0)},
+                             mutable=['batch_stats'])
+    return out['proj8'], state['batch_stats']
+
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
+  proj_s, stats_s = jax.jit(step)(variables, sharded)
+  proj_1, stats_1 = jax.jit(step)(variables, x)
+  # Per-device statistics of one image each would differ by O(1).
+  _close(proj_s, proj_1, rtol=1e-4)
+  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4), stats_s, stats_1)
+
+
+def test_bfloat16_close_to_float32_and_params_stay_float32():
+  x = jax.random.normal(jax.random.key(9), (2, 64, 64, 3))
+  f32 = build_model(_model_config(), num_classes=4)
+  bf16 = build_model(_model_config(dtype='bfloat16'), num_classes=4)
+  variables = _init(bf16, x)
+  dtypes = {a.dtype for a in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  out32 = _apply(f32, variables, x, train=False, dc_outputs=True)
+  out16 = _apply(bf16, variables, x, train=False, dc_outputs=True)
+  for key in ('logits', 'logits8', 'proj8'):
+    assert out16[key].dtype == jnp.float32
+    # bf16 has an 8-bit mantissa (~0.4% per rounding); through ~15 layers a
+    # few percent of the output scale is expected, a bug gives O(1).
+    err = float(jnp.abs(out16[key] - out32[key]).max())
+    scale = float(jnp.abs(out32[key]).max())
+    assert err < 0.05 * scale, (key, err, scale)
+
+
+def test_parameter_count_deeplabv3plus_r50_os16():
+  """By hand (K = 21, projector 256 -> 256 -> 128):
+
+  backbone  ResNet-50 without fc                                23,508,032
+  ASPP      b0 2048*256 + b1..b3 3 * 9*2048*256 + pool 2048*256
+            + project 1280*256 = 15,532,032; 6 BN * 2*256 = 3,072 15,535,104
+  decoder   low 256*48 + BN 96 = 12,384; fuse1 9*304*256 + 512 = 700,928;
+            fuse2 9*256*256 + 512 = 590,336                        1,303,648
+  classifier 256*21 + 21                                               5,397
+  projector  256*256 + 256 + 256*128 + 128                            98,688
+  total                                                           40,450,869
+  """
+  model = build_model(_model_config(backbone='resnet50'), num_classes=21)
+  abstract = jax.eval_shape(
+      lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+                         jnp.zeros((1, 64, 64, 3)), train=False))
+  counts = {k: convert.count_params(v) for k, v in abstract['params'].items()}
+  total = sum(counts.values())
+  print('DeepLabv3+ R50 OS16 parameters:', counts, 'total', f'{total:,}')
+  assert counts == {'backbone': 23_508_032, 'head': 15_535_104 + 1_303_648,
+                    'classifier': 5_397, 'projector': 98_688}
+  assert total == 40_450_869
+
+
+def test_l2_normalize_matches_float64_and_has_finite_gradient_at_zero():
+  x = np.random.default_rng(11).standard_normal((4, 5, 7)).astype(np.float32)
+  x[0, 0] = 0.0                      # an all-zero feature vector
+  ref = x.astype(np.float64)
+  ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
+  np.testing.assert_allclose(layers.l2_normalize(jnp.asarray(x)), ref, rtol=1e-6, atol=1e-7)
+  grad = jax.grad(lambda y: layers.l2_normalize(y)[..., 0].sum())(jnp.asarray(x))
+  assert bool(jnp.all(jnp.isfinite(grad)))
