@@ -1,0 +1,407 @@
+"""Losses: pixel cross-entropy and the directional contrastive (DC) loss.
+
+The DC loss (CAC_SPEC.md §4) is InfoNCE between a view's stride-8 features
+("anchors") and the other view's features at the same image location
+("targets", no gradient), against negatives with a different pseudo-label.
+
+Cost. At VOC scale one direction has ~12,800 anchors and ~51,200 negatives of
+128-d: the [N, K] similarity matrix would be 2.6 GB in float32, so negatives
+are processed in chunks of `chunk_size` with a loop. The backward pass does
+NOT replay that loop: a custom VJP accumulates, during the forward loop and
+from the same exponentials, the softmax-weighted sum of negatives
+Σ_j q_kj n_j ([N, D]), which is exactly what d lse / d anchor needs. So the
+whole forward+backward costs two N×K×D matmuls and one N×K exp pass (instead
+of three matmuls and two exp passes for autodiff through a rematerialised
+scan), and peak memory is O(N·chunk_size + (N + K)·D) for both passes; no
+`jax.checkpoint` is needed because the backward pass never revisits a chunk.
+(The price: only reverse-mode, first-order derivatives are defined, which is
+all training needs.) On the 2-core dev CPU, chunks of ~1,024 were fastest
+(`python -m cac_jax.bench.dc_loss`); accelerators prefer larger ones.
+
+Stability. Logits are <a, n>/τ with unit-norm features, so every logit lies in
+[−1/τ, 1/τ]. Each anchor's log-sum-exp is shifted by its own positive logit:
+the positive term is then exactly 1 (the sum can never underflow to 0), and a
+negative term is at most exp(2/τ). For τ ≥ 1/30 that is ≤ e^60, far from
+float32 overflow, so the shift is exact-stable without a running max. For
+smaller τ a running (online) max over chunks is kept instead, which is stable
+for any logits at the price of one extra reduction per chunk.
+
+Nothing here imports TensorFlow.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cac_jax import overlap as overlap_lib
+
+# Largest logit spread 2/τ for which the fixed per-anchor shift is used:
+# e^60 · (1e12 negatives) is still < float32 max (3.4e38).
+_MAX_FIXED_SHIFT_SPREAD = 60.0
+
+
+def cross_entropy(logits, labels, ignore_index=255):
+  """Mean pixel cross-entropy over non-ignored pixels.
+
+  Matches `torch.nn.CrossEntropyLoss(ignore_index=ignore_index)`; returns 0
+  (not NaN) and zero gradients when no pixel is valid.
+
+  Args:
+    logits: [B, H, W, K] any float dtype; computed in float32.
+    labels: int [B, H, W], values in [0, K) or `ignore_index`.
+    ignore_index: label value that contributes nothing.
+
+  Returns:
+    float32 scalar.
+  """
+  if logits.ndim != labels.ndim + 1 or logits.shape[:-1] != labels.shape:
+    raise ValueError(
+        f'cross_entropy expects logits [..., K] and labels [...] with the same '
+        f'leading shape; got {logits.shape} and {labels.shape}.')
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  valid = labels != ignore_index
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  count = jnp.sum(valid)
+  total = -jnp.sum(jnp.where(valid, picked, 0.0))
+  return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+class _LseConfig(NamedTuple):
+  """Static settings of the chunked log-sum-exp (hashable for custom_vjp)."""
+  inv_temperature: float
+  chunk_size: int
+  filter_negatives: bool
+  online_max: bool
+  matmul_dtype: str
+
+
+def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
+              cfg: _LseConfig, with_grad: bool):
+  """Loops over chunks of negatives; see `_negative_lse` for the math.
+
+  Returns (shift [N], acc [N], g [N, D] or None) with
+  lse = shift + log(acc), g = Σ_j m_kj exp(s_kj − shift_k) n_j.
+  """
+  n, d = anchor.shape
+  k = neg_feats.shape[0]
+  mm_dtype = jnp.dtype(cfg.matmul_dtype)
+  # Full float32 products where asked: on TPU/GPU the default precision of a
+  # float32 matmul is bf16/tf32, which at 1/τ = 10 is ~0.1 logit of error.
+  precision = lax.Precision.HIGHEST if mm_dtype == jnp.float32 else None
+  anchor_scaled = (anchor * cfg.inv_temperature).astype(mm_dtype)  # [N, D]
+
+  def update(carry, feats_c, labels_c, valid_c):
+    shift, acc, g = carry
+    feats_c = feats_c.astype(mm_dtype)  # [C, D]
+    s = jnp.dot(anchor_scaled, feats_c.T, precision=precision,
+                preferred_element_type=jnp.float32)  # [N, C]
+    mask = valid_c[None, :]
+    if cfg.filter_negatives:
+      mask = mask & (labels_c[None, :] != anchor_label[:, None])  # [N, C]
+    if cfg.online_max:
+      new_shift = jnp.maximum(
+          shift, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+      rescale = jnp.exp(shift - new_shift)
+      acc = acc * rescale
+      if g is not None:
+        g = g * rescale[:, None]
+      shift = new_shift
+    e = jnp.where(mask, jnp.exp(s - shift[:, None]), 0.0)  # [N, C]
+    acc = acc + jnp.sum(e, axis=1)
+    if g is not None:
+      g = g + jnp.dot(e.astype(mm_dtype), feats_c, precision=precision,
+                      preferred_element_type=jnp.float32)
+    return shift, acc, g
+
+  # Start with the positive term alone: shift = pos makes it exactly 1.
+  carry = (pos, jnp.ones((n,), jnp.float32),
+           jnp.zeros((n, d), jnp.float32) if with_grad else None)
+  if k == 0:
+    return carry
+  chunk = min(cfg.chunk_size, k)
+  num_chunks = -(-k // chunk)
+
+  def body(i, carry):
+    # dynamic_slice of the original arrays: no padded or reshaped copy of the
+    # (possibly large) negative set is ever made. When K is not a multiple of
+    # the chunk, the last chunk is the last `chunk` negatives; the ones it
+    # shares with the previous chunk are masked out. One loop body for all
+    # chunks keeps a single [N, chunk] scratch buffer.
+    start = jnp.minimum(i * chunk, k - chunk)
+    fresh = start + jnp.arange(chunk) >= i * chunk  # [C]
+    return update(carry,
+                  lax.dynamic_slice_in_dim(neg_feats, start, chunk, 0),
+                  lax.dynamic_slice_in_dim(neg_labels, start, chunk, 0),
+                  lax.dynamic_slice_in_dim(neg_valid, start, chunk, 0) & fresh)
+
+  if num_chunks == 1:
+    return update(carry, neg_feats, neg_labels, neg_valid)
+  return lax.fori_loop(0, num_chunks, body, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _negative_lse(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
+                  cfg):
+  """lse_k = log(exp(pos_k) + Σ_j m_kj exp(<a_k, n_j>/τ)), float32 [N].
+
+  Differentiable in `anchor` [N, D] and `pos` [N] only; the negatives,
+  labels and masks get zero cotangents.
+  """
+  shift, acc, _ = _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels,
+                            neg_valid, cfg, with_grad=False)
+  return shift + jnp.log(acc)
+
+
+def _negative_lse_fwd(anchor, pos, anchor_label, neg_feats, neg_labels,
+                      neg_valid, cfg):
+  shift, acc, g = _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels,
+                            neg_valid, cfg, with_grad=True)
+  lse = shift + jnp.log(acc)
+  # d lse/d pos_k = softmax weight of the positive; d lse/d a_k =
+  # (1/τ) Σ_j q_kj n_j with q_kj = m_kj exp(s_kj − lse_k).
+  pos_weight = jnp.exp(pos - shift) / acc  # [N]
+  neg_mean = g / acc[:, None]  # [N, D]
+  return lse, (pos_weight, neg_mean)
+
+
+def _negative_lse_bwd(cfg, residuals, ct):
+  pos_weight, neg_mean = residuals
+  d_anchor = ct[:, None] * neg_mean * cfg.inv_temperature
+  return d_anchor, ct * pos_weight, None, None, None, None
+
+
+_negative_lse.defvjp(_negative_lse_fwd, _negative_lse_bwd)
+
+
+def contrastive_weights(anchor_conf, target_conf, valid, *, pos_threshold,
+                        directional):
+  """w_k = valid_k · [target_conf_k > γ] · [anchor_conf_k < target_conf_k].
+
+  `pos_threshold` = γ = 0 drops the threshold factor; `directional=False`
+  drops the last one. Returns float32 [N].
+  """
+  w = jnp.asarray(valid, bool)
+  if pos_threshold > 0:
+    w = w & (target_conf > pos_threshold)
+  if directional:
+    w = w & (anchor_conf < target_conf)
+  return w.astype(jnp.float32)
+
+
+def _check_flat_inputs(anchor, target, anchor_conf, target_conf, anchor_label,
+                       valid, neg_feats, neg_labels, neg_valid, temperature,
+                       chunk_size):
+  n, d = anchor.shape if anchor.ndim == 2 else (None, None)
+  if n is None or target.shape != anchor.shape:
+    raise ValueError(f'anchor and target must both be [N, D]; got '
+                     f'{anchor.shape} and {target.shape}.')
+  for name, x in (('anchor_conf', anchor_conf), ('target_conf', target_conf),
+                  ('anchor_label', anchor_label), ('valid', valid)):
+    if x.shape != (n,):
+      raise ValueError(f'{name} must be [N] = [{n}]; got {x.shape}.')
+  k = neg_feats.shape[0] if neg_feats.ndim == 2 else None
+  if k is None or neg_feats.shape[1] != d:
+    raise ValueError(f'neg_feats must be [K, D] with D = {d}; got '
+                     f'{neg_feats.shape}.')
+  if neg_labels.shape != (k,) or neg_valid.shape != (k,):
+    raise ValueError(f'neg_labels and neg_valid must be [K] = [{k}]; got '
+                     f'{neg_labels.shape} and {neg_valid.shape}.')
+  if not temperature > 0:
+    raise ValueError(f'temperature must be > 0; got {temperature}.')
+  if int(chunk_size) < 1:
+    raise ValueError(f'chunk_size must be >= 1; got {chunk_size}.')
+
+
+def _dc_loss_and_weights(anchor, target, anchor_conf, target_conf,
+                         anchor_label, valid, neg_feats, neg_labels,
+                         neg_valid, *, temperature, pos_threshold, directional,
+                         filter_negatives, chunk_size, matmul_dtype):
+  """`directional_contrastive_loss` that also returns the weights w [N]."""
+  _check_flat_inputs(anchor, target, anchor_conf, target_conf, anchor_label,
+                     valid, neg_feats, neg_labels, neg_valid, temperature,
+                     chunk_size)
+  inv_t = 1.0 / float(temperature)
+  cfg = _LseConfig(
+      inv_temperature=inv_t, chunk_size=int(chunk_size),
+      filter_negatives=bool(filter_negatives),
+      online_max=2.0 * inv_t > _MAX_FIXED_SHIFT_SPREAD,
+      matmul_dtype=jnp.dtype(matmul_dtype).name)
+  anchor = anchor.astype(jnp.float32)
+  target = lax.stop_gradient(target.astype(jnp.float32))
+  pos = jnp.sum(anchor * target, axis=-1) * inv_t  # [N]
+  anchor_label = lax.stop_gradient(anchor_label).astype(jnp.int32)
+  lse = _negative_lse(anchor, pos, anchor_label,
+                      lax.stop_gradient(neg_feats.astype(jnp.float32)),
+                      neg_labels.astype(jnp.int32),
+                      jnp.asarray(neg_valid, bool), cfg)
+  w = lax.stop_gradient(contrastive_weights(
+      anchor_conf, target_conf, valid, pos_threshold=pos_threshold,
+      directional=directional))
+  per_anchor = lse - pos  # −log softmax of the positive, ≥ 0, finite
+  loss = jnp.sum(w * per_anchor) / (jnp.sum(w) + 1e-12)
+  return loss, w
+
+
+def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
+                                 anchor_label, valid, neg_feats, neg_labels,
+                                 neg_valid, *, temperature=0.1,
+                                 pos_threshold=0.75, directional=True,
+                                 filter_negatives=True, chunk_size=8192,
+                                 matmul_dtype=jnp.float32):
+  """One direction of the DC loss on flat arrays (CAC_SPEC.md §4).
+
+  loss = Σ_k w_k l_k / (Σ_k w_k + 1e-12) with
+  l_k = −log(exp(pos_k) / (exp(pos_k) + Σ_j m_kj exp(s_kj))),
+  pos_k = <a_k, sg(t_k)>/τ, s_kj = <a_k, sg(n_j)>/τ,
+  m_kj = neg_valid_j · [neg_labels_j ≠ anchor_label_k] (the label factor only
+  with `filter_negatives`), and w from `contrastive_weights`.
+
+  Args:
+    anchor: [N, D] unit-norm features; the only input that gets a gradient.
+    target: [N, D] unit-norm features at the same locations (stop-gradient).
+    anchor_conf, target_conf: [N] classifier confidences (max softmax).
+    anchor_label: int [N] the anchor's pseudo-label.
+    valid: bool [N] anchors that exist (inside the overlap).
+    neg_feats: [K, D] unit-norm negatives (stop-gradient); K may be 0 and
+      need not be a multiple of `chunk_size`.
+    neg_labels: int [K]; neg_valid: bool [K].
+    temperature: τ > 0.
+    pos_threshold: γ; 0 disables positive filtering.
+    directional: keep only anchors less confident than their target.
+    filter_negatives: drop negatives with the anchor's pseudo-label.
+    chunk_size: negatives per loop step; peak memory ~ 2·N·chunk_size floats.
+    matmul_dtype: dtype of the matmul operands (accumulation is float32).
+      bfloat16 halves matmul cost on TPU/GPU at ~0.01·(1/τ) logit error.
+
+  Returns:
+    float32 scalar. Differentiable in `anchor` only.
+  """
+  loss, _ = _dc_loss_and_weights(
+      anchor, target, anchor_conf, target_conf, anchor_label, valid,
+      neg_feats, neg_labels, neg_valid, temperature=temperature,
+      pos_threshold=pos_threshold, directional=directional,
+      filter_negatives=filter_negatives, chunk_size=chunk_size,
+      matmul_dtype=matmul_dtype)
+  return loss
+
+
+def _confidence_and_label(logits):
+  """Max-softmax confidence and argmax pseudo-label, float32/int32 [...]."""
+  logits = lax.stop_gradient(logits.astype(jnp.float32))
+  conf = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+  return conf, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _sample_cells(key, maps, num):
+  """`num` distinct random cells of each map: [B, V, hw, ...] -> [B, V, num, ...]."""
+  b, v, hw = maps[0].shape[:3]
+  scores = jax.random.uniform(key, (b, v, hw))
+  _, idx = lax.top_k(scores, num)  # [B, V, num], distinct within each map
+  return [jnp.take_along_axis(
+      x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2) for x in maps]
+
+
+def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
+                       flip2, bank_feats, bank_labels, bank_valid, *, key,
+                       temperature, pos_threshold, directional,
+                       filter_negatives, neg_per_image=0, chunk_size=8192,
+                       matmul_dtype=jnp.float32):
+  """The full DC loss L_1→2 + L_2→1 of a batch of unlabeled view pairs.
+
+  Args:
+    proj1, proj2: [B, h, w, D] unit-norm stride-8 projected features of view
+      1 / 2, in the frame of the (possibly flipped) view image.
+    logits1, logits2: [B, h, w, K] stride-8 classifier logits, same frame.
+    box1, box2: int32 [B, 4] overlap boxes (top, left, bottom, right) in
+      pixels of each view's UNFLIPPED frame; multiples of 8, equal sizes.
+    flip1, flip2: bool [B], True where the view image was flipped.
+    bank_feats: [C, D] float32; bank_labels: int [C]; bank_valid: bool [C]
+      negatives of previous steps (C may be 0).
+    key: PRNG key for `neg_per_image` sub-sampling (may be None when 0).
+    temperature, pos_threshold, directional, filter_negatives, chunk_size,
+      matmul_dtype: see `directional_contrastive_loss`.
+    neg_per_image: random cells per view per image used as negatives;
+      0 = all h·w cells.
+
+  Returns:
+    (loss, aux): loss is a float32 scalar; aux has float32 scalars
+    'loss_12', 'loss_21', 'active_frac_12', 'active_frac_21' (fraction of
+    overlap cells with w = 1), 'overlap_frac' (overlap cells / all cells),
+    and this step's negatives 'new_neg_feats' float32 [M, D],
+    'new_neg_labels' int32 [M], M = 2·B·(neg_per_image or h·w), to push into
+    the bank.
+  """
+  if proj1.ndim != 4 or proj1.shape != proj2.shape:
+    raise ValueError(f'proj1 and proj2 must both be [B, h, w, D]; got '
+                     f'{proj1.shape} and {proj2.shape}.')
+  b, h, w, d = proj1.shape
+  for name, x in (('logits1', logits1), ('logits2', logits2)):
+    if x.ndim != 4 or x.shape[:3] != (b, h, w):
+      raise ValueError(f'{name} must be [B, h, w, K] = [{b}, {h}, {w}, K]; '
+                       f'got {x.shape}.')
+  if bank_feats.ndim != 2 or bank_feats.shape[1] != d:
+    raise ValueError(f'bank_feats must be [C, {d}]; got {bank_feats.shape}.')
+  hw = h * w
+  if not 0 <= neg_per_image <= hw:
+    raise ValueError(f'neg_per_image must be in [0, h*w = {hw}]; got '
+                     f'{neg_per_image}.')
+  if neg_per_image and key is None:
+    raise ValueError('neg_per_image > 0 needs a PRNG key (key=...).')
+
+  # Pseudo-labels and confidences (no gradient), everything in the unflipped
+  # frame so that the boxes apply.
+  conf1, label1 = _confidence_and_label(logits1)
+  conf2, label2 = _confidence_and_label(logits2)
+  feats1 = overlap_lib.unflip(proj1.astype(jnp.float32), flip1).reshape(b, hw, d)
+  feats2 = overlap_lib.unflip(proj2.astype(jnp.float32), flip2).reshape(b, hw, d)
+  conf1 = overlap_lib.unflip(conf1, flip1).reshape(b, hw)
+  conf2 = overlap_lib.unflip(conf2, flip2).reshape(b, hw)
+  label1 = overlap_lib.unflip(label1, flip1).reshape(b, hw)
+  label2 = overlap_lib.unflip(label2, flip2).reshape(b, hw)
+
+  # Cell k of view 1 <-> cell index2[k] of view 2 (valid inside the overlap).
+  valid, index2 = overlap_lib.batched_overlap_index_map(box1, box2, (h, w))
+  gather2 = lambda x: jnp.take_along_axis(
+      x, index2.reshape(index2.shape + (1,) * (x.ndim - 2)), axis=1)
+  feats2_at, conf2_at, label2_at = gather2(feats2), gather2(conf2), gather2(label2)
+
+  # Negatives: this step's cells of both views of every image (no gradient),
+  # then the bank.
+  view_feats = jnp.stack([feats1, feats2], axis=1)  # [B, 2, hw, D]
+  view_labels = jnp.stack([label1, label2], axis=1)  # [B, 2, hw]
+  if neg_per_image and neg_per_image < hw:
+    view_feats, view_labels = _sample_cells(key, [view_feats, view_labels],
+                                            neg_per_image)
+  new_feats = lax.stop_gradient(view_feats.reshape(-1, d))
+  new_labels = view_labels.reshape(-1)
+  neg_feats = jnp.concatenate([new_feats, bank_feats.astype(jnp.float32)])
+  neg_labels = jnp.concatenate([new_labels, bank_labels.astype(jnp.int32)])
+  neg_valid = jnp.concatenate(
+      [jnp.ones(new_labels.shape, bool), jnp.asarray(bank_valid, bool)])
+
+  flat = lambda x: x.reshape((b * hw,) + x.shape[2:])
+  valid = flat(valid)
+  kwargs = dict(temperature=temperature, pos_threshold=pos_threshold,
+                directional=directional, filter_negatives=filter_negatives,
+                chunk_size=chunk_size, matmul_dtype=matmul_dtype)
+  loss_12, w_12 = _dc_loss_and_weights(
+      flat(feats1), flat(feats2_at), flat(conf1), flat(conf2_at), flat(label1),
+      valid, neg_feats, neg_labels, neg_valid, **kwargs)
+  loss_21, w_21 = _dc_loss_and_weights(
+      flat(feats2_at), flat(feats1), flat(conf2_at), flat(conf1),
+      flat(label2_at), valid, neg_feats, neg_labels, neg_valid, **kwargs)
+  num_overlap = jnp.sum(valid).astype(jnp.float32)
+  denom = jnp.maximum(num_overlap, 1.0)
+  aux = {
+      'loss_12': loss_12,
+      'loss_21': loss_21,
+      'active_frac_12': jnp.sum(w_12) / denom,
+      'active_frac_21': jnp.sum(w_21) / denom,
+      'overlap_frac': num_overlap / (b * hw),
+      'new_neg_feats': new_feats,
+      'new_neg_labels': new_labels,
+  }
+  return loss_12 + loss_21, aux
