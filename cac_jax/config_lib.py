@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   u.filter_negatives = True
   u.bank_steps = 1                # previous steps kept as negatives
   u.neg_per_image = 0             # 0 = all cells of both views
-  u.chunk_size = 8192             # negatives per chunk of the DC loss
+  u.chunk_size = 1024             # negatives per chunk: scratch memory ~ anchors x chunk
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 0.01

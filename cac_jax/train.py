@@ -1,0 +1,241 @@
+"""train_and_evaluate(config, workdir): the training loop.
+
+Sections: mesh -> model/optimiser/state (restore or init) -> data -> steps ->
+loop (log, eval, checkpoint, preemption). The loop is resumable: running the
+same command with the same workdir continues from the latest checkpoint and,
+because the input stream is indexed by step, sees exactly the batches an
+uninterrupted run would.
+"""
+import json
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from cac_jax import checkpoint as ckpt_lib
+from cac_jax import config_lib
+from cac_jax import evaluate as eval_lib
+from cac_jax import optim
+from cac_jax import sharding
+from cac_jax import train_state as state_lib
+from cac_jax import train_step as step_lib
+from cac_jax.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class _Preemption:
+  """SIGTERM (what a preemption sends) -> save at the current step and exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self) -> bool:
+    if jax.process_count() > 1:
+      # All hosts must agree on the step at which they stop and save.
+      flags = multihost_utils.process_allgather(np.int32(self.requested))
+      return bool(np.max(flags))
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(config, workdir):
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / 'config.json'
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+
+def _log_sizes(config, mesh):
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  d = config.data
+  logging.info('mesh: %d devices on %d hosts; global batch labeled=%d '
+               'unlabeled=%d -> per host %d+%d, per device %d+%d', n_dev, n_proc,
+               d.labeled_batch_size, d.unlabeled_batch_size,
+               d.labeled_batch_size // n_proc, d.unlabeled_batch_size // n_proc,
+               d.labeled_batch_size // n_dev, d.unlabeled_batch_size // n_dev)
+
+
+def _summarise(pending, step, schedule):
+  """Host-side mean of the metrics of the steps since the last log."""
+  fetched = jax.device_get(pending)
+  out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  bad = [k for k, v in out.items() if k.startswith('loss') and not np.isfinite(v)]
+  if bad:
+    raise NonFiniteLossError(
+        f'non-finite loss in steps {step - len(pending) + 1}..{step}: '
+        + ', '.join(f'{k}={out[k]}' for k in sorted(out) if k.startswith('loss'))
+        + '. The last good checkpoint is kept; lower optim.lr or check the data.')
+  out['lr'] = float(schedule(step))
+  return out
+
+
+def _init_from(state, config, mesh):
+  """Loads pretrained backbone weights (config.init_from) into a fresh state."""
+  from cac_jax.models import convert, weights
+  path = config.init_from
+  if path in ('imagenet', 'imagenet-if-present'):
+    found = weights.mobilenet_imagenet_path(fetch=path == 'imagenet')
+    if found is None or config.model.backbone != 'mobilenet_v2':
+      logging.warning('init_from=%r: no ImageNet weights for %s; random init '
+                      '(run `python -m cac_jax.models.weights fetch-mobilenet`)',
+                      path, config.model.backbone)
+      return state
+    path = str(found)
+  if not path:
+    return state
+  variables = convert.merge_backbone(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      convert.load_backbone(path))
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  logging.info('backbone initialised from %s', path)
+  return state.replace(params=variables['params'],
+                       batch_stats=variables['batch_stats'])
+
+
+def _class_names(config):
+  from cac_jax.data import sources  # TF only where data is needed
+  names = tuple(config.data.class_names)
+  return names or tuple(sources.get_source(config.data, 'val').class_names)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) and evaluates; returns the final eval scores.
+
+  Args:
+    config: a validated-on-entry config (see cac_jax/config_lib.py).
+    workdir: checkpoints, TensorBoard events and config.json go here; if it
+      holds a checkpoint, training resumes from the latest one.
+    stop_after: stop (with a checkpoint) after this many steps of this
+      invocation; for time-sliced jobs and the resume tests. The schedule is
+      unaffected: it always spans config.total_steps.
+  """
+  from cac_jax.data import pipeline  # TF only where data is needed
+
+  workdir = str(workdir)
+  mesh = sharding.make_mesh()
+  config_lib.validate(config, num_devices=mesh.devices.size,
+                      num_processes=jax.process_count())
+  _log_sizes(config, mesh)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _write_config(config, workdir)
+
+  # --- Model, optimiser, state ------------------------------------------------
+  num_classes = config.data.num_classes
+  model = build_model(config.model, num_classes=num_classes)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  manager = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
+  with jax.set_mesh(mesh):
+    if manager.latest_step() is not None:
+      abstract = state_lib.abstract_state(model, tx, config, mesh)
+      state = ckpt_lib.restore(manager, abstract)
+      state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+      logging.info('resumed from step %d', manager.latest_step())
+    else:
+      state, state_shardings = state_lib.create_sharded_state(
+          model, tx, config, mesh, jax.random.key(config.seed))
+      state = _init_from(state, config, mesh)
+  start_step = int(jax.device_get(state.step))
+
+  # --- Data ---------------------------------------------------------------------
+  train_iter = pipeline.train_iterator(config, start_step=start_step)
+  class_names = _class_names(config)
+
+  # --- Steps ----------------------------------------------------------------------
+  sup_step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=False)
+  dc_step = None if config.cac.supervised_only else step_lib.make_train_step(
+      model, tx, config, state_shardings, with_dc=True)
+  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, flip=config.eval.flip)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                           writer=writer)
+  preemption = _Preemption()
+
+  def run_eval(step):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    with report.timed('eval'):
+      conf = eval_lib.evaluate(eval_step, variables, pipeline.eval_iterator(config),
+                               mesh, num_classes)
+    scores = eval_lib.scores(conf, class_names)
+    writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
+    logging.info('step %d: val mIoU %.4f, pixel acc %.4f', step, scores['miou'],
+                 scores['pixel_acc'])
+    return scores
+
+  # --- Loop -------------------------------------------------------------------------
+  pending, scores = [], None
+  timer_images, timer_start, compiled = 0, None, set()
+  images_per_step = config.data.labeled_batch_size + (
+      0 if config.cac.supervised_only else 2 * config.data.unlabeled_batch_size)
+  step = start_step
+  try:
+    with jax.set_mesh(mesh):
+      end_step = config.total_steps if stop_after is None else min(
+          config.total_steps, start_step + stop_after)
+      while step < end_step:
+        use_dc = dc_step is not None and step >= config.cac.unsup_start_step
+        fn = dc_step if use_dc else sup_step
+        host_batch = next(train_iter)
+        if not use_dc:
+          host_batch = {'labeled': host_batch['labeled']}
+        batch = sharding.to_global(host_batch, mesh)
+        state, metrics = fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        if use_dc not in compiled:  # exclude compilation from throughput
+          compiled.add(use_dc)
+          jax.block_until_ready(metrics)
+          timer_start, timer_images = time.perf_counter(), 0
+        else:
+          timer_images += images_per_step
+        report(step)
+
+        last = step == end_step
+        save_now = step % config.checkpoint_every == 0 or last
+        if step % config.log_every == 0 or save_now or last:
+          summary = _summarise(pending, step, schedule)
+          pending = []
+          elapsed = time.perf_counter() - timer_start
+          if timer_images and elapsed > 0:
+            summary['images_per_sec'] = timer_images / elapsed
+            summary['images_per_sec_per_device'] = summary['images_per_sec'] / mesh.devices.size
+          writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+        eval_metrics = None
+        if step % config.eval_every == 0 or step == config.total_steps:
+          t0 = time.perf_counter()
+          scores = run_eval(step)
+          eval_metrics = {'miou': scores['miou']}
+          timer_start += time.perf_counter() - t0  # pause the clock during eval
+        if save_now:
+          t0 = time.perf_counter()
+          ckpt_lib.save(manager, step, state, config, metrics=eval_metrics)
+          timer_start += time.perf_counter() - t0
+        if preemption.reached():
+          logging.warning('SIGTERM: saving at step %d and exiting', step)
+          if pending:
+            writer.write_scalars(step, {f'train/{k}': v for k, v in
+                                        _summarise(pending, step, schedule).items()})
+          ckpt_lib.save(manager, step, state, config)
+          break
+  finally:
+    preemption.restore()
+    manager.wait_until_finished()
+    writer.flush()
+  if scores is None and step >= config.total_steps:
+    scores = run_eval(step)
+  return scores or {}
