@@ -72,7 +72,9 @@ def _log_sizes(config, mesh):
 def _summarise(pending, step, schedule):
   """Host-side mean of the metrics of the steps since the last log."""
   fetched = jax.device_get(pending)
-  out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  # Steps before unsup_start_step have no DC metrics: average what exists.
+  keys = sorted({k for m in fetched for k in m})
+  out = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
   bad = [k for k, v in out.items() if k.startswith('loss') and not np.isfinite(v)]
   if bad:
     raise NonFiniteLossError(
@@ -238,4 +240,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     writer.flush()
   if scores is None and step >= config.total_steps:
     scores = run_eval(step)
+  # Each host reads the checksum from its OWN replica of the parameters, so
+  # equal prints on all hosts show that the replicas did not drift apart.
+  logging.info('params fingerprint (this host\'s replica): %.10e',
+               params_fingerprint(state.params))
   return scores or {}
+
+
+def params_fingerprint(params) -> float:
+  """sum(|p|) over all parameters, computed from this host's local replica."""
+  total = jax.jit(lambda p: sum(jax.numpy.sum(jax.numpy.abs(x)) for x in jax.tree.leaves(p)))(params)
+  return float(np.asarray(total.addressable_data(0)))

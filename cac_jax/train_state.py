@@ -21,7 +21,9 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  bank: bank_lib.FeatureBank  # negatives of the previous `bank_steps` steps
+  # Negatives of the previous `bank_steps` steps; None when there is no bank
+  # (bank_steps=0 or supervised-only): orbax cannot save zero-size arrays.
+  bank: bank_lib.FeatureBank | None
 
 
 def negatives_per_step(config) -> int:
@@ -47,12 +49,13 @@ def make_init_fn(model, tx, config):
     x = jnp.zeros((1, crop, crop, 3), jnp.float32)
     variables = model.init({'params': key, 'dropout': key}, x, train=False)
     params = variables['params']
+    capacity = bank_capacity(config)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get('batch_stats', {}),
         opt_state=tx.init(params),
-        bank=bank_lib.init_bank(bank_capacity(config), config.model.proj_dim))
+        bank=bank_lib.init_bank(capacity, config.model.proj_dim) if capacity else None)
   return init
 
 

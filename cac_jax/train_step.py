@@ -60,10 +60,11 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
     un = batch['unlabeled']
     out1, batch_stats = _forward(model, params, batch_stats, un['image1'], k_v1, True)
     out2, batch_stats = _forward(model, params, batch_stats, un['image2'], k_v2, True)
+    bank = state.bank or bank_lib.init_bank(0, out1['proj8'].shape[-1])
     dc, aux = losses.dc_loss_from_views(
         out1['proj8'], out2['proj8'], out1['logits8'], out2['logits8'],
         un['box1'], un['box2'], un['flip1'], un['flip2'],
-        state.bank.feats, state.bank.labels, state.bank.valid,
+        bank.feats, bank.labels, bank.valid,
         key=k_neg, temperature=cac.temperature,
         pos_threshold=cac.pos_threshold, directional=cac.directional,
         filter_negatives=cac.filter_negatives,
@@ -82,11 +83,11 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
   params = optax.apply_updates(state.params, updates)
 
   bank = state.bank
-  if negatives is not None and bank.feats.shape[0] > 0:
+  if bank is not None and negatives is not None:
     bank = bank_lib.push(bank, *negatives)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                 bank_fill=jnp.mean(bank.valid.astype(jnp.float32))
-                 if bank.valid.size else jnp.zeros(()))
+  metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+  if bank is not None:
+    metrics['bank_fill'] = jnp.mean(bank.valid.astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             bank=bank)
