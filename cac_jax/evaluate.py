@@ -70,3 +70,129 @@ def evaluate(eval_step, variables, batches, mesh, num_classes: int) -> np.ndarra
     conf = eval_step(variables, sharding.to_global(host_batch, mesh))
     total += np.asarray(jax.device_get(conf), np.int64)
   return total
+
+
+# ----------------------------------------------------------------------------
+# Command line:
+#   python -m cac_jax.evaluate --workdir=<run> [--which=best|latest] [--step=N]
+#       [--config.eval.flip=True] [--config.data.eval_batch_size=N]
+#       [--config.data.root=DIR]
+# Evaluates one checkpoint over the whole val set with the config saved in
+# the run; only the fields below may be overridden, since the network and the
+# data were fixed by training. Flags are defined only when run as a program:
+# this module is also a library imported by the training loop, whose entry
+# point defines its own --config and --workdir.
+# ----------------------------------------------------------------------------
+
+EVAL_OVERRIDES = ('eval.*', 'data.eval_batch_size', 'data.root')
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets flat 'a.b' -> value overrides on `config` (eval fields only).
+
+  Raises:
+    ConfigError: a field outside EVAL_OVERRIDES.
+  """
+  from cac_jax import config_lib
+  bad = [k for k in overrides
+         if not (k.startswith('eval.') or k in EVAL_OVERRIDES)]
+  if bad:
+    raise config_lib.ConfigError(
+        f'--config.{bad[0]} cannot be changed at evaluation (the network and '
+        f'data were fixed by training); allowed: {", ".join(EVAL_OVERRIDES)}')
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    target = config
+    for p in path:
+      target = target[p]
+    target[last] = value
+
+
+def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
+                 overrides: dict | None = None):
+  """mIoU of one checkpoint of a run over its whole val set.
+
+  Args:
+    workdir: the training run's --workdir.
+    which, step: which checkpoint (see `cac_jax.restore.load_run`).
+    overrides: flat {'eval.flip': True, ...} changes to the saved config.
+
+  Returns:
+    (scores, class_names, step, config): `scores` as `scores()` returns.
+  """
+  from cac_jax import config_lib, restore
+  from cac_jax.data import pipeline, sources  # TF only in the CLI path
+
+  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  apply_overrides(config, overrides or {})
+  mesh = restore.mesh_of(variables)
+  batch = int(config.data.eval_batch_size)
+  if batch <= 0 or batch % mesh.devices.size or batch % jax.process_count():
+    raise config_lib.ConfigError(
+        f'data.eval_batch_size={batch} must be a positive multiple of the '
+        f'{mesh.devices.size} devices here; pass --config.data.eval_batch_size=N')
+  num_classes = config.data.num_classes
+  class_names = (tuple(config.data.class_names)
+                 or tuple(sources.get_source(config.data, 'val').class_names))
+  with jax.set_mesh(mesh):
+    eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip)
+    conf = evaluate(eval_step, variables, pipeline.eval_iterator(config), mesh,
+                    num_classes)
+  return scores(conf, class_names), class_names, step, config
+
+
+def format_table(result: dict, class_names) -> str:
+  """Per-class IoU, pixel accuracy and mIoU, in percent, one per line."""
+  width = max([len(n) for n in class_names] + [len('pixel accuracy')])
+  lines = [f'{"class":<{width}}  IoU (%)']
+  lines += [f'{n:<{width}}  {100 * result[f"iou/{n}"]:7.2f}' for n in class_names]
+  lines.append('-' * (width + 9))
+  lines.append(f'{"pixel accuracy":<{width}}  {100 * result["pixel_acc"]:7.2f}')
+  lines.append(f'{"mIoU":<{width}}  {100 * result["miou"]:7.2f}')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  from cac_jax import config_lib, restore
+  flags.DEFINE_string('workdir', None, 'The training run (holds checkpoints/).')
+  flags.DEFINE_enum('which', 'best', restore.WHICH,
+                    'best: the highest val mIoU checkpoint; latest: the last one.')
+  flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
+  # Only the overrides given on the command line are applied, to the config
+  # saved in the run; the defaults here are just the schema they parse against.
+  config_flags.DEFINE_config_dict('config', config_lib.base_config(),
+                                  'Overrides of eval fields: --config.eval.flip=True.')
+  flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  import sys
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  from cac_jax import config_lib
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f['verbosity'].present:
+    # Orbax logs every file it touches at INFO; the CLI's own output is print.
+    logging.set_verbosity(logging.WARNING)
+  overrides = config_flags.get_override_values(f['config'])
+  try:
+    result, class_names, step, config = evaluate_run(
+        f.workdir, which=f.which, step=f.step, overrides=overrides)
+  except config_lib.ConfigError as e:
+    # User errors (no checkpoint, bad override, missing data): no stack trace.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    print(f'checkpoint: {f.workdir} step {step}; {config.data.name} val'
+          f'{", flip" if config.eval.flip else ""}')
+    print(format_table(result, class_names))
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

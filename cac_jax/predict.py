@@ -1,0 +1,239 @@
+"""Segment a folder of images with a trained run: palette PNG masks + overlays.
+
+  python -m cac_jax.predict --workdir=<run> --images=<folder or file> \
+      --out=<folder> [--which=best|latest] [--step=N] [--flip]
+
+For every image `<id>.<ext>` it writes `<out>/<id>.png`, a palette ('P') PNG
+whose pixel values are class ids and whose palette is the dataset's colours
+(so it opens as a colour picture and reads back as class ids), and
+`<out>/<id>_overlay.jpg`, the image beside the mask blended over it.
+
+Inference follows the evaluation protocol (CAC_SPEC.md section 5): the full
+image, normalised, reflect-padded bottom/right to a multiple of 8, logits
+cropped back to the image. Images are processed one at a time because their
+sizes differ; jit compiles once per distinct padded size. Unreadable files are
+reported and skipped; the last line says `N predicted, M skipped`, and the
+exit status is 0 if at least one image was predicted, else 1.
+"""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image, ImageOps
+
+from cac_jax import config_lib
+from cac_jax import evaluate as eval_lib
+from cac_jax import restore
+from cac_jax import visualize
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+MULTIPLE = 8          # eval protocol: pad to a multiple of the feature stride
+MIN_SIDE = MULTIPLE   # reflect padding needs at least this many pixels
+
+
+class BadImageError(ValueError):
+  """A file that cannot be segmented (unreadable, or too small)."""
+
+
+# ----------------------------------------------------------------------------
+# Inputs.
+# ----------------------------------------------------------------------------
+
+
+def list_images(path: str) -> list[str]:
+  """A file -> [it]; a folder -> its files with an image extension, sorted.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--images={path!r} is neither a file nor a folder')
+  return [os.path.join(path, name) for name in sorted(os.listdir(path))
+          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+          and os.path.isfile(os.path.join(path, name))]
+
+
+def output_ids(paths: list[str]) -> list[str]:
+  """File stems as output ids; `a.jpg` and `a.png` together become a_jpg, a_png."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  return [s if stems.count(s) == 1 else os.path.basename(p).replace('.', '_')
+          for s, p in zip(stems, paths)]
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 RGB [H, W, 3], upright per its EXIF orientation.
+
+  Raises:
+    BadImageError: unreadable, or a side shorter than 8 pixels.
+  """
+  try:
+    with Image.open(path) as im:
+      im.load()  # decode now: a truncated file fails here, not later
+      image = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise BadImageError(f'cannot read image ({type(e).__name__}: {e})') from e
+  if min(image.shape[:2]) < MIN_SIDE:
+    raise BadImageError(f'image is {image.shape[0]}x{image.shape[1]}; both sides '
+                        f'must be at least {MIN_SIDE} pixels')
+  return image
+
+
+def prepare(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [1, H8, W8, 3]: normalised, reflect-padded.
+
+  H8, W8 are H, W rounded up to a multiple of 8; padding is bottom/right, as
+  in `cac_jax.data.pipeline.eval_iterator`.
+  """
+  from cac_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+  mean = np.float32(255.0) * np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.float32(255.0) * np.asarray(IMAGENET_STD, np.float32)
+  x = (image.astype(np.float32) - mean) / std
+  h, w = image.shape[:2]
+  pad_h, pad_w = -h % MULTIPLE, -w % MULTIPLE
+  x = np.pad(x, [(0, pad_h), (0, pad_w), (0, 0)], mode='reflect')
+  return x[None]
+
+
+# ----------------------------------------------------------------------------
+# Model.
+# ----------------------------------------------------------------------------
+
+
+class Predictor:
+  """image uint8 [H, W, 3] -> class-id mask uint8 [H, W], on one device.
+
+  Single images gain nothing from several devices, so the (replicated)
+  variables are moved to the first device and the work runs there.
+  """
+
+  def __init__(self, model, variables, *, flip: bool = False):
+    self.device = jax.devices()[0]
+    self.variables = jax.device_put(variables, self.device)
+
+    def predict(variables, x):
+      logits = eval_lib.predict_logits(model, variables, x, flip=flip)
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    self._predict = jax.jit(predict)
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    x = jax.device_put(prepare(image), self.device)
+    pred = np.asarray(self._predict(self.variables, x))[0]
+    # Crop the padding away (argmax then crop == crop then argmax).
+    return pred[:h, :w].astype(np.uint8)
+
+
+def dataset_palette(config) -> np.ndarray:
+  """uint8 [K, 3]: the val source's colours, else the VOC colour map."""
+  try:
+    from cac_jax.data import sources
+    palette = np.asarray(sources.get_source(config.data, 'val').palette, np.uint8)
+    if palette.shape == (config.data.num_classes, 3):
+      return palette
+  except (config_lib.ConfigError, OSError, ValueError) as e:
+    # E.g. the dataset is not on this machine: colours are cosmetic.
+    logging.info('dataset palette unavailable (%s); using the VOC colour map', e)
+  return visualize.voc_palette(config.data.num_classes)
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+# ----------------------------------------------------------------------------
+
+
+def save_mask(mask: np.ndarray, palette: np.ndarray, path: str) -> None:
+  """Writes a mode-'P' PNG: values = class ids, palette = class colours."""
+  full = np.zeros((256, 3), np.uint8)  # 255 (ignore) and unused ids: black
+  full[:len(palette)] = palette
+  im = Image.fromarray(mask.astype(np.uint8), mode='P')
+  im.putpalette(full.reshape(-1).tolist())
+  im.save(path)
+
+
+def save_overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
+                 path: str, alpha: float = 0.5) -> None:
+  """Writes image | mask blended over image, as a JPEG."""
+  blended = visualize.overlay(image, visualize.colorize(mask, palette), alpha)
+  Image.fromarray(visualize.side_by_side(image, blended, gap=4)).save(path, quality=92)
+
+
+def predict_paths(predictor, paths: list[str], out_dir: str,
+                  palette: np.ndarray) -> tuple[int, list[tuple[str, str]]]:
+  """Segments each path; writes <id>.png and <id>_overlay.jpg under out_dir.
+
+  Returns:
+    (number predicted, [(path, reason) for each skipped file]).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  done, skipped = 0, []
+  for path, image_id in zip(paths, output_ids(paths)):
+    try:
+      image = read_image(path)
+    except BadImageError as e:
+      print(f'skipped {path}: {e}', file=sys.stderr)
+      skipped.append((path, str(e)))
+      continue
+    mask = predictor(image)
+    mask_path = os.path.join(out_dir, f'{image_id}.png')
+    save_mask(mask, palette, mask_path)
+    save_overlay(image, mask, palette, os.path.join(out_dir, f'{image_id}_overlay.jpg'))
+    print(f'{path} -> {mask_path} ({mask.shape[0]}x{mask.shape[1]})')
+    done += 1
+  return done, skipped
+
+
+def run(workdir: str, images: str, out: str, *, which: str = 'best',
+        step: int | None = None, flip: bool = False) -> int:
+  """The CLI's work; returns the exit status (0: at least one image predicted)."""
+  paths = list_images(images)
+  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  print(f'checkpoint: {workdir} step {step} ({config.model.backbone}, '
+        f'{config.data.num_classes} classes){" + flip" if flip else ""}')
+  predictor = Predictor(model, variables, flip=flip)
+  done, skipped = predict_paths(predictor, paths, out, dataset_palette(config))
+  print(f'{done} predicted, {len(skipped)} skipped')
+  return 0 if done else 1
+
+
+# ----------------------------------------------------------------------------
+# Command line. Flags are defined only when run as a program, so importing
+# this module (tests, notebooks) adds nothing to absl's global flags.
+# ----------------------------------------------------------------------------
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'The training run (holds checkpoints/).')
+  flags.DEFINE_string('images', None, 'An image file, or a folder of images.')
+  flags.DEFINE_string('out', None, 'Output folder for masks and overlays.')
+  flags.DEFINE_enum('which', 'best', restore.WHICH,
+                    'best: the highest val mIoU checkpoint; latest: the last one.')
+  flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
+  flags.DEFINE_bool('flip', False, 'Average with the mirrored image.')
+  flags.mark_flags_as_required(['workdir', 'images', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f['verbosity'].present:
+    # Orbax logs every file it touches at INFO; the CLI's own output is print.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    status = run(f.workdir, f.images, f.out, which=f.which, step=f.step, flip=f.flip)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    # User errors (no checkpoint, bad path): the message, no stack trace.
+    print(f'error: {e}', file=sys.stderr)
+    print('0 predicted, 0 skipped')
+    status = 1
+  sys.exit(status)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,99 @@
+"""Load a trained run for inference: config, model and variables from a workdir.
+
+`load_run` reads the config saved beside a checkpoint (so the network is
+rebuilt exactly as it was trained, whatever the config files say today),
+restores the TrainState onto the current devices, replicated, and hands back
+only what inference needs: params and batch_stats.
+
+The checkpoint directory is opened read-only: a training job may be writing to
+the same workdir, and a read-write CheckpointManager cleans up temporary
+directories on creation, which would delete a save in progress.
+"""
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from cac_jax import checkpoint as ckpt_lib
+from cac_jax import config_lib
+from cac_jax import optim
+from cac_jax import sharding
+from cac_jax import train_state as state_lib
+from cac_jax.models import build_model
+
+WHICH = ('best', 'latest')
+
+
+class RunError(config_lib.ConfigError):
+  """The workdir holds no usable checkpoint; the message says what to do."""
+
+
+def open_manager(workdir: str) -> ocp.CheckpointManager:
+  """A read-only CheckpointManager on <workdir>/checkpoints.
+
+  Raises:
+    RunError: the directory is missing or holds no finished checkpoint.
+  """
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not os.path.isdir(directory):
+    raise RunError(f'{directory} does not exist: --workdir must be the directory a '
+                   'training run wrote to (python -m cac_jax.main --workdir=...).')
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_names=('state', 'config'))
+  if not manager.all_steps():
+    raise RunError(f'{directory} holds no finished checkpoint yet; wait for the '
+                   'run to save one (every config.checkpoint_every steps).')
+  return manager
+
+
+def choose_step(manager, *, step: int | None = None, which: str = 'best') -> int:
+  """`step` if given (must exist), else the best-mIoU or the latest step."""
+  steps = sorted(manager.all_steps())
+  if step is not None:
+    if step not in steps:
+      raise RunError(f'no checkpoint at step {step}; available steps: {steps}.')
+    return int(step)
+  if which not in WHICH:
+    raise RunError(f'which={which!r} must be one of {WHICH}.')
+  # best_step falls back to the latest step when no checkpoint has an mIoU.
+  return int(ckpt_lib.best_step(manager) if which == 'best' else manager.latest_step())
+
+
+def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
+  """Loads a trained run on the current devices.
+
+  Args:
+    workdir: the run's --workdir (holds checkpoints/).
+    step: a specific checkpoint step; overrides `which`.
+    which: 'best' (highest val mIoU; the latest if none has one) or 'latest'.
+
+  Returns:
+    (config, model, variables, step): the run's ConfigDict as saved with that
+    checkpoint, the unbound DeepLabV3Plus, {'params', 'batch_stats'} replicated
+    over `sharding.make_mesh()` (all devices), and the step restored.
+
+  Raises:
+    RunError: no checkpoint, or no checkpoint at `step`.
+  """
+  manager = open_manager(str(workdir))
+  step = choose_step(manager, step=step, which=which)
+  config = ml_collections.ConfigDict(ckpt_lib.restore_config(manager, step))
+  model = build_model(config.model, num_classes=config.data.num_classes)
+  # The full TrainState is restored (its tree is what was saved); the
+  # optimiser is rebuilt only to give opt_state its structure.
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  mesh = sharding.make_mesh()
+  abstract = state_lib.abstract_state(model, tx, config, mesh)
+  state = ckpt_lib.restore(manager, abstract, step)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  del state  # drop opt_state and the bank: inference never needs them
+  manager.close()
+  return config, model, variables, step
+
+
+def mesh_of(variables) -> jax.sharding.Mesh:
+  """The mesh the restored variables live on (for jit shardings)."""
+  return jax.tree.leaves(variables)[0].sharding.mesh
