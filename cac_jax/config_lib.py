@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = e = ml_collections.ConfigDict()
   e.flip = False                  # average with the mirrored image
+  e.scales = (1.0,)               # multi-scale: e.g. (0.75, 1.0, 1.25); (1.0,) = authors' protocol
   e.num_images_logged = 3         # val images drawn in TensorBoard
 
   c.log_every = 50

@@ -14,13 +14,30 @@ from cac_jax import sharding
 IGNORE = 255
 
 
-def predict_logits(model, variables, images, *, flip: bool = False):
-  """Full-image logits [B,H,W,K] float32; `flip` averages with the mirrored image."""
-  logits = model.apply(variables, images, train=False)['logits']
-  if flip:
-    flipped = model.apply(variables, images[:, :, ::-1], train=False)['logits']
-    logits = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(flipped[:, :, ::-1]))
-  return logits
+def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,)):
+  """Full-image class scores [B,H,W,K] float32.
+
+  The default (one scale, no flip) is the authors' protocol and returns raw
+  logits. With `flip` and/or several `scales`, softmax probabilities are
+  averaged over the mirrored image and over the image resized (bilinear) to
+  each scale — rounded to a multiple of 8 — with the scores resized back.
+  """
+  scales = tuple(float(s) for s in scales)
+  if not flip and scales == (1.0,):
+    return model.apply(variables, images, train=False)['logits']
+  b, h, w, c = images.shape
+  total = 0.0
+  for scale in scales:
+    size = (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
+    x = images if size == (h, w) else jax.image.resize(images, (b, *size, c), 'bilinear')
+    views = [(x, False)] + ([(x[:, :, ::-1], True)] if flip else [])
+    for view, flipped in views:
+      logits = model.apply(variables, view, train=False)['logits']
+      logits = logits[:, :, ::-1] if flipped else logits
+      if size != (h, w):
+        logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), 'bilinear')
+      total = total + jax.nn.softmax(logits)
+  return total / (len(scales) * (2 if flip else 1))
 
 
 def confusion_matrix(pred, label, valid_image, num_classes: int):
@@ -36,10 +53,10 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
   return counts.reshape(num_classes, num_classes)
 
 
-def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False):
+def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,)):
   """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
   def step(variables, batch):
-    logits = predict_logits(model, variables, batch['image'], flip=flip)
+    logits = predict_logits(model, variables, batch['image'], flip=flip, scales=scales)
     pred = jnp.argmax(logits, axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
@@ -135,7 +152,8 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
   class_names = (tuple(config.data.class_names)
                  or tuple(sources.get_source(config.data, 'val').class_names))
   with jax.set_mesh(mesh):
-    eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip)
+    eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
+                               scales=config.eval.scales)
     conf = evaluate(eval_step, variables, pipeline.eval_iterator(config), mesh,
                     num_classes)
   return scores(conf, class_names), class_names, step, config

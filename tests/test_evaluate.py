@@ -1,0 +1,58 @@
+"""Confusion matrix, mIoU and test-time augmentation against NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cac_jax import evaluate
+from cac_jax.models import build_model
+
+from train_utils import tiny_config
+
+
+def test_confusion_matrix_matches_numpy_bincount():
+  rng = np.random.default_rng()
+  k = 5
+  label = rng.integers(0, k, (3, 9, 11))
+  label[rng.random(label.shape) < 0.2] = 255            # ignored pixels
+  pred = rng.integers(0, k, label.shape)
+  valid = np.array([True, False, True])                  # image 1 is padding
+  got = np.asarray(evaluate.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
+                                             jnp.asarray(valid), k))
+  keep = (label != 255) & valid[:, None, None]
+  want = np.bincount(label[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_scores_match_hand_computed_iou():
+  conf = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])     # class 2 absent: IoU 0
+  s = evaluate.scores(conf, ('a', 'b', 'c'))
+  iou_a, iou_b = 5 / (5 + 1 + 2), 3 / (3 + 2 + 1)
+  np.testing.assert_allclose(s['iou/a'], iou_a)
+  np.testing.assert_allclose(s['iou/b'], iou_b)
+  assert s['iou/c'] == 0.0
+  np.testing.assert_allclose(s['miou'], (iou_a + iou_b) / 3)  # mean over ALL classes
+  np.testing.assert_allclose(s['pixel_acc'], 8 / 11)
+
+
+def test_flip_and_scales():
+  config = tiny_config()
+  model = build_model(config.model, num_classes=6)
+  x = jax.random.normal(jax.random.key(1), (2, 40, 48, 3))
+  variables = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)},
+                         x, train=False)
+  raw = model.apply(variables, x, train=False)['logits']
+  # The default is the plain forward pass (the authors' protocol).
+  np.testing.assert_array_equal(evaluate.predict_logits(model, variables, x), raw)
+  # Scale 1.0 twice = softmax of the plain pass.
+  np.testing.assert_allclose(
+      evaluate.predict_logits(model, variables, x, scales=(1.0, 1.0)),
+      jax.nn.softmax(raw), rtol=1e-5, atol=1e-6)
+  # Flip averages with the un-mirrored scores of the mirrored image.
+  mirrored = model.apply(variables, x[:, :, ::-1], train=False)['logits'][:, :, ::-1]
+  np.testing.assert_allclose(
+      evaluate.predict_logits(model, variables, x, flip=True),
+      0.5 * (jax.nn.softmax(raw) + jax.nn.softmax(mirrored)), rtol=1e-5, atol=1e-6)
+  # Another scale returns scores at the input size that sum to one.
+  ms = evaluate.predict_logits(model, variables, x, scales=(0.5, 1.5))
+  assert ms.shape == raw.shape
+  np.testing.assert_allclose(ms.sum(-1), 1.0, rtol=1e-5)
