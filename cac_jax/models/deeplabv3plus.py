@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cac_jax.models.layers import (Conv, batch_norm, l2_normalize,
+from cac_jax.models.layers import (Conv, torch_default_kernel_init, batch_norm, l2_normalize,
                                    resize_bilinear_align_corners)
 
 HEAD_CHANNELS = 256
@@ -104,7 +104,8 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Dropout(0.1, deterministic=not train)(x)
-    x = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, name='conv')(x)
+    x = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+             kernel_init=torch_default_kernel_init, name='conv')(x)
     return x.astype(jnp.float32)
 
 
@@ -118,9 +119,11 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(HEAD_CHANNELS, 1, use_bias=True, dtype=self.dtype, name='conv1')(x)
+    x = Conv(HEAD_CHANNELS, 1, use_bias=True, dtype=self.dtype,
+             kernel_init=torch_default_kernel_init, name='conv1')(x)
     x = nn.relu(x)
-    x = Conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype, name='conv2')(x)
+    x = Conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype,
+             kernel_init=torch_default_kernel_init, name='conv2')(x)
     return x.astype(jnp.float32)
 
 

@@ -29,6 +29,11 @@ import numpy as np
 # torchvision initialises ResNet convolutions with kaiming_normal(fan_out, relu)
 # and the CAC head with kaiming_normal as well; use the same for random init.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torch.nn.Conv2d's own default (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+# Used for the 1x1 classifier and projector: with the fan_out rule above a
+# 6-way classifier on 256 unit-scale channels starts with logits of std ~9
+# (cross-entropy ~6 and gradient norms in the hundreds at step 0).
+torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 BN_MOMENTUM = 0.9   # Flax convention: new = 0.9 * old + 0.1 * batch (torch 0.1)
 BN_EPSILON = 1e-5
@@ -59,6 +64,7 @@ class Conv(nn.Module):
   groups: int = 1
   use_bias: bool = False
   dtype: Any = jnp.float32
+  kernel_init: Any = conv_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,7 +85,7 @@ class Conv(nn.Module):
       raise ValueError(
           f'Conv: {in_features} input channels are not divisible by '
           f'groups={self.groups}; use a channel count that is a multiple.')
-    kernel = self.param('kernel', conv_kernel_init,
+    kernel = self.param('kernel', self.kernel_init,
                         (k, k, in_features // self.groups, self.features),
                         jnp.float32)
     y = jax.lax.conv_general_dilated(
