@@ -1,0 +1,497 @@
+"""Benchmark: one jitted CAC train step (compile, step time, FLOPs, memory).
+
+  python -m cac_jax.bench.train_step --backbone=resnet50 --crop=160 \
+      --labeled=4 --unlabeled=4 --dtype=float32,bfloat16 --modes=sup,cac \
+      --steps=10 --json=out.json
+
+For each (dtype, mode) it builds the real train step
+(`cac_jax.train_step.make_train_step`: model, SGD, bank, DC loss) on a 1-D
+mesh of `--devices` devices (default 1) and feeds it SYNTHETIC device
+batches of the real shapes: normalised N(0, 1) images, labels uniform in
+[0, K), valid CAC overlap boxes (offsets of ±crop/4 snapped to multiples of
+8) and random flips. Modes:
+
+  sup  the supervised-only step: one labeled pass, CE only.
+  cac  the full CAC step (with_dc=True): labeled pass + two unlabeled view
+       passes + DC loss against this step's negatives and a FULL feature bank
+       of `--bank-steps` steps (the steady state) + the bank write.
+
+Reported per configuration:
+  compile_s          lower + compile of the step (excluded from all timings);
+  step_s             median wall time of `--steps` steps after `--warmup`
+                     steps, each blocked on its whole output (state + metrics);
+  images_per_s       images per step / step_s, images = labeled (+ 2 ×
+                     unlabeled views in cac mode);
+  gflop_per_step     XLA's cost analysis of the step: the larger of the
+                     compiled (`compiled.cost_analysis()['flops']`) and the
+                     lowered HLO count (both kept in the JSON). On GPU it
+                     omits the cuDNN convolutions: scale the CPU count of the
+                     same configuration instead (docs/benchmarks.md);
+  gflop_per_s, mfu   achieved FLOP/s, and on H100/H200 that over the peak
+                     (only when the FLOP count includes the convolutions,
+                     flops_complete; XLA:GPU's compiled count does not)
+                     (bf16 dense 989 TFLOP/s; float32 counted against TF32
+                     495 TFLOP/s, because XLA's DEFAULT matmul precision uses
+                     TF32 tensor cores on these GPUs; against fp32 67 TFLOP/s
+                     with --precision=highest); None elsewhere;
+  device_peak_mib    arguments + outputs + temp − aliased, from the compiled
+                     step's `memory_analysis()`; on GPU also the allocator's
+                     `peak_bytes_in_use` (device_alloc_peak_mib);
+  host_rss_mib       peak resident set of this process (getrusage);
+  cpu_over_wall      process CPU seconds / wall seconds over the timed steps
+                     (on a CPU backend: how many cores XLA kept busy);
+  cpu_step_s         process CPU seconds per timed step (on a shared CPU,
+                     the cost of a step without the neighbours' share);
+  dc_s, dc_share     (cac only) `losses.dc_loss_from_views` forward+backward
+                     alone at the step's shapes (proj/logits of both views,
+                     full bank), median time and its share of step_s.
+
+XLA's cost analysis counts a while-loop body once (the chunked DC loss is a
+fori_loop over negative chunks), so gflop_per_step undercounts the DC loss;
+`dc_analytic_gflop` gives its matmul FLOPs (fwd + bwd, both directions) for
+comparison.
+
+CPU threads: on the 2-core development machine XLA's default already kept
+both cores busy in the supervised step (cpu_over_wall 1.97 at crop 160,
+1.57 at crop 320) but about one in the CAC step (0.98), on a shared machine;
+no XLA_FLAGS were tried yet (see docs/benchmarks.md).
+
+Nothing here imports TensorFlow, clu or ml_collections (the config is a plain
+namespace with the fields the train step reads), so it runs on a bare
+JAX + flax + optax machine.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cac_jax import bank as bank_lib
+from cac_jax import losses
+from cac_jax import optim
+from cac_jax import sharding
+from cac_jax import train_state as state_lib
+from cac_jax import train_step as step_lib
+from cac_jax.models import build_model
+
+MIB = 2.0 ** 20
+BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
+DTYPES = ('float32', 'bfloat16')
+MODES = ('sup', 'cac')
+# Dense peak FLOP/s per chip (NVIDIA datasheets, SXM): (dtype, precision) ->
+# (FLOP/s, description). H200 has the H100's tensor cores.
+GPU_PEAKS = {
+    ('bfloat16', 'default'): (989e12, 'bf16 dense 989 TFLOP/s'),
+    ('bfloat16', 'highest'): (989e12, 'bf16 dense 989 TFLOP/s'),
+    ('float32', 'default'): (495e12, 'tf32 dense 495 TFLOP/s'),
+    ('float32', 'highest'): (67e12, 'fp32 non-tensor 67 TFLOP/s'),
+}
+
+
+def _ns(**kw):
+  """A nested attribute namespace (what the train step reads of a config)."""
+  return types.SimpleNamespace(**kw)
+
+
+def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
+                 dtype='float32', output_stride=16, chunk_size=1024,
+                 bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
+                 supervised_only=False):
+  """The fields of a cac_jax config that the model, optimiser and step read.
+
+  Values are the paper's VOC settings (configs/voc_r50.py, CAC_SPEC.md §4-5)
+  except where a flag overrides them; tests/test_bench.py checks that every
+  field exists in `config_lib.base_config()` with the same meaning.
+  """
+  return _ns(
+      seed=0,
+      total_steps=92560,
+      data=_ns(crop_size=crop, labeled_batch_size=labeled,
+               unlabeled_batch_size=unlabeled, num_classes=num_classes),
+      model=_ns(backbone=backbone, output_stride=output_stride,
+                projector=True, proj_dim=proj_dim, dtype=dtype),
+      cac=_ns(supervised_only=supervised_only, weight=0.1, temperature=0.1,
+              pos_threshold=0.75, directional=True, filter_negatives=True,
+              bank_steps=bank_steps, neg_per_image=neg_per_image,
+              chunk_size=chunk_size),
+      optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
+                weight_decay=1e-4, poly_power=0.9))
+
+
+def synthetic_boxes(crop: int, n: int):
+  """Valid overlap boxes of n view pairs: int32 [n, 4] each, (t, l, b, r).
+
+  View 2 is view 1 shifted by (dy, dx) = (±s, ±s), s = crop/4 snapped down
+  to a multiple of 8 (at least 8), signs alternating over the batch; the
+  boxes follow CAC_SPEC.md §2 step 4 for an unpadded image.
+  """
+  s = max(8, crop // 4 // 8 * 8)
+  box1, box2 = [], []
+  for i in range(n):
+    dy = s if i % 2 == 0 else -s
+    dx = s if i % 4 < 2 else -s
+    box1.append([max(0, dy), max(0, dx), min(crop, crop + dy), min(crop, crop + dx)])
+    box2.append([max(0, -dy), max(0, -dx), min(crop, crop - dy), min(crop, crop - dx)])
+  return np.asarray(box1, np.int32), np.asarray(box2, np.int32)
+
+
+def synthetic_batch(config, with_dc: bool, seed: int = 0) -> dict:
+  """Host numpy batch of the train step's shapes (see train_step docstring)."""
+  rng = np.random.default_rng(seed)
+  c, k = config.data.crop_size, config.data.num_classes
+  n_lab, n_un = config.data.labeled_batch_size, config.data.unlabeled_batch_size
+  image = lambda n: rng.standard_normal((n, c, c, 3), dtype=np.float32)
+  batch = {'labeled': {'image': image(n_lab),
+                       'label': rng.integers(0, k, (n_lab, c, c), dtype=np.int32)}}
+  if with_dc:
+    box1, box2 = synthetic_boxes(c, n_un)
+    batch['unlabeled'] = {'image1': image(n_un), 'image2': image(n_un),
+                          'box1': box1, 'box2': box2,
+                          'flip1': rng.random(n_un) < 0.5,
+                          'flip2': rng.random(n_un) < 0.5}
+  return batch
+
+
+def _cost_flops(compiled) -> float:
+  """FLOPs of a lowered/compiled computation from XLA's cost analysis (0 if absent)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0))
+
+
+def _memory_mib(compiled) -> float | None:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+          mem.temp_size_in_bytes - mem.alias_size_in_bytes) / MIB
+
+
+def _alloc_peak_mib(device) -> float | None:
+  """The allocator's peak (GPU/TPU); None where the backend keeps no stats."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # CPU clients raise or return None, depending on version
+    return None
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return stats['peak_bytes_in_use'] / MIB
+
+
+def _host_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _timed(fn, steps: int):
+  """Runs fn() `steps` times; returns (wall times [s], total CPU s, total wall s)."""
+  walls = []
+  c0, w0 = time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    walls.append(time.perf_counter() - t)
+  return walls, time.process_time() - c0, time.perf_counter() - w0
+
+
+def peak_flops(device, dtype: str, precision: str = 'default'):
+  """(peak FLOP/s, description) of `device` for `dtype`, or (None, reason)."""
+  kind = getattr(device, 'device_kind', '')
+  if device.platform == 'gpu' and ('H100' in kind or 'H200' in kind):
+    return GPU_PEAKS[(dtype, precision)]
+  return None, f'no peak known for {device.platform} {kind!r}'
+
+
+def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
+  """Times losses.dc_loss_from_views fwd+bwd alone at the step's shapes.
+
+  The projected features and logits of both views come from one eval_shape of
+  the model (so their shapes and dtypes are the step's), filled with random
+  unit-norm features / logits; the bank is the step's (full) bank. The
+  gradient is taken w.r.t. both views' features, as in training.
+
+  Returns:
+    {'dc_s': median seconds, 'dc_compile_s', 'dc_gflop' (cost analysis),
+     'dc_analytic_gflop' (matmul FLOPs fwd+bwd, both directions)}.
+  """
+  n, c = config.data.unlabeled_batch_size, config.data.crop_size
+  x = jax.ShapeDtypeStruct((n, c, c, 3), jnp.float32)
+  out, _ = jax.eval_shape(
+      lambda v, im: model.apply(v, im, train=True, dc_outputs=True,
+                                rngs={'dropout': jax.random.key(0)},
+                                mutable=['batch_stats']), variables, x)
+  keys = jax.random.split(jax.random.key(1), 4)
+  unit = lambda k, s: (lambda f: f / jnp.linalg.norm(f, axis=-1, keepdims=True))(
+      jax.random.normal(k, s.shape, s.dtype))
+  proj1, proj2 = unit(keys[0], out['proj8']), unit(keys[1], out['proj8'])
+  logits1 = jax.random.normal(keys[2], out['logits8'].shape, out['logits8'].dtype)
+  logits2 = jax.random.normal(keys[3], out['logits8'].shape, out['logits8'].dtype)
+  box1, box2 = synthetic_boxes(c, n)
+  flips = np.arange(n) % 2 == 0
+  bank = bank if bank is not None else bank_lib.init_bank(0, proj1.shape[-1])
+  u = config.cac
+
+  def loss(p1, p2):
+    value, _ = losses.dc_loss_from_views(
+        p1, p2, logits1, logits2, box1, box2, flips, ~flips,
+        bank.feats, bank.labels, jnp.ones_like(bank.valid), key=jax.random.key(2),
+        temperature=u.temperature, pos_threshold=u.pos_threshold,
+        directional=u.directional, filter_negatives=u.filter_negatives,
+        neg_per_image=u.neg_per_image, chunk_size=u.chunk_size)
+    return value
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+      proj1, proj2).compile()
+  compile_s = time.perf_counter() - t0
+  run = lambda: jax.block_until_ready(compiled(proj1, proj2))
+  for _ in range(warmup):
+    run()
+  walls, _, _ = _timed(run, steps)
+  b, h, w, d = proj1.shape
+  anchors = b * h * w
+  cells = h * w if not u.neg_per_image else u.neg_per_image
+  negatives = 2 * b * cells + bank.feats.shape[0]
+  # Per direction: anchors x negatives dot products of length d, forward (1
+  # matmul) and backward w.r.t. the anchors (1 matmul), 2 FLOPs per MAC.
+  analytic = 2 * 2 * 2 * anchors * negatives * d
+  return {'dc_s': statistics.median(walls), 'dc_compile_s': compile_s,
+          'dc_gflop': _cost_flops(compiled) / 1e9,
+          'dc_analytic_gflop': analytic / 1e9}
+
+
+def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
+              devices=None, precision: str = 'default', dc_share: bool = True) -> dict:
+  """Compiles and times one train-step configuration.
+
+  Args:
+    config: a `bench_config(...)` namespace (or a full cac_jax config).
+    with_dc: False = supervised-only step; True = full CAC step (the config
+      must have cac.supervised_only False).
+    steps, warmup: timed steps and untimed steps after compilation.
+    devices: the mesh's devices (default: the first device only).
+    precision: 'default' | 'highest' matmul precision (selects the MFU peak;
+      set jax_default_matmul_precision yourself to change what runs).
+    dc_share: also time the DC loss alone (cac mode only).
+
+  Returns:
+    A flat dict of the fields listed in the module docstring.
+  """
+  devices = list(devices) if devices is not None else jax.devices()[:1]
+  mesh = sharding.make_mesh(devices)
+  d = config.data
+  sharding.check_batch_divisible('labeled', d.labeled_batch_size, mesh)
+  if with_dc:
+    if config.cac.supervised_only:
+      raise ValueError('with_dc=True needs config.cac.supervised_only=False.')
+    sharding.check_batch_divisible('unlabeled', d.unlabeled_batch_size, mesh)
+  model = build_model(config.model, num_classes=d.num_classes)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  with jax.set_mesh(mesh):
+    state, state_shardings = state_lib.create_sharded_state(
+        model, tx, config, mesh, jax.random.key(config.seed))
+    if state.bank is not None:
+      # Steady state: a full bank (every row valid), so the DC loss does the
+      # work of a trained run, not of step 0.
+      bank = state.bank
+      state = state.replace(bank=bank.replace(
+          feats=jax.random.normal(jax.random.key(3), bank.feats.shape) /
+          np.sqrt(bank.feats.shape[1]),
+          valid=jnp.ones_like(bank.valid)))
+    batch = sharding.to_global(synthetic_batch(config, with_dc), mesh)
+    step = step_lib.make_train_step(model, tx, config, state_shardings,
+                                    with_dc=with_dc)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    # XLA:GPU turns convolutions into cuDNN custom calls, which its compiled
+    # cost analysis counts as 0 FLOPs (R50 crop 320, 8 images: 10 GFLOP on
+    # an H200 with jax 0.11.2, where CPU counts ~1,090), and there the
+    # lowered analysis returns nothing. On CPU the two agree within 0.3%.
+    # So: the larger of the two, and no MFU unless the lowered count exists.
+    flops_compiled = _cost_flops(compiled)
+    flops_lowered = _cost_flops(lowered)
+    flops = max(flops_compiled, flops_lowered)
+
+    def run():
+      nonlocal state
+      state, metrics = compiled(state, batch)  # the state is donated
+      jax.block_until_ready((state, metrics))
+      return metrics
+
+    for _ in range(warmup):
+      metrics = run()
+    load_before = os.getloadavg()
+    walls, cpu_s, wall_s = _timed(run, steps)
+    load_after = os.getloadavg()
+    metrics = jax.device_get(run())
+    extra = {}
+    if with_dc and dc_share:
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+      extra = dc_loss_share(model, variables, config, state.bank, max(3, steps // 2), 1)
+  step_s = statistics.median(walls)
+  images = d.labeled_batch_size + (2 * d.unlabeled_batch_size if with_dc else 0)
+  peak, peak_name = peak_flops(devices[0], config.model.dtype, precision)
+  flops_per_s = flops / step_s
+  result = {
+      'mode': 'cac' if with_dc else 'sup',
+      'backbone': config.model.backbone, 'dtype': config.model.dtype,
+      'crop': d.crop_size, 'labeled': d.labeled_batch_size,
+      'unlabeled': d.unlabeled_batch_size if with_dc else 0,
+      'output_stride': config.model.output_stride,
+      'chunk_size': config.cac.chunk_size, 'bank_steps': config.cac.bank_steps,
+      'bank_rows': 0 if state.bank is None else int(state.bank.feats.shape[0]),
+      'devices': len(devices), 'device_kind': devices[0].device_kind,
+      'platform': devices[0].platform,
+      'steps': steps, 'warmup': warmup, 'compile_s': compile_s,
+      'step_s': step_s, 'step_all_s': walls, 'images_per_step': images,
+      'images_per_s': images / step_s,
+      'gflop_per_step': flops / 1e9, 'gflop_per_s': flops_per_s / 1e9,
+      'gflop_compiled': flops_compiled / 1e9, 'gflop_lowered': flops_lowered / 1e9,
+      'peak_flops': peak, 'peak_name': peak_name,
+      'mfu': flops_per_s / peak if peak and flops_lowered > 0 else None,
+      'flops_complete': flops_lowered > 0,
+      'device_peak_mib': _memory_mib(compiled),
+      'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
+      'host_rss_mib': _host_rss_mib(),
+      'cpu_over_wall': cpu_s / wall_s,
+      # CPU seconds per step: on a shared CPU host this is what the step costs
+      # when the wall time also counts the neighbours' share of the cores.
+      'cpu_step_s': cpu_s / steps,
+      'loadavg_before': load_before, 'loadavg_after': load_after,
+      'loss': float(metrics['loss']),
+  }
+  result.update(extra)
+  if 'dc_s' in result:
+    result['dc_share'] = result['dc_s'] / step_s
+  return result
+
+
+HEADER = ('| mode | dtype | backbone | crop | batch | compile s | step s (median) '
+          '| images/s | GFLOP/step | GFLOP/s | MFU | device MiB | host RSS MiB '
+          '| CPU/wall | CPU s/step | DC loss s (share) | load 1 min |\n'
+          '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+
+
+def table_row(r: dict) -> str:
+  batch = f"{r['labeled']}+{r['unlabeled']}" if r['mode'] == 'cac' else f"{r['labeled']}"
+  mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else '–'
+  dc = f"{r['dc_s']:.3f} ({100 * r['dc_share']:.0f}%)" if 'dc_s' in r else '–'
+  mem = r['device_peak_mib']  # the allocator peak (JSON) spans the process
+  return (f"| {r['mode']} | {r['dtype']} | {r['backbone']} | {r['crop']} | {batch} "
+          f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.1f} "
+          f"| {r['gflop_per_step']:.1f} | {r['gflop_per_s']:.1f} | {mfu} "
+          f"| {mem:.0f} | {r['host_rss_mib']:.0f} | {r['cpu_over_wall']:.2f} "
+          f"| {r['cpu_step_s']:.2f} "
+          f"| {dc} | {r['loadavg_before'][0]:.2f} |")
+
+
+def _csv(value: str, allowed, name: str, parser) -> list[str]:
+  items = [v.strip() for v in value.split(',') if v.strip()]
+  bad = [v for v in items if v not in allowed]
+  if not items or bad:
+    parser.error(f'--{name}={value!r}: each item must be one of {list(allowed)}')
+  return items
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m cac_jax.bench.train_step',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('--backbone', default='resnet50', choices=BACKBONES)
+  parser.add_argument('--crop', type=int, default=320)
+  parser.add_argument('--labeled', type=int, default=8, help='global labeled batch')
+  parser.add_argument('--unlabeled', type=int, default=8,
+                      help='global unlabeled batch (each gives 2 views)')
+  parser.add_argument('--dtype', default='float32',
+                      help='comma list of float32,bfloat16 (compute dtype)')
+  parser.add_argument('--modes', default='sup,cac', help='comma list of sup,cac')
+  parser.add_argument('--steps', type=int, default=10, help='timed steps')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after compilation')
+  parser.add_argument('--output-stride', '--output_stride', type=int, default=16,
+                      choices=(8, 16))
+  parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
+                      help='DC loss negatives per chunk')
+  parser.add_argument('--bank-steps', '--bank_steps', type=int, default=1,
+                      help='previous steps in the feature bank (VOC R50: 1)')
+  parser.add_argument('--devices', type=int, default=1,
+                      help='devices in the mesh (batches are split over them)')
+  parser.add_argument('--precision', default='default', choices=('default', 'highest'),
+                      help='matmul precision (also sets jax_default_matmul_precision)')
+  parser.add_argument('--no-dc-share', action='store_true',
+                      help='skip timing the DC loss alone')
+  parser.add_argument('--json', default='', help='write all results here')
+  args = parser.parse_args(argv)
+  dtypes = _csv(args.dtype, DTYPES, 'dtype', parser)
+  modes = _csv(args.modes, MODES, 'modes', parser)
+  if args.crop < 32 or args.crop % 8:
+    parser.error(f'--crop={args.crop} must be a multiple of 8 and >= 32 '
+                 '(the DC loss works on the stride-8 grid)')
+  if min(args.labeled, args.unlabeled, args.steps, args.chunk_size) < 1 or \
+      min(args.warmup, args.bank_steps) < 0:
+    parser.error('need --labeled, --unlabeled, --steps, --chunk-size >= 1 and '
+                 '--warmup, --bank-steps >= 0')
+  available = jax.devices()
+  if not 1 <= args.devices <= len(available):
+    parser.error(f'--devices={args.devices}: this machine has {len(available)} '
+                 f'{available[0].platform} device(s)')
+  for name in ('labeled', 'unlabeled'):
+    if getattr(args, name) % args.devices:
+      parser.error(f'--{name}={getattr(args, name)} must be a multiple of '
+                   f'--devices={args.devices} (batch sizes are global)')
+  if args.precision == 'highest':
+    jax.config.update('jax_default_matmul_precision', 'highest')
+
+  dev = available[0]
+  cpu_model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu_model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  header = (f'# train step on {args.devices} x {dev.device_kind} ({dev.platform}); '
+            f'host {os.cpu_count()} CPUs ({cpu_model}); jax {jax.__version__}; '
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+            f'load average {os.getloadavg()[0]:.2f}')
+  print(header, flush=True)
+  results = []
+  for dtype in dtypes:
+    for mode in modes:
+      config = bench_config(
+          backbone=args.backbone, crop=args.crop, labeled=args.labeled,
+          unlabeled=args.unlabeled, dtype=dtype, output_stride=args.output_stride,
+          chunk_size=args.chunk_size, bank_steps=args.bank_steps,
+          supervised_only=mode == 'sup')
+      r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
+                    warmup=args.warmup, devices=available[:args.devices],
+                    precision=args.precision, dc_share=not args.no_dc_share)
+      results.append(r)
+      print(f"{mode} {dtype}: compile {r['compile_s']:.1f} s, step "
+            f"{r['step_s']:.3f} s, {r['images_per_s']:.1f} images/s", flush=True)
+      if args.json:  # after every row, so a run cut short keeps what it measured
+        with open(args.json, 'w') as f:
+          json.dump({'header': header, 'argv': sys.argv[1:] if argv is None else argv,
+                     'results': results}, f, indent=1)
+  peaks = sorted({r['peak_name'] for r in results if r['peak_flops']})
+  print(f"\n{header}\nMFU peak: {', '.join(peaks) or 'none (not a known GPU)'}; "
+        f"{args.steps} timed steps after {args.warmup} warm-up; synthetic batches; "
+        'DC loss = dc_loss_from_views fwd+bwd alone (share of the step).\n')
+  if args.json:
+    print(f'wrote {args.json}\n')
+  print(HEADER)
+  for r in results:
+    print(table_row(r))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,125 @@
+"""The train-step benchmark: its fields on a tiny config, and the GPU script.
+
+The benchmark runs in-process on the first of conftest's fake CPU devices
+(resnet_tiny, crop 64, 2 + 2 images, 2 steps), so the numbers are only
+checked for consistency, not for speed.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cac_jax import config_lib
+from cac_jax.bench import train_step as bench
+from train_utils import REPO
+
+
+def _tiny(mode):
+  return bench.bench_config(backbone='resnet_tiny', crop=64, labeled=2,
+                            unlabeled=2, dtype='float32',
+                            supervised_only=mode == 'sup')
+
+
+def _leaves(ns, prefix=''):
+  out = {}
+  for key, value in vars(ns).items():
+    if hasattr(value, '__dict__'):
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def test_bench_config_fields_match_the_schema():
+  # The benchmark avoids ml_collections; its namespace must still use the
+  # schema's names and, for what it does not set from flags, the defaults of
+  # the VOC R50 config, or the step it times is not the step we train.
+  from configs import voc_r50
+  voc = voc_r50.get_config()
+  for key, value in _leaves(bench.bench_config()).items():
+    node = voc
+    for part in key.split('.'):
+      assert part in node, f'{key} is not in config_lib.base_config()'
+      node = node[part]
+    if key not in ('cac.supervised_only', 'data.labeled_batch_size',
+                   'data.unlabeled_batch_size'):
+      assert node == value, (key, node, value)
+  config_lib.base_config()  # the schema itself imports
+
+
+def test_synthetic_boxes_are_valid_overlaps():
+  for crop in (64, 160, 320):
+    box1, box2 = bench.synthetic_boxes(crop, 4)
+    assert (box1 % 8 == 0).all() and (box2 % 8 == 0).all()
+    assert ((box1 >= 0) & (box1 <= crop)).all() and ((box2 >= 0) & (box2 <= crop)).all()
+    np.testing.assert_array_equal(box1[:, 2:] - box1[:, :2], box2[:, 2:] - box2[:, :2])
+    assert (box1[:, 2:] > box1[:, :2]).all()  # non-empty
+
+
+@pytest.mark.parametrize('mode', ['sup', 'cac'])
+def test_benchmark_fields_are_consistent(mode):
+  r = bench.benchmark(_tiny(mode), with_dc=mode == 'cac', steps=2, warmup=1)
+  assert r['mode'] == mode and r['devices'] == 1 and r['platform'] == 'cpu'
+  images = 2 + (4 if mode == 'cac' else 0)
+  assert r['images_per_step'] == images
+  assert r['step_s'] > 0 and len(r['step_all_s']) == 2
+  assert r['step_s'] == pytest.approx(float(np.median(r['step_all_s'])))
+  assert r['images_per_s'] == pytest.approx(images / r['step_s'], rel=0.01)
+  assert r['compile_s'] > 0 and r['gflop_per_step'] > 0
+  # On CPU the lowered and compiled FLOP counts agree (GPU: see the module).
+  assert r['gflop_lowered'] == pytest.approx(r['gflop_compiled'], rel=0.05)
+  assert r['gflop_per_s'] == pytest.approx(r['gflop_per_step'] / r['step_s'], rel=0.01)
+  assert r['device_peak_mib'] > 0 and r['host_rss_mib'] > 0
+  assert r['cpu_over_wall'] > 0 and np.isfinite(r['loss'])
+  assert r['mfu'] is None and r['peak_flops'] is None  # no peak for a CPU
+  if mode == 'cac':
+    # Both views of both images at 8x8 cells, one step's worth in the bank.
+    assert r['bank_rows'] == 2 * 2 * 8 * 8
+    assert 0 < r['dc_s'] and r['dc_share'] == pytest.approx(r['dc_s'] / r['step_s'])
+    assert r['dc_gflop'] > 0
+    # anchors 2*64, negatives 2*2*64 batch + 256 bank, 128-d, 2 dirs, fwd+bwd.
+    assert r['dc_analytic_gflop'] == pytest.approx(8 * 128 * 512 * 128 / 1e9)
+  else:
+    assert 'dc_s' not in r and r['bank_rows'] == 0
+
+
+def test_peak_flops_table():
+  class Dev:
+    platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
+  assert bench.peak_flops(Dev, 'bfloat16')[0] == 989e12
+  assert bench.peak_flops(Dev, 'float32')[0] == 495e12
+  assert bench.peak_flops(Dev, 'float32', 'highest')[0] == 67e12
+  Dev.platform, Dev.device_kind = 'cpu', 'cpu'
+  assert bench.peak_flops(Dev, 'float32')[0] is None
+
+
+def test_cli_rejects_bad_flags_with_a_message():
+  out = subprocess.run([sys.executable, '-m', 'cac_jax.bench.train_step',
+                        '--crop=60', '--backbone=resnet_tiny'], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and 'multiple of 8' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
+  # Same devices, shapes and cache as the in-process tests above, so the
+  # script's compilations are persistent-cache hits (seconds, not a minute).
+  env = dict(os.environ, TINY='1', OUT=str(tmp_path), PYTHON=sys.executable,
+             JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', JAX_NUM_CPU_DEVICES='8',
+             JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  out = subprocess.run(['bash', 'launch/gpu_benchmark.sh'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  # The table comes last: its two rows are the final lines.
+  lines = out.stdout.strip().splitlines()
+  rows = [l for l in lines if l.startswith('| sup ') or l.startswith('| cac ')]
+  assert len(rows) == 2 and lines[-2:] == rows
+  assert any(l.startswith('wrote ') for l in lines)
+  results = json.loads((tmp_path / 'train_step_bench.json').read_text())['results']
+  assert [r['mode'] for r in results] == ['sup', 'cac']
+  assert all(r['backbone'] == 'resnet_tiny' and r['step_s'] > 0 for r in results)
