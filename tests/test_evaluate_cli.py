@@ -6,17 +6,15 @@ import sys
 
 import pytest
 
-from cac_jax import config_lib, evaluate, train
+from cac_jax import config_lib, evaluate
 from cac_jax.data import embedded
 
 from train_utils import REPO, tiny_config
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  scores = train.train_and_evaluate(tiny_config(), workdir)
-  return workdir, scores
+def run(tiny_run):
+  return tiny_run  # conftest: trained once per test worker, shared
 
 
 def test_evaluate_run_reproduces_training_miou(run):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import optim, predict, restore, sharding, train, train_state
+from cac_jax import optim, predict, restore, sharding, train_state
 from cac_jax.data import embedded
 from cac_jax.models import build_model
 
@@ -25,10 +25,8 @@ SIZES = {'odd': (77, 90), 'square': (64, 64)}  # 77 x 90: not a multiple of 8
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  scores = train.train_and_evaluate(tiny_config(), workdir)
-  return workdir, scores
+def run(tiny_run):
+  return tiny_run  # conftest: trained once per test worker, shared
 
 
 @pytest.fixture(scope='module')
