@@ -4,6 +4,11 @@ This file is intentionally short; the logic is in `cac_jax.train`. Fields are
 overridden with `--config.field=value`. On a multi-host slice (TPU pod, or
 launch/local_multiprocess.sh), pass `--multihost` (or set CAC_MULTIHOST=1) on
 every host: it calls `jax.distributed.initialize()` before anything else.
+
+Exit codes: 0 done (or preempted by SIGTERM after saving: rerun to resume);
+2 a user error in the flags or config (one clean message, no stack trace);
+1 a run that stopped on a fault (non-finite loss, checkpoint write failure),
+with a message naming the step and the checkpoint to resume from.
 """
 import os
 import sys
@@ -53,12 +58,52 @@ def _quiet_library_logs():
   logging.get_absl_handler().python_handler.addFilter(keep)
 
 
+def _flag_error(error: Exception, argv) -> str | None:
+  """A one-paragraph message for a user error in the flags, else None.
+
+  config_flags reports a mistyped override (`--config.data.crop=64`) as a
+  bare AttributeError, a missing config file as an OSError, and a ConfigError
+  raised in a config file's get_config() (bad `:arg`) with the whole traceback
+  inside the message. Users need the last line.
+  """
+  if isinstance(error, AttributeError):
+    field = str(error).strip('"\'')
+    where = [a for a in argv[1:] if a.startswith('--config.') and field in a]
+    return (f'{where[0] if where else field}: {field!r} is not a config field '
+            '(typo? the schema is base_config() in cac_jax/config_lib.py)')
+  if isinstance(error, OSError):
+    return ' '.join(str(error).split()) + ' (check the --config path)'
+  if isinstance(error, flags.Error):
+    text = str(error)
+    if 'Traceback (most recent call last)' not in text:
+      return text
+    last = text.strip().splitlines()[-1].strip()
+    if last.startswith(('cac_jax.config_lib.ConfigError:', 'ConfigError:')):
+      return f'{text.splitlines()[0].rstrip(": ")}: {last.split(": ", 1)[1]}'
+  return None  # a bug in a config file, not a user error: keep the traceback
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with user errors as `error: ...` on stderr and exit 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a missing config file only raises on first access
+    return rest
+  except Exception as e:  # config_flags raises several types, see _flag_error
+    message = _flag_error(e, argv)
+    if message is None:
+      raise
+    print(f'error: {message}\nPass --helpshort to see the flags.', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   _quiet_library_logs()
   import jax
   if _MULTIHOST.value:
     initialize_distributed()
+  from cac_jax import checkpoint as ckpt_lib
   from cac_jax import config_lib, train
 
   config = _CONFIG.value
@@ -71,14 +116,18 @@ def main(argv):
       print('config and data OK')
       return
     scores = train.train_and_evaluate(config, _WORKDIR.value)
-  except (config_lib.ConfigError, train.NonFiniteLossError) as e:
-    # User errors: a clear message, no stack trace.
-    logging.error('%s', e)
+  except config_lib.ConfigError as e:
+    # User errors (including DataError): a clear message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except (train.NonFiniteLossError, ckpt_lib.CheckpointWriteError) as e:
+    # Faults the messages explain (step, cause, checkpoint kept); a stack
+    # trace would add nothing.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   if scores:
     print(f"final val mIoU: {scores['miou']:.4f}")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

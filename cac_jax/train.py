@@ -69,18 +69,30 @@ def _log_sizes(config, mesh):
                d.labeled_batch_size // n_dev, d.unlabeled_batch_size // n_dev)
 
 
-def _summarise(pending, step, schedule):
-  """Host-side mean of the metrics of the steps since the last log."""
+def _summarise(pending, step, schedule, manager):
+  """Host-side mean of the metrics of the steps since the last log.
+
+  Raises NonFiniteLossError if a loss or the gradient norm is NaN/Inf. The
+  loop summarises before every checkpoint save, so the state of a bad step
+  is never saved.
+  """
   fetched = jax.device_get(pending)
   # Steps before unsup_start_step have no DC metrics: average what exists.
   keys = sorted({k for m in fetched for k in m})
   out = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
-  bad = [k for k, v in out.items() if k.startswith('loss') and not np.isfinite(v)]
-  if bad:
+  # grad_norm too: the loss is computed before the update, so a step whose
+  # gradient overflowed still reports a finite loss while writing inf/NaN
+  # into the parameters that the next checkpoint would hold.
+  checked = sorted(k for k in out if k.startswith('loss') or k == 'grad_norm')
+  if any(not np.isfinite(out[k]) for k in checked):
+    latest = manager.latest_step()
+    kept = (f'the latest checkpoint (step {latest}) predates them and is kept'
+            if latest is not None else 'no checkpoint was written')
     raise NonFiniteLossError(
-        f'non-finite loss in steps {step - len(pending) + 1}..{step}: '
-        + ', '.join(f'{k}={out[k]}' for k in sorted(out) if k.startswith('loss'))
-        + '. The last good checkpoint is kept; lower optim.lr or check the data.')
+        f'non-finite loss in steps {step - len(pending) + 1}..{step} (mean over '
+        'these steps): ' + ', '.join(f'{k}={out[k]}' for k in checked)
+        + f'. Stopped without saving; {kept}. Lower optim.lr or check the data, '
+        'then rerun to resume from that checkpoint.')
   out['lr'] = float(schedule(step))
   return out
 
@@ -125,9 +137,20 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       invocation; for time-sliced jobs and the resume tests. The schedule is
       unaffected: it always spans config.total_steps.
   """
+  workdir = str(workdir)
+  # Installed first, so that a SIGTERM during start-up (restore, compilation)
+  # also ends in a clean exit instead of the default kill.
+  preemption = _Preemption()
+  try:
+    return _train_and_evaluate(config, workdir, stop_after, preemption)
+  finally:
+    preemption.restore()
+
+
+def _train_and_evaluate(config, workdir, stop_after, preemption):
+  """train_and_evaluate's body, run with the SIGTERM handler installed."""
   from cac_jax.data import pipeline  # TF only where data is needed
 
-  workdir = str(workdir)
   mesh = sharding.make_mesh()
   config_lib.validate(config, num_devices=mesh.devices.size,
                       num_processes=jax.process_count())
@@ -166,7 +189,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       workdir, just_logging=jax.process_index() > 0)
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                            writer=writer)
-  preemption = _Preemption()
 
   def run_eval(step):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -190,6 +212,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       end_step = config.total_steps if stop_after is None else min(
           config.total_steps, start_step + stop_after)
       while step < end_step:
+        # Checked before each step, so a SIGTERM that arrived while starting
+        # up stops before any work; after step k it saves step k.
+        if preemption.reached():
+          logging.warning('SIGTERM: saving at step %d and exiting; rerun the same '
+                          'command to resume', step)
+          if pending:
+            writer.write_scalars(step, {f'train/{k}': v for k, v in
+                                        _summarise(pending, step, schedule, manager).items()})
+          if step > start_step:  # else the latest checkpoint already is `step`
+            writer.flush()
+            ckpt_lib.save(manager, step, state, config)
+          break
         use_dc = dc_step is not None and step >= config.cac.unsup_start_step
         fn = dc_step if use_dc else sup_step
         host_batch = next(train_iter)
@@ -210,7 +244,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         last = step == end_step
         save_now = step % config.checkpoint_every == 0 or last
         if step % config.log_every == 0 or save_now or last:
-          summary = _summarise(pending, step, schedule)
+          summary = _summarise(pending, step, schedule, manager)
           pending = []
           elapsed = time.perf_counter() - timer_start
           if timer_images and elapsed > 0:
@@ -225,17 +259,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
           timer_start += time.perf_counter() - t0  # pause the clock during eval
         if save_now:
           t0 = time.perf_counter()
+          # Metrics first: the TensorBoard writer buffers events (up to 2
+          # minutes), and a run killed after this save resumes AFTER `step`,
+          # so buffered metrics of steps <= `step` would be lost for good.
+          writer.flush()
           ckpt_lib.save(manager, step, state, config, metrics=eval_metrics)
           timer_start += time.perf_counter() - t0
-        if preemption.reached():
-          logging.warning('SIGTERM: saving at step %d and exiting', step)
-          if pending:
-            writer.write_scalars(step, {f'train/{k}': v for k, v in
-                                        _summarise(pending, step, schedule).items()})
-          ckpt_lib.save(manager, step, state, config)
-          break
   finally:
-    preemption.restore()
     manager.wait_until_finished()
     writer.flush()
   if scores is None and step >= config.total_steps:
