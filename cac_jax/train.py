@@ -6,6 +6,7 @@ same command with the same workdir continues from the latest checkpoint and,
 because the input stream is indexed by step, sees exactly the batches an
 uninterrupted run would.
 """
+import itertools
 import json
 import signal
 import time
@@ -120,6 +121,32 @@ def _init_from(state, config, mesh):
                        batch_stats=variables['batch_stats'])
 
 
+def _write_val_images(writer, step, predict_step, variables, host_batch, config, mesh):
+  """TensorBoard 'val/examples': input | ground truth | prediction, per image.
+
+  All hosts run the (sharded) prediction on their first eval batch; process 0
+  draws its own first images.
+  """
+  from cac_jax import visualize
+  from cac_jax.data import augment, sources
+  pred = predict_step(variables, sharding.to_global(host_batch['image'], mesh))
+  # This host's rows of the global prediction, in order.
+  shards = sorted(pred.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+  pred = np.concatenate([np.asarray(sh.data) for sh in shards])
+  n = min(config.eval.num_images_logged, int(np.sum(host_batch['valid'])))
+  if jax.process_index() != 0 or n == 0:
+    return
+  palette = sources.get_source(config.data, 'val').palette
+  images = host_batch['image'][:n]
+  rgb = np.clip(images * np.asarray(augment.IMAGENET_STD) + np.asarray(augment.IMAGENET_MEAN),
+                0, 1)
+  panels = [visualize.side_by_side((255 * rgb[i]).astype(np.uint8),
+                                   visualize.colorize(host_batch['label'][i], palette),
+                                   visualize.colorize(pred[i], palette), gap=2)
+            for i in range(n)]
+  writer.write_images(step, {'val/examples': np.stack(panels)})
+
+
 def _class_names(config):
   from cac_jax.data import sources  # TF only where data is needed
   names = tuple(config.data.class_names)
@@ -183,7 +210,11 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
   sup_step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=False)
   dc_step = None if config.cac.supervised_only else step_lib.make_train_step(
       model, tx, config, state_shardings, with_dc=True)
-  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, flip=config.eval.flip)
+  predict_step = jax.jit(
+      lambda v, x: jax.numpy.argmax(eval_lib.predict_logits(model, v, x), -1),
+      out_shardings=sharding.data_sharded(mesh))
+  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
+                                      scales=config.eval.scales)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -192,9 +223,13 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
 
   def run_eval(step):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    batches = pipeline.eval_iterator(config)
+    first = next(batches)
     with report.timed('eval'):
-      conf = eval_lib.evaluate(eval_step, variables, pipeline.eval_iterator(config),
+      conf = eval_lib.evaluate(eval_step, variables, itertools.chain([first], batches),
                                mesh, num_classes)
+      if config.eval.num_images_logged:  # every host computes, process 0 writes
+        _write_val_images(writer, step, predict_step, variables, first, config, mesh)
     scores = eval_lib.scores(conf, class_names)
     writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
     logging.info('step %d: val mIoU %.4f, pixel acc %.4f', step, scores['miou'],

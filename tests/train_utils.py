@@ -29,6 +29,9 @@ def read_scalars(workdir):
     for tag in acc.Tags()['tensors']:
       for ev in acc.Tensors(tag):
         value = tensor_util.make_ndarray(ev.tensor_proto)
+        if value.dtype == object:  # images: encoded PNG strings
+          out.setdefault(tag, {}).setdefault(ev.step, []).append(value)
+          continue
         out.setdefault(tag, {}).setdefault(ev.step, []).append(float(np.ravel(value)[0]))
   return out
 
