@@ -1,0 +1,181 @@
+"""Does CAC beat supervised training here, and does each of its parts matter?
+
+  python -m cac_jax.bench.ablation --out=docs/ablation_frac_1_16 --settings=frac_1_16
+  python -m cac_jax.bench.ablation --out=docs/ablation_context_biased \
+      --settings=context_biased --arms=supervised,cac
+
+Trains every arm x seed x setting with `python -m cac_jax.main` (one process
+per run, `--parallel` at a time) on the embedded texture dataset, from the
+same base config (configs/default.py: MobileNetV2 from ImageNet, crop 64,
+4 labeled + 4 unlabeled images, 240 steps, DC loss from step 80), then writes `<out>.json`, `<out>.md` (mean +- std of the
+final val mIoU per arm and setting) and `<out>.png` (val mIoU over steps).
+
+Fairness: every arm of a (setting, seed) pair sees the same labeled split,
+the same step-indexed data stream, the same initialisation, schedule, number
+of steps and evaluation; only the arm's switch differs. Runs are resumable:
+a run whose workdir already holds its final checkpoint is not trained again.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# Each arm: config overrides relative to full CAC.
+ARMS = {
+    'supervised': ['--config.cac.supervised_only=True'],
+    'cac': [],
+    'no_directional': ['--config.cac.directional=False'],
+    'no_neg_filter': ['--config.cac.filter_negatives=False'],
+    'vanilla': ['--config.cac.directional=False', '--config.cac.filter_negatives=False',
+                '--config.cac.pos_threshold=0.0'],
+    'no_projector': ['--config.model.projector=False'],
+    'same_crop': ['--config.data.same_crop=True'],
+}
+SETTINGS = {
+    # 16 of 256 training images labeled (1/16), unbiased context everywhere.
+    'frac_1_16': [],
+    # Same fraction, but the labeled images show fixed class pairs while the
+    # unlabeled and val images do not: the situation CAC is designed for.
+    'context_biased': ['--config.data.embedded.context_biased=True'],
+}
+
+
+def base_flags(steps: int, unsup_start: int, eval_every: int):
+  return ['--config=configs/default.py', f'--config.total_steps={steps}',
+          f'--config.cac.unsup_start_step={unsup_start}',
+          f'--config.eval_every={eval_every}', f'--config.checkpoint_every={steps}',
+          f'--config.log_every={eval_every}', '--config.keep_checkpoints=1']
+
+
+def run_one(workdir: pathlib.Path, flags: list[str], steps: int) -> float:
+  """Trains one run (unless finished); returns its wall time in seconds."""
+  if (workdir / 'checkpoints' / str(steps)).is_dir():
+    return 0.0
+  workdir.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  with open(workdir / 'log.txt', 'w') as log:
+    subprocess.run([sys.executable, '-m', 'cac_jax.main', f'--workdir={workdir}', *flags],
+                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  return time.time() - t0
+
+
+def read_curve(workdir: pathlib.Path, tag: str):
+  """[(step, value)] of a TensorBoard scalar (clu writes tensor summaries)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  points = {}
+  for path in sorted(workdir.glob('events.out.tfevents.*')):
+    acc = event_accumulator.EventAccumulator(str(path), size_guidance={'tensors': 0})
+    acc.Reload()
+    if tag in acc.Tags()['tensors']:
+      for ev in acc.Tensors(tag):
+        points[ev.step] = float(np.ravel(tensor_util.make_ndarray(ev.tensor_proto))[0])
+  return sorted(points.items())
+
+
+def summarise(root: pathlib.Path, settings, arms, seeds):
+  results = {}
+  for setting in settings:
+    for arm in arms:
+      runs = []
+      for seed in seeds:
+        wd = root / setting / arm / f'seed{seed}'
+        curve = read_curve(wd, 'val/miou')
+        active = read_curve(wd, 'train/active_frac_12')
+        runs.append({'seed': seed, 'curve': curve,
+                     'final_miou': curve[-1][1] if curve else float('nan'),
+                     'active_frac_12_last': active[-1][1] if active else None})
+      finals = np.array([r['final_miou'] for r in runs])
+      results.setdefault(setting, {})[arm] = {
+          'mean': float(np.mean(finals)), 'std': float(np.std(finals, ddof=1))
+          if len(finals) > 1 else 0.0, 'runs': runs}
+  return results
+
+
+def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix('.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=1))
+  settings = list(results)
+  arms = list(results[settings[0]])
+  lines = [f'Command: `{command}`', '',
+           'Final val mIoU (%), mean ± std over seeds '
+           f'({meta["seeds"]} seeds, {meta["steps"]} steps, DC loss from step '
+           f'{meta["unsup_start"]}).', '',
+           '| arm | ' + ' | '.join(settings) + ' |', '|---|' + '---|' * len(settings)]
+  for arm in arms:
+    cells = [f'{100 * results[s][arm]["mean"]:.1f} ± {100 * results[s][arm]["std"]:.1f}'
+             for s in settings]
+    lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+  out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+  for ax, setting in zip(axes[0], settings):
+    for arm in arms:
+      curves = [r['curve'] for r in results[setting][arm]['runs'] if r['curve']]
+      steps = [s for s, _ in curves[0]]
+      values = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
+      mean = 100 * values.mean(0)
+      ax.plot(steps, mean, label=arm, lw=2 if arm in ('cac', 'supervised') else 1)
+    ax.axvline(meta['unsup_start'], color='gray', ls=':', lw=1)
+    ax.set_title(setting)
+    ax.set_xlabel('step')
+    ax.set_ylabel('val mIoU (%), mean over seeds')
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out.with_suffix('.png'), dpi=110)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='docs/ablation')
+  parser.add_argument('--workdirs', default='workdirs/ablation')
+  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=240)
+  parser.add_argument('--unsup_start', type=int, default=80)
+  parser.add_argument('--eval_every', type=int, default=40)
+  parser.add_argument('--arms', default=','.join(ARMS))
+  parser.add_argument('--settings', default=','.join(SETTINGS))
+  parser.add_argument('--parallel', type=int, default=2)
+  parser.add_argument('--extra', default='', help='more flags for every run, space-separated')
+  args = parser.parse_args()
+  arms, settings = args.arms.split(','), args.settings.split(',')
+  seeds = list(range(args.seeds))
+  root = REPO / args.workdirs
+  jobs = []
+  for setting in settings:
+    for seed in seeds:
+      for arm in arms:
+        flags = (base_flags(args.steps, args.unsup_start, args.eval_every)
+                 + SETTINGS[setting] + ARMS[arm] + [f'--config.seed={seed}']
+                 + args.extra.split())
+        jobs.append((root / setting / arm / f'seed{seed}', flags))
+  t0 = time.time()
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    futures = {pool.submit(run_one, wd, flags, args.steps): wd for wd, flags in jobs}
+    for fut in concurrent.futures.as_completed(futures):
+      print(f'{futures[fut].relative_to(root)}: {fut.result():.0f} s', flush=True)
+  wall = time.time() - t0
+  results = summarise(root, settings, arms, seeds)
+  meta = {'seeds': args.seeds, 'steps': args.steps, 'unsup_start': args.unsup_start,
+          'wall_time_s': wall, 'parallel': args.parallel, 'extra': args.extra}
+  command = 'python -m cac_jax.bench.ablation ' + ' '.join(sys.argv[1:])
+  write_outputs(results, REPO / args.out, command, meta)
+  print((REPO / args.out).with_suffix('.md').read_text())
+  print(f'wall time: {wall / 60:.1f} min')
+
+
+if __name__ == '__main__':
+  main()
