@@ -38,7 +38,7 @@ def test_train_and_evaluate_end_to_end(tmp_path):
   assert scalars['train/bank_fill'][4][0] == 1.0  # bank_steps=1: full after one DC step
   assert 'val/miou' in scalars and 4 in scalars['val/miou']
   # Input | ground truth | prediction for 3 val images, as PNGs.
-  (images,), = scalars['val/examples'].values()
+  (images,), = read_scalars(workdir, images=True)['val/examples'].values()
   assert len(images) == 2 + 3  # clu: width, height, then one PNG per image
   assert bytes(images[2])[:8] == b'\x89PNG\r\n\x1a\n'
   assert (tmp_path / 'run' / 'config.json').exists()

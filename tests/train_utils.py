@@ -18,8 +18,11 @@ def tiny_config(**overrides):
   return c
 
 
-def read_scalars(workdir):
-  """{tag: {step: value}} from the TensorBoard event files (clu writes tensors)."""
+def read_scalars(workdir, *, images=False):
+  """{tag: {step: [values]}} from the TensorBoard event files (clu writes tensors).
+
+  Image summaries (arrays of encoded PNGs) are left out unless `images`.
+  """
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
   out = {}
@@ -30,7 +33,8 @@ def read_scalars(workdir):
       for ev in acc.Tensors(tag):
         value = tensor_util.make_ndarray(ev.tensor_proto)
         if value.dtype == object:  # images: encoded PNG strings
-          out.setdefault(tag, {}).setdefault(ev.step, []).append(value)
+          if images:
+            out.setdefault(tag, {}).setdefault(ev.step, []).append(value)
           continue
         out.setdefault(tag, {}).setdefault(ev.step, []).append(float(np.ravel(value)[0]))
   return out
