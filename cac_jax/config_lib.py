@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = e = ml_collections.ConfigDict()
   e.flip = False                  # average with the mirrored image
   e.scales = (1.0,)               # multi-scale: e.g. (0.75, 1.0, 1.25); (1.0,) = authors' protocol
+  e.window = 0                    # sliding-window size in px (multiple of 8); 0 = whole image
   e.num_images_logged = 3         # val images drawn in TensorBoard
 
   c.log_every = 50
@@ -146,6 +147,12 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'cac.{name}={u[name]} must be >= 0')
   if u.chunk_size <= 0:
     problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
+  if config.eval.window < 0 or config.eval.window % 8:
+    problems.append(f'eval.window={config.eval.window} must be 0 (whole image) or a '
+                    'positive multiple of 8')
+  if not config.eval.scales or min(config.eval.scales) <= 0:
+    problems.append(f'eval.scales={tuple(config.eval.scales)} must be positive factors, '
+                    'e.g. (0.75, 1.0, 1.25)')
   if config.total_steps <= 0:
     problems.append(f'total_steps={config.total_steps} must be positive')
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):

@@ -14,16 +14,47 @@ from cac_jax import sharding
 IGNORE = 255
 
 
-def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,)):
+def sliding_window_scores(model, variables, images, window: int):
+  """Softmax scores [B,H,W,K] averaged over window x window crops (stride 2/3 window).
+
+  Windows are placed on a static grid that covers the image, the last one
+  flush with the bottom/right border, so every pixel is seen at least once;
+  images smaller than the window are run whole.
+  """
+  b, h, w, _ = images.shape
+  if h <= window and w <= window:
+    return jax.nn.softmax(model.apply(variables, images, train=False)['logits'])
+  stride = max(8, (2 * window // 3) // 8 * 8)
+
+  def starts(size):
+    if size <= window:
+      return [0]
+    last = size - window
+    return sorted(set(list(range(0, last, stride)) + [last]))
+  total, count = 0.0, jnp.zeros((1, h, w, 1))
+  for y in starts(h):
+    for x in starts(w):
+      wh, ww = min(window, h), min(window, w)
+      crop = images[:, y:y + wh, x:x + ww]
+      probs = jax.nn.softmax(model.apply(variables, crop, train=False)['logits'])
+      pad = ((0, 0), (y, h - y - wh), (x, w - x - ww), (0, 0))
+      total = total + jnp.pad(probs, pad)
+      count = count + jnp.pad(jnp.ones((1, wh, ww, 1)), pad)
+  return total / count
+
+
+def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,),
+                   window: int = 0):
   """Full-image class scores [B,H,W,K] float32.
 
   The default (one scale, no flip) is the authors' protocol and returns raw
   logits. With `flip` and/or several `scales`, softmax probabilities are
   averaged over the mirrored image and over the image resized (bilinear) to
   each scale — rounded to a multiple of 8 — with the scores resized back.
+  `window` > 0 evaluates each of those in sliding windows of that size.
   """
   scales = tuple(float(s) for s in scales)
-  if not flip and scales == (1.0,):
+  if not flip and scales == (1.0,) and not window:
     return model.apply(variables, images, train=False)['logits']
   b, h, w, c = images.shape
   total = 0.0
@@ -32,11 +63,14 @@ def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,
     x = images if size == (h, w) else jax.image.resize(images, (b, *size, c), 'bilinear')
     views = [(x, False)] + ([(x[:, :, ::-1], True)] if flip else [])
     for view, flipped in views:
-      logits = model.apply(variables, view, train=False)['logits']
-      logits = logits[:, :, ::-1] if flipped else logits
+      if window:
+        probs = sliding_window_scores(model, variables, view, window)
+      else:
+        probs = jax.nn.softmax(model.apply(variables, view, train=False)['logits'])
+      probs = probs[:, :, ::-1] if flipped else probs
       if size != (h, w):
-        logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), 'bilinear')
-      total = total + jax.nn.softmax(logits)
+        probs = jax.image.resize(probs, (b, h, w, probs.shape[-1]), 'bilinear')
+      total = total + probs
   return total / (len(scales) * (2 if flip else 1))
 
 
@@ -53,10 +87,12 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
   return counts.reshape(num_classes, num_classes)
 
 
-def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,)):
+def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
+                   window: int = 0):
   """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
   def step(variables, batch):
-    logits = predict_logits(model, variables, batch['image'], flip=flip, scales=scales)
+    logits = predict_logits(model, variables, batch['image'], flip=flip, scales=scales,
+                            window=window)
     pred = jnp.argmax(logits, axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
@@ -153,7 +189,7 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
                  or tuple(sources.get_source(config.data, 'val').class_names))
   with jax.set_mesh(mesh):
     eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
-                               scales=config.eval.scales)
+                               scales=config.eval.scales, window=config.eval.window)
     conf = evaluate(eval_step, variables, pipeline.eval_iterator(config), mesh,
                     num_classes)
   return scores(conf, class_names), class_names, step, config

@@ -214,7 +214,7 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
       lambda v, x: jax.numpy.argmax(eval_lib.predict_logits(model, v, x), -1),
       out_shardings=sharding.data_sharded(mesh))
   eval_step = eval_lib.make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
-                                      scales=config.eval.scales)
+                                      scales=config.eval.scales, window=config.eval.window)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

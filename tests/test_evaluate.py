@@ -56,3 +56,27 @@ def test_flip_and_scales():
   ms = evaluate.predict_logits(model, variables, x, scales=(0.5, 1.5))
   assert ms.shape == raw.shape
   np.testing.assert_allclose(ms.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sliding_window_matches_a_python_loop():
+  config = tiny_config()
+  model = build_model(config.model, num_classes=6)
+  x = jax.random.normal(jax.random.key(2), (1, 40, 56, 3))
+  variables = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)},
+                         x, train=False)
+  got = np.asarray(evaluate.predict_logits(model, variables, x, window=32))
+  # Reference: windows at rows {0, 8} and cols {0, 16, 24} (stride 16 -> 2/3 of
+  # 32 rounded to 8; last window flush with the border), softmax averaged.
+  total, count = np.zeros((1, 40, 56, 6)), np.zeros((1, 40, 56, 1))
+  for y in (0, 8):
+    for xx in (0, 16, 24):
+      crop = x[:, y:y + 32, xx:xx + 32]
+      p = np.asarray(jax.nn.softmax(model.apply(variables, crop, train=False)['logits']))
+      total[:, y:y + 32, xx:xx + 32] += p
+      count[:, y:y + 32, xx:xx + 32] += 1
+  np.testing.assert_allclose(got, total / count, rtol=1e-5, atol=1e-6)
+  # An image no larger than the window is run whole.
+  small = x[:, :32, :32]
+  np.testing.assert_allclose(
+      evaluate.predict_logits(model, variables, small, window=32),
+      jax.nn.softmax(model.apply(variables, small, train=False)['logits']), rtol=1e-5, atol=1e-6)
