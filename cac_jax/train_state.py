@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from cac_jax import bank as bank_lib
 from cac_jax import sharding
+from cac_jax.models.deeplabv3plus import HEAD_CHANNELS
 
 
 @flax.struct.dataclass
@@ -35,6 +36,12 @@ def negatives_per_step(config) -> int:
   return 2 * config.data.unlabeled_batch_size * min(per_view, cells)
 
 
+def feature_dim(config) -> int:
+  """Width of the DC-loss features: the projector's output, or without the
+  projector (an ablation) the decoder's own 256 channels."""
+  return config.model.proj_dim if config.model.projector else HEAD_CHANNELS
+
+
 def bank_capacity(config) -> int:
   if config.cac.supervised_only:
     return 0
@@ -55,7 +62,7 @@ def make_init_fn(model, tx, config):
         params=params,
         batch_stats=variables.get('batch_stats', {}),
         opt_state=tx.init(params),
-        bank=bank_lib.init_bank(capacity, config.model.proj_dim) if capacity else None)
+        bank=bank_lib.init_bank(capacity, feature_dim(config)) if capacity else None)
   return init
 
 

@@ -83,3 +83,21 @@ def test_sharded_step_equals_single_device_step():
                s8.params, s1.params)
   np.testing.assert_allclose(m8['loss_dc'], m1['loss_dc'], rtol=1e-5)
   assert float(m8['loss_dc']) > 0
+
+
+@pytest.mark.parametrize('projector', [True, False])
+def test_dc_step_with_and_without_projector(projector):
+  """The bank's width follows the DC features (128-d projector or 256-d decoder)."""
+  config = tiny_config(**{'model.projector': projector})
+  model = build_model(config.model, num_classes=config.data.num_classes)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  mesh = sharding.make_mesh()
+  batch = next(pipeline.train_iterator(config, start_step=0))
+  with jax.set_mesh(mesh):
+    state, shardings = train_state.create_sharded_state(model, tx, config, mesh,
+                                                        jax.random.key(0))
+    assert state.bank.feats.shape[1] == (config.model.proj_dim if projector else 256)
+    dc = train_step.make_train_step(model, tx, config, shardings, with_dc=True)
+    state, metrics = dc(state, sharding.to_global(batch, mesh))
+  assert np.isfinite(float(metrics['loss_dc'])) and float(metrics['loss_dc']) > 0
+  assert float(metrics['bank_fill']) == 1.0
