@@ -24,6 +24,7 @@ outside the original image. The list is padded with invalid entries to a
 multiple of the global eval batch, so every image counts exactly once across
 hosts and every host runs the same number of batches.
 """
+import functools
 import io
 import math
 
@@ -243,8 +244,14 @@ def _round_up(x, multiple):
   return -(-x // multiple) * multiple
 
 
+@functools.lru_cache(maxsize=8)
 def eval_canvas_size(source) -> tuple[int, int]:
-  """Common eval canvas (H, W): the largest val size, rounded up to 8."""
+  """Common eval canvas (H, W): the largest val size, rounded up to 8.
+
+  Memoised per Source (immutable, and get_source returns the same object for
+  the same config): training evaluates many times and would otherwise re-read
+  every val image's header at each evaluation.
+  """
   sizes = np.array([_image_size(r, source.from_files) for r in source.images])
   return (int(_round_up(sizes[:, 0].max(), EVAL_MULTIPLE)),
           int(_round_up(sizes[:, 1].max(), EVAL_MULTIPLE)))
