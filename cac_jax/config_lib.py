@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   u.bank_steps = 1                # previous steps kept as negatives
   u.neg_per_image = 0             # 0 = all cells of both views
   u.chunk_size = 1024             # negatives per chunk: scratch memory ~ anchors x chunk
+  # DC-loss similarity matmul operands: 'float32' | 'bfloat16' (accumulation is
+  # float32 either way). bfloat16 halves the loss's matmul cost on GPU/TPU.
+  u.matmul_dtype = 'float32'
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 0.01
@@ -147,6 +150,8 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'cac.{name}={u[name]} must be >= 0')
   if u.chunk_size <= 0:
     problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
+  if u.matmul_dtype not in ('float32', 'bfloat16'):
+    problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'float32' or 'bfloat16'")
   if config.eval.window < 0 or config.eval.window % 8:
     problems.append(f'eval.window={config.eval.window} must be 0 (whole image) or a '
                     'positive multiple of 8')

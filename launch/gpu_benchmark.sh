@@ -27,8 +27,12 @@ if [[ "${TINY:-0}" == 1 ]]; then
 else
   # One compile per configuration (plus the DC-loss-alone timing in CAC
   # mode); the persistent cache makes a rerun on the same machine start fast.
+  # DC loss on accelerators: 8192 negatives per chunk (7 loop steps per
+  # direction instead of 50: the loop's per-step overhead dominated at 1024,
+  # docs/benchmarks.md) and matmuls in the row's compute dtype.
   ARGS=(--backbone=resnet50 --crop=320 --labeled=8 --unlabeled=8
-        "--dtype=float32,bfloat16" --steps=10 --warmup=2)
+        "--dtype=float32,bfloat16" --steps=10 --warmup=2
+        --chunk-size=8192 --dc-matmul-dtype=compute)
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/cac_jax/jax}"
 fi
 JSON=()

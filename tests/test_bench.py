@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,9 +71,11 @@ def test_benchmark_fields_are_consistent(mode):
   assert r['step_s'] == pytest.approx(float(np.median(r['step_all_s'])))
   assert r['images_per_s'] == pytest.approx(images / r['step_s'], rel=0.01)
   assert r['compile_s'] > 0 and r['gflop_per_step'] > 0
-  # On CPU the lowered and compiled FLOP counts agree (GPU: see the module).
-  assert r['gflop_lowered'] == pytest.approx(r['gflop_compiled'], rel=0.05)
   assert r['gflop_per_s'] == pytest.approx(r['gflop_per_step'] / r['step_s'], rel=0.01)
+  # XLA:CPU's count misses matmuls it hands to its YNNPACK fusions (1x1
+  # convolutions are matmuls here) and counts a loop body once, so the
+  # jaxpr count (checked by hand in test_jaxpr_flop_count_by_hand) is larger.
+  assert r['gflop_per_step'] >= r['gflop_compiled'] > 0
   assert r['device_peak_mib'] > 0 and r['host_rss_mib'] > 0
   assert r['cpu_over_wall'] > 0 and np.isfinite(r['loss'])
   assert r['mfu'] is None and r['peak_flops'] is None  # no peak for a CPU
@@ -123,3 +127,22 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
   results = json.loads((tmp_path / 'train_step_bench.json').read_text())['results']
   assert [r['mode'] for r in results] == ['sup', 'cac']
   assert all(r['backbone'] == 'resnet_tiny' and r['step_s'] > 0 for r in results)
+
+
+def test_jaxpr_flop_count_by_hand():
+  """Conv, dot, their gradients and a scan, counted against hand formulas."""
+  from cac_jax.bench import flops
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  conv = lambda x, w, s: jax.lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
+                                                      dimension_numbers=dn)
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  a, b = jnp.ones((4, 6)), jnp.ones((6, 7))
+  f = jax.jit(lambda x, w, a, b: jnp.sum(conv(x, w, 2)) + jnp.sum(a @ b))
+  # stride-2 conv: 2x4x4 outputs x 5 features x 27 taps*inputs; dot 4x7x6.
+  assert flops.traced_flops(f, x, w, a, b)['flops'] == 2 * (2 * 4 * 4 * 5 * 27 + 4 * 7 * 6)
+  g = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, 1) ** 2), argnums=(0, 1)))
+  # forward, input gradient and kernel gradient: 3 convolutions of equal cost.
+  assert flops.traced_flops(g, x, w)['flops'] == 3 * 2 * 2 * 8 * 8 * 5 * 27
+  loop = jax.jit(lambda m: jax.lax.fori_loop(0, 5, lambda i, c: c @ m, m))
+  assert flops.traced_flops(loop, jnp.ones((4, 4))) == {'flops': 5 * 2 * 4 * 4 * 4,
+                                                        'while_loops': 0}

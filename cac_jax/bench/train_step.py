@@ -22,14 +22,13 @@ Reported per configuration:
                      steps, each blocked on its whole output (state + metrics);
   images_per_s       images per step / step_s, images = labeled (+ 2 ×
                      unlabeled views in cac mode);
-  gflop_per_step     XLA's cost analysis of the step: the larger of the
-                     compiled (`compiled.cost_analysis()['flops']`) and the
-                     lowered HLO count (both kept in the JSON). On GPU it
-                     omits the cuDNN convolutions: scale the CPU count of the
-                     same configuration instead (docs/benchmarks.md);
+  gflop_per_step     the step's convolution and matmul FLOPs counted from its
+                     jaxpr (`cac_jax.bench.flops`: the same on every backend,
+                     scan bodies × their length, so the chunked DC loss is
+                     counted in full); XLA's own cost analyses are kept in the
+                     JSON (gflop_compiled, gflop_lowered) — XLA:GPU's omits
+                     the cuDNN convolutions;
   gflop_per_s, mfu   achieved FLOP/s, and on H100/H200 that over the peak
-                     (only when the FLOP count includes the convolutions,
-                     flops_complete; XLA:GPU's compiled count does not)
                      (bf16 dense 989 TFLOP/s; float32 counted against TF32
                      495 TFLOP/s, because XLA's DEFAULT matmul precision uses
                      TF32 tensor cores on these GPUs; against fp32 67 TFLOP/s
@@ -46,15 +45,12 @@ Reported per configuration:
                      alone at the step's shapes (proj/logits of both views,
                      full bank), median time and its share of step_s.
 
-XLA's cost analysis counts a while-loop body once (the chunked DC loss is a
-fori_loop over negative chunks), so gflop_per_step undercounts the DC loss;
-`dc_analytic_gflop` gives its matmul FLOPs (fwd + bwd, both directions) for
-comparison.
+`dc_analytic_gflop` gives the DC loss's matmul FLOPs (fwd + bwd, both
+directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype`.
 
-CPU threads: on the 2-core development machine XLA's default already kept
-both cores busy in the supervised step (cpu_over_wall 1.97 at crop 160,
-1.57 at crop 320) but about one in the CAC step (0.98), on a shared machine;
-no XLA_FLAGS were tried yet (see docs/benchmarks.md).
+CPU threads: XLA:CPU keeps both cores of the development machine busy in
+both steps (cpu_over_wall 1.9-2.0 on an idle machine); an earlier reading of
+0.98 for the CAC step was the machine's load, not XLA.
 
 Nothing here imports TensorFlow, clu or ml_collections (the config is a plain
 namespace with the fields the train step reads), so it runs on a bare
@@ -75,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cac_jax import bank as bank_lib
+from cac_jax.bench import flops as flops_lib
 from cac_jax import losses
 from cac_jax import optim
 from cac_jax import sharding
@@ -104,7 +101,7 @@ def _ns(**kw):
 def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
                  dtype='float32', output_stride=16, chunk_size=1024,
                  bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
-                 supervised_only=False):
+                 supervised_only=False, dc_matmul_dtype='float32'):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
   Values are the paper's VOC settings (configs/voc_r50.py, CAC_SPEC.md §4-5)
@@ -121,7 +118,7 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
       cac=_ns(supervised_only=supervised_only, weight=0.1, temperature=0.1,
               pos_threshold=0.75, directional=True, filter_negatives=True,
               bank_steps=bank_steps, neg_per_image=neg_per_image,
-              chunk_size=chunk_size),
+              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype),
       optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
                 weight_decay=1e-4, poly_power=0.9))
 
@@ -245,7 +242,8 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
         bank.feats, bank.labels, jnp.ones_like(bank.valid), key=jax.random.key(2),
         temperature=u.temperature, pos_threshold=u.pos_threshold,
         directional=u.directional, filter_negatives=u.filter_negatives,
-        neg_per_image=u.neg_per_image, chunk_size=u.chunk_size)
+        neg_per_image=u.neg_per_image, chunk_size=u.chunk_size,
+        matmul_dtype=u.matmul_dtype)
     return value
 
   t0 = time.perf_counter()
@@ -313,14 +311,15 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
     lowered = step.lower(state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    # XLA:GPU turns convolutions into cuDNN custom calls, which its compiled
-    # cost analysis counts as 0 FLOPs (R50 crop 320, 8 images: 10 GFLOP on
-    # an H200 with jax 0.11.2, where CPU counts ~1,090), and there the
-    # lowered analysis returns nothing. On CPU the two agree within 0.3%.
-    # So: the larger of the two, and no MFU unless the lowered count exists.
+    # XLA's cost analyses, kept for reference: XLA:GPU turns convolutions
+    # into cuDNN custom calls that its compiled analysis counts as 0 FLOPs,
+    # and both count a loop body once.
     flops_compiled = _cost_flops(compiled)
     flops_lowered = _cost_flops(lowered)
-    flops = max(flops_compiled, flops_lowered)
+    # The program's own conv + matmul FLOPs, the same on every backend
+    # (cac_jax/bench/flops.py): what MFU is computed from.
+    counted = flops_lib.traced_flops(step, state, batch)
+    flops = counted['flops']
 
     def run():
       nonlocal state
@@ -357,9 +356,10 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       'images_per_s': images / step_s,
       'gflop_per_step': flops / 1e9, 'gflop_per_s': flops_per_s / 1e9,
       'gflop_compiled': flops_compiled / 1e9, 'gflop_lowered': flops_lowered / 1e9,
+      'jaxpr_while_loops': counted['while_loops'],
       'peak_flops': peak, 'peak_name': peak_name,
-      'mfu': flops_per_s / peak if peak and flops_lowered > 0 else None,
-      'flops_complete': flops_lowered > 0,
+      'mfu': flops_per_s / peak if peak else None,
+      'dc_matmul_dtype': config.cac.matmul_dtype,
       'device_peak_mib': _memory_mib(compiled),
       'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
       'host_rss_mib': _host_rss_mib(),
@@ -421,6 +421,10 @@ def main(argv=None) -> int:
                       choices=(8, 16))
   parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
                       help='DC loss negatives per chunk')
+  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='float32',
+                      choices=('float32', 'bfloat16', 'compute'),
+                      help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
+                           'the --dtype of each row')
   parser.add_argument('--bank-steps', '--bank_steps', type=int, default=1,
                       help='previous steps in the feature bank (VOC R50: 1)')
   parser.add_argument('--devices', type=int, default=1,
@@ -470,7 +474,8 @@ def main(argv=None) -> int:
           backbone=args.backbone, crop=args.crop, labeled=args.labeled,
           unlabeled=args.unlabeled, dtype=dtype, output_stride=args.output_stride,
           chunk_size=args.chunk_size, bank_steps=args.bank_steps,
-          supervised_only=mode == 'sup')
+          supervised_only=mode == 'sup',
+          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype)
       r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
                     warmup=args.warmup, devices=available[:args.devices],
                     precision=args.precision, dc_share=not args.no_dc_share)

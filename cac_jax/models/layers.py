@@ -19,6 +19,7 @@ joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
 state-dict key prefix (``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``),
 so module names never contain ``_`` except as such a separator.
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -43,6 +44,160 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple:
   """Symmetric ((p, p), (p, p)) padding PyTorch uses for an odd kernel."""
   pad = dilation * (kernel_size - 1) // 2
   return ((pad, pad), (pad, pad))
+
+
+# Input channels from which, on a CPU backend, a stride-1 k x k convolution
+# takes its kernel gradient as k*k matrix products (`_conv_tap_grad`) instead
+# of XLA:CPU's convolution-shaped weight gradient. Measured with
+# `python -m cac_jax.bench.conv` (kernel gradient alone, 2-core dev machine):
+# 304->256 at 40x40: 50 -> 157 GFLOP/s; 256->256 at 40x40: 50 -> 137; but
+# 64->64 at 40x40: 125 -> 83 and 128->128 at 20x20: 155 -> 140, so narrow
+# layers keep XLA's. Accelerators keep XLA's everywhere (cuDNN / TPU convs).
+TAP_GRAD_MIN_CHANNELS = 256
+
+
+def _lax_conv(x, kernel, strides, dilation, padding, groups=1):
+  return jax.lax.conv_general_dilated(
+      x, kernel,
+      window_strides=(strides, strides),
+      padding=padding,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
+
+
+def live_taps(kernel_size: int, dilation: int, size: int) -> int:
+  """Half-width r of the kernel taps that can meet a real input pixel.
+
+  With stride 1 and PyTorch's padding p = dilation * (k - 1) / 2, output
+  pixel y reads input y + (i - c) * dilation for tap i (c = k // 2). A tap
+  whose offset |i - c| * dilation is >= the input size reads only zero
+  padding for every y, so it contributes exactly 0. This returns
+  min(c, (size - 1) // dilation): the taps c - r .. c + r are the only ones
+  that matter (e.g. the ASPP's rate-12 and -18 3x3 convolutions on a 10x10
+  map, crop 160 at stride 16, are exactly 1x1 convolutions).
+  """
+  centre = kernel_size // 2
+  return min(centre, (size - 1) // dilation)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1,
+           dilation: int = 1, groups: int = 1) -> jax.Array:
+  """PyTorch-semantics NHWC convolution, lowered for speed, same numbers.
+
+  Equal (up to float summation order) to ``lax.conv_general_dilated`` with
+  symmetric padding ``dilation * (k - 1) // 2``; three exact rewrites:
+
+  * stride 1: taps that can only see zero padding are dropped
+    (:func:`live_taps`), per spatial axis, with the padding reduced to match;
+  * 1x1 kernels (groups 1) become a matrix product over channels, after
+    subsampling by the stride (a 1x1 window with padding 0 reads exactly
+    x[:, ::s, ::s]): XLA:CPU runs a 1x1 convolution's weight gradient as a
+    convolution over the spatial window at 30-100 GFLOP/s, the matrix
+    product at 70-230;
+  * on a CPU backend, stride-1 dilated convolutions become one matrix
+    product per tap over the pixels it really reads
+    (:func:`_conv_shifted_taps`), and wide (>= TAP_GRAD_MIN_CHANNELS inputs)
+    undilated ones take their kernel gradient from :func:`_conv_tap_grad`.
+    Accelerators keep XLA's convolutions (cuDNN, TPU MXU).
+
+  Args:
+    x: [B, H, W, C_in].
+    kernel: [k, k, C_in // groups, C_out] (HWIO), same dtype as x.
+    strides, dilation, groups: as ``torch.nn.Conv2d``.
+
+  Returns:
+    [B, H', W', C_out].
+  """
+  k = kernel.shape[0]
+  if strides == 1 and k > 1:
+    centre = k // 2
+    r_h = live_taps(k, dilation, x.shape[1])
+    r_w = live_taps(k, dilation, x.shape[2])
+    kernel = kernel[centre - r_h:centre + r_h + 1, centre - r_w:centre + r_w + 1]
+    padding = ((r_h * dilation,) * 2, (r_w * dilation,) * 2)
+  else:
+    padding = torch_padding(k, dilation)
+  if kernel.shape[:2] == (1, 1) and groups == 1:
+    if strides > 1:
+      x = x[:, ::strides, ::strides]
+    return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  if strides == 1 and groups == 1 and jax.default_backend() == 'cpu':
+    if dilation > 1:
+      return _conv_shifted_taps(x, kernel, dilation)
+    if x.shape[-1] >= TAP_GRAD_MIN_CHANNELS:
+      return _conv_tap_grad(x, kernel, dilation, padding)
+  return _lax_conv(x, kernel, strides, dilation, padding, groups)
+
+
+def _conv_shifted_taps(x, kernel, dilation):
+  """Stride-1 'same' convolution as one matrix product per kernel tap.
+
+  Tap (i, j) adds x[y + (i - c) * d, x + (j - c) * d] @ kernel[i, j] to the
+  output pixels whose source pixel lies inside the map, and only to those:
+  the product runs over that overlap rectangle alone and is zero-padded back
+  to the output size. A dilated convolution spends most of XLA's FLOPs on
+  padding (rate 18 on a 20x20 map: 16% of the window products are real), and
+  XLA:CPU runs dilated windows slowly; here the forward pass and both
+  gradients are matrix products over real pixels only (rate 18, 2048->256,
+  20x20: fwd 108 -> 8 ms, bwd 165 -> 23 ms on the 2-core dev machine).
+  """
+  _, h, w, _ = x.shape
+  k_h, k_w = kernel.shape[:2]
+  y = None
+  for i in range(k_h):
+    dy = (i - k_h // 2) * dilation
+    top, bottom = max(0, -dy), min(h, h - dy)
+    for j in range(k_w):
+      dx = (j - k_w // 2) * dilation
+      left, right = max(0, -dx), min(w, w - dx)
+      if bottom <= top or right <= left:
+        continue  # cannot happen after live_taps pruning; kept for safety
+      part = jax.lax.dot_general(
+          x[:, top + dy:bottom + dy, left + dx:right + dx, :], kernel[i, j],
+          (((3,), (0,)), ((), ())))
+      part = jnp.pad(part, ((0, 0), (top, h - bottom), (left, w - right), (0, 0)))
+      y = part if y is None else y + part
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grad(x, kernel, dilation, padding):
+  """Stride-1 convolution whose kernel gradient is k_h*k_w matrix products.
+
+  The forward pass and the input gradient are XLA's own convolutions. The
+  kernel gradient of tap (i, j) is sum over (b, y, x) of
+  x_pad[b, y + i*d, x + j*d, :]^T g[b, y, x, :], a [C_in, C_out] matrix
+  product over B*H'*W' rows, accumulated in float32.
+  """
+  return _lax_conv(x, kernel, 1, dilation, padding)
+
+
+def _conv_tap_grad_fwd(x, kernel, dilation, padding):
+  return _lax_conv(x, kernel, 1, dilation, padding), (x, kernel)
+
+
+def _conv_tap_grad_bwd(dilation, padding, residuals, g):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel, 1, dilation, padding), x)
+  (dx,) = x_vjp(g)
+  k_h, k_w, c_in, c_out = kernel.shape
+  out_h, out_w = g.shape[1:3]
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  g_rows = g.reshape(-1, c_out)
+  taps = []
+  for i in range(k_h):
+    for j in range(k_w):
+      window = x_pad[:, i * dilation:i * dilation + out_h,
+                     j * dilation:j * dilation + out_w, :]
+      taps.append(jax.lax.dot_general(
+          window.reshape(-1, c_in), g_rows, (((0,), (0,)), ((), ())),
+          preferred_element_type=jnp.float32))
+  dkernel = jnp.stack(taps).reshape(k_h, k_w, c_in, c_out)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
 class Conv(nn.Module):
@@ -88,13 +243,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, in_features // self.groups, self.features),
                         jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides),
-        padding=torch_padding(k, self.dilation),
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.groups)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+               strides=self.strides, dilation=self.dilation, groups=self.groups)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,),
                         jnp.float32)
