@@ -455,3 +455,14 @@ def test_live_taps_rule():
   assert layers.live_taps(3, 6, 7) == 1
   assert layers.live_taps(3, 7, 7) == 0      # offset 7 on a 7-wide map
   assert layers.live_taps(7, 1, 2) == 1      # a 7x7 kernel on a 2-wide map
+
+
+def test_xla_convolutions_switch_traces_the_plain_convolution():
+  """Benchmarks' before/after switch: inside it, conv2d is lax's conv alone."""
+  x, k = jnp.ones((1, 10, 10, 8)), jnp.ones((1, 1, 8, 4))
+  prims = lambda: {e.primitive.name for e in jax.make_jaxpr(
+      lambda a, b: layers.conv2d(a, b))(x, k).eqns}
+  assert 'dot_general' in prims() and 'conv_general_dilated' not in prims()
+  with layers.xla_convolutions():
+    assert prims() == {'conv_general_dilated'}
+  assert 'dot_general' in prims()

@@ -57,6 +57,7 @@ namespace with the fields the train step reads), so it runs on a bare
 JAX + flax + optax machine.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -71,13 +72,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cac_jax import bank as bank_lib
-from cac_jax.bench import flops as flops_lib
 from cac_jax import losses
 from cac_jax import optim
 from cac_jax import sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
-from cac_jax.models import build_model
+from cac_jax.bench import flops as flops_lib
+from cac_jax.models import build_model, layers
 
 MIB = 2.0 ** 20
 BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
@@ -425,6 +426,9 @@ def main(argv=None) -> int:
                       choices=('float32', 'bfloat16', 'compute'),
                       help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
                            'the --dtype of each row')
+  parser.add_argument('--convs', default='rewritten', choices=('rewritten', 'xla'),
+                      help="'xla': plain XLA convolutions, without conv2d's rewrites "
+                           '(cac_jax.models.layers.conv2d), to time the difference')
   parser.add_argument('--bank-steps', '--bank_steps', type=int, default=1,
                       help='previous steps in the feature bank (VOC R50: 1)')
   parser.add_argument('--devices', type=int, default=1,
@@ -476,9 +480,12 @@ def main(argv=None) -> int:
           chunk_size=args.chunk_size, bank_steps=args.bank_steps,
           supervised_only=mode == 'sup',
           dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype)
-      r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
-                    warmup=args.warmup, devices=available[:args.devices],
-                    precision=args.precision, dc_share=not args.no_dc_share)
+      with (layers.xla_convolutions() if args.convs == 'xla'
+            else contextlib.nullcontext()):
+        r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
+                      warmup=args.warmup, devices=available[:args.devices],
+                      precision=args.precision, dc_share=not args.no_dc_share)
+      r['convs'] = args.convs
       results.append(r)
       print(f"{mode} {dtype}: compile {r['compile_s']:.1f} s, step "
             f"{r['step_s']:.3f} s, {r['images_per_s']:.1f} images/s", flush=True)

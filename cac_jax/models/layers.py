@@ -19,6 +19,7 @@ joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
 state-dict key prefix (``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``),
 so module names never contain ``_`` except as such a separator.
 """
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -54,6 +55,25 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple:
 # 64->64 at 40x40: 125 -> 83 and 128->128 at 20x20: 155 -> 140, so narrow
 # layers keep XLA's. Accelerators keep XLA's everywhere (cuDNN / TPU convs).
 TAP_GRAD_MIN_CHANNELS = 256
+
+# Whether `conv2d` applies its rewrites (trace-time switch; see
+# `xla_convolutions`, which benchmarks use to time the plain lowering).
+_REWRITES = [True]
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """Within this block, `conv2d` traces to the plain XLA convolution only.
+
+  For benchmarks that compare the two lowerings in one process
+  (`python -m cac_jax.bench.train_step --convs=xla`); functions must be
+  traced (jitted and first called) inside the block.
+  """
+  _REWRITES.append(False)
+  try:
+    yield
+  finally:
+    _REWRITES.pop()
 
 
 def _lax_conv(x, kernel, strides, dilation, padding, groups=1):
@@ -110,6 +130,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1,
     [B, H', W', C_out].
   """
   k = kernel.shape[0]
+  if not _REWRITES[-1]:
+    return _lax_conv(x, kernel, strides, dilation, torch_padding(k, dilation), groups)
   if strides == 1 and k > 1:
     centre = k // 2
     r_h = live_taps(k, dilation, x.shape[1])
@@ -144,6 +166,7 @@ def _conv_shifted_taps(x, kernel, dilation):
   """
   _, h, w, _ = x.shape
   k_h, k_w = kernel.shape[:2]
+  x = jax.lax.optimization_barrier(x)  # likewise, one copy for all taps
   y = None
   for i in range(k_h):
     dy = (i - k_h // 2) * dilation
@@ -183,7 +206,10 @@ def _conv_tap_grad_bwd(dilation, padding, residuals, g):
   (dx,) = x_vjp(g)
   k_h, k_w, c_in, c_out = kernel.shape
   out_h, out_w = g.shape[1:3]
-  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  # Materialised once, so that XLA does not fuse x's producer (the decoder's
+  # resize + concat) into each of the k*k window slices.
+  x_pad = jax.lax.optimization_barrier(
+      jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))))
   g_rows = g.reshape(-1, c_out)
   taps = []
   for i in range(k_h):
