@@ -146,3 +146,40 @@ def test_jaxpr_flop_count_by_hand():
   loop = jax.jit(lambda m: jax.lax.fori_loop(0, 5, lambda i, c: c @ m, m))
   assert flops.traced_flops(loop, jnp.ones((4, 4))) == {'flops': 5 * 2 * 4 * 4 * 4,
                                                         'while_loops': 0}
+
+
+def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):
+  """`python -m cac_jax.bench.conv` at a tiny crop: every layer shape, both
+  lowerings agree (forward and both gradients, float32) and the JSON is written."""
+  from cac_jax.bench import conv as conv_bench
+  out = tmp_path / 'conv.json'
+  assert conv_bench.main(['--crop=32', '--batch=1', '--repeats=1', f'--json={out}']) == 0
+  written = json.loads(out.read_text())
+  rows = written['rows']
+  assert written['matmul_gflops'] > 0
+  assert [r['layer'] for r in rows] == [s[0] for s in conv_bench.layer_shapes(32)]
+  for r in rows:
+    assert r['max_rel_err'] < 1e-5, r
+    assert r['xla_ms'] > 0 and r['conv2d_ms'] > 0
+  assert '| aspp 3x3 rate 18 | 2² | 2048→256 |' in capsys.readouterr().out
+
+
+def test_ablation_report_tables_and_paired_deltas(tmp_path):
+  """The ablation's Markdown: mean ± std per arm, and per-seed paired deltas."""
+  from cac_jax.bench import ablation
+  def arm(finals):
+    runs = [{'seed': i, 'final_miou': f, 'curve': [(40, f / 2), (80, f)],
+             'active_frac_12_last': None} for i, f in enumerate(finals)]
+    return {'mean': float(np.mean(finals)), 'std': float(np.std(finals, ddof=1)),
+            'runs': runs}
+  results = {'frac_1_16': {'supervised': arm([0.30, 0.20]), 'cac': arm([0.33, 0.21])}}
+  out = tmp_path / 'abl'
+  ablation.write_outputs(results, out, 'cmd', {'seeds': 2, 'steps': 80, 'unsup_start': 40})
+  md = out.with_suffix('.md').read_text()
+  assert '| supervised | 25.0 ± 7.1 |' in md
+  assert '| cac | 27.0 ± 8.5 |' in md
+  # Paired: +3.0 and +1.0 points -> +2.0 ± 1.4.
+  assert '| frac_1_16 | cac | 33.0, 21.0 | +2.0 ± 1.4 |' in md
+  assert '| frac_1_16 | supervised | 30.0, 20.0 | – |' in md
+  assert out.with_suffix('.png').stat().st_size > 0
+  assert json.loads(out.with_suffix('.json').read_text())['meta']['steps'] == 80

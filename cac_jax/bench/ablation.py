@@ -115,6 +115,21 @@ def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
     cells = [f'{100 * results[s][arm]["mean"]:.1f} ± {100 * results[s][arm]["std"]:.1f}'
              for s in settings]
     lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Per seed (final val mIoU %), and the paired difference to the '
+            'supervised run of the same seed (same labeled split, data stream '
+            'and initialisation), mean ± std over seeds:', '',
+            '| setting | arm | per seed | Δ vs supervised |', '|---|---|---|---|']
+  for setting in settings:
+    base = results[setting].get('supervised')
+    for arm in arms:
+      runs = results[setting][arm]['runs']
+      per_seed = ', '.join(f'{100 * r["final_miou"]:.1f}' for r in runs)
+      delta = '–'
+      if base is not None and arm != 'supervised':
+        d = 100 * np.array([r['final_miou'] - b['final_miou']
+                            for r, b in zip(runs, base['runs'])])
+        delta = f'{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.1f}'
+      lines.append(f'| {setting} | {arm} | {per_seed} | {delta} |')
   out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
 
   import matplotlib
