@@ -183,3 +183,15 @@ def test_ablation_report_tables_and_paired_deltas(tmp_path):
   assert '| frac_1_16 | supervised | 30.0, 20.0 | – |' in md
   assert out.with_suffix('.png').stat().st_size > 0
   assert json.loads(out.with_suffix('.json').read_text())['meta']['steps'] == 80
+
+
+def test_profile_step_names_the_slow_ops(capsys):
+  """`python -m cac_jax.bench.profile_step` on the tiny net: op kinds, and the
+  top ops traced back to the model layer that produced them."""
+  from cac_jax.bench import profile_step
+  assert profile_step.main(['--backbone=resnet_tiny', '--crop=64', '--labeled=2',
+                            '--steps=1', '--warmup=1', '--top=5']) == 0
+  out = capsys.readouterr().out
+  assert '| op kind | ms/step |' in out
+  rows = [l for l in out.splitlines() if l.startswith('| ') and 'DeepLabV3Plus' in l]
+  assert rows, out  # at least one top op is attributed to a layer
