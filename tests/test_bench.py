@@ -161,6 +161,7 @@ def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):
   for r in rows:
     assert r['max_rel_err'] < 1e-5, r
     assert r['xla_ms'] > 0 and r['conv2d_ms'] > 0
+    assert (r['tap_grad_ms'] is not None) == (r['kernel'] == 3 and r['dilation'] == 1)
   assert '| aspp 3x3 rate 18 | 2² | 2048→256 |' in capsys.readouterr().out
 
 

@@ -9,8 +9,9 @@ kernel gradients for wide layers). This times, for the distinct layer shapes
 of ResNet-50 DeepLabv3+ at output stride 16 and the given crop, one forward
 pass plus both gradients (input and kernel) of the plain
 `lax.conv_general_dilated` against `conv2d`, in `--dtype`, median of `--repeats`
-runs after a warm-up, and checks they agree. It is the measurement behind
-`layers.TAP_GRAD_MIN_CHANNELS` and the choice of rewrites.
+runs after a warm-up, and checks they agree. The last column forces the
+per-tap kernel gradient on every undilated 3x3 layer, narrow ones included:
+the measurement behind `layers.TAP_GRAD_MIN_CHANNELS`.
 """
 import argparse
 import json
@@ -77,12 +78,17 @@ def run(crop: int = 160, batch: int = 4, repeats: int = 5,
             for a, b in zip(xla(x, kernel, g), ours(x, kernel, g))]
     t_xla = _median_s(xla, x, kernel, g, repeats=repeats)
     t_ours = _median_s(ours, x, kernel, g, repeats=repeats)
+    t_tap = None  # the per-tap kernel gradient forced on every undilated 3x3
+    if k == 3 and dilation == 1:
+      tap = fwd_bwd(lambda x_, k_: layers._conv_tap_grad(x_, k_, 1, padding))  # pylint: disable=protected-access
+      t_tap = _median_s(tap, x, kernel, g, repeats=repeats)
     # Dense FLOPs of forward + 2 gradients, as if every tap were real.
     gflop = 3 * 2 * batch * size * size * k * k * c_in * c_out / 1e9
     rows.append(dict(layer=name, size=size, c_in=c_in, c_out=c_out, kernel=k,
                      dilation=dilation, batch=batch, crop=crop, dtype=dtype,
                      dense_gflop=gflop, xla_ms=1e3 * t_xla,
                      conv2d_ms=1e3 * t_ours, speedup=t_xla / t_ours,
+                     tap_grad_ms=None if t_tap is None else 1e3 * t_tap,
                      max_rel_err=max(errs)))
   return rows
 
@@ -107,12 +113,14 @@ def main(argv=None) -> int:
   reference = matmul_gflops(args.dtype, args.repeats)
   print(f'backend {jax.default_backend()}, crop {args.crop}, batch {args.batch}, '
         f'{args.dtype}, forward + input and kernel gradients, median of {args.repeats}')
-  print('| layer | map | C_in→C_out | XLA ms | conv2d ms | speed-up | max rel err |')
-  print('|---|---:|---|---:|---:|---:|---:|')
+  print('| layer | map | C_in→C_out | XLA ms | conv2d ms | speed-up | max rel err '
+        '| per-tap kernel grad ms |')
+  print('|---|---:|---|---:|---:|---:|---:|---:|')
   for r in rows:
+    tap = '–' if r['tap_grad_ms'] is None else f"{r['tap_grad_ms']:.1f}"
     print(f"| {r['layer']} | {r['size']}² | {r['c_in']}→{r['c_out']} | "
           f"{r['xla_ms']:.1f} | {r['conv2d_ms']:.1f} | {r['speedup']:.2f}× | "
-          f"{r['max_rel_err']:.1e} |")
+          f"{r['max_rel_err']:.1e} | {tap} |")
   print(f'matmul reference, 6400x1024 . 1024x1024 {args.dtype}: {reference:.0f} GFLOP/s')
   if args.json:
     with open(args.json, 'w') as f:

@@ -47,13 +47,12 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple:
   return ((pad, pad), (pad, pad))
 
 
-# Input channels from which, on a CPU backend, a stride-1 k x k convolution
-# takes its kernel gradient as k*k matrix products (`_conv_tap_grad`) instead
-# of XLA:CPU's convolution-shaped weight gradient. Measured with
-# `python -m cac_jax.bench.conv` (kernel gradient alone, 2-core dev machine):
-# 304->256 at 40x40: 50 -> 157 GFLOP/s; 256->256 at 40x40: 50 -> 137; but
-# 64->64 at 40x40: 125 -> 83 and 128->128 at 20x20: 155 -> 140, so narrow
-# layers keep XLA's. Accelerators keep XLA's everywhere (cuDNN / TPU convs).
+# Input channels from which, on a CPU backend, a stride-1 undilated k x k
+# convolution takes its kernel gradient as k*k matrix products
+# (`_conv_tap_grad`) instead of XLA:CPU's convolution-shaped one. Chosen from
+# `python -m cac_jax.bench.conv` (last column, docs/cpu_conv_160.json): it
+# halves the decoder's 304->256 layer at 40x40 and does not help the 64- and
+# 128-channel ones. Accelerators keep XLA's everywhere (cuDNN / TPU convs).
 TAP_GRAD_MIN_CHANNELS = 256
 
 # Whether `conv2d` applies its rewrites (trace-time switch; see
@@ -166,7 +165,8 @@ def _conv_shifted_taps(x, kernel, dilation):
   """
   _, h, w, _ = x.shape
   k_h, k_w = kernel.shape[:2]
-  x = jax.lax.optimization_barrier(x)  # likewise, one copy for all taps
+  # Materialise x once rather than fusing its producer into every tap's slice.
+  x = jax.lax.optimization_barrier(x)
   y = None
   for i in range(k_h):
     dy = (i - k_h // 2) * dilation
