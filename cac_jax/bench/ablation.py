@@ -1,8 +1,7 @@
 """Does CAC beat supervised training here, and does each of its parts matter?
 
-  python -m cac_jax.bench.ablation --out=docs/ablation_frac_1_16 --settings=frac_1_16
-  python -m cac_jax.bench.ablation --out=docs/ablation_context_biased \
-      --settings=context_biased --arms=supervised,cac
+  python -m cac_jax.bench.ablation --out=docs/ablation --settings=frac_1_16,context_biased
+  python -m cac_jax.bench.ablation --out=docs/ablation --summary_only   # report only
 
 Trains every arm x seed x setting with `python -m cac_jax.main` (one process
 per run, `--parallel` at a time) on the embedded texture dataset, from the
@@ -82,7 +81,7 @@ def read_curve(workdir: pathlib.Path, tag: str):
   return sorted(points.items())
 
 
-def summarise(root: pathlib.Path, settings, arms, seeds):
+def summarise(root: pathlib.Path, settings, arms, seeds, steps: int):
   results = {}
   for setting in settings:
     for arm in arms:
@@ -91,13 +90,16 @@ def summarise(root: pathlib.Path, settings, arms, seeds):
         wd = root / setting / arm / f'seed{seed}'
         curve = read_curve(wd, 'val/miou')
         active = read_curve(wd, 'train/active_frac_12')
-        runs.append({'seed': seed, 'curve': curve,
-                     'final_miou': curve[-1][1] if curve else float('nan'),
-                     'active_frac_12_last': active[-1][1] if active else None})
+        uptime = read_curve(wd, 'uptime')  # seconds since the (last) start
+        if (wd / 'checkpoints' / str(steps)).is_dir():  # finished runs only
+          runs.append({'seed': seed, 'curve': curve, 'final_miou': curve[-1][1],
+                       'active_frac_12_last': active[-1][1] if active else None,
+                       'uptime_s': uptime[-1][1] if uptime else None})
       finals = np.array([r['final_miou'] for r in runs])
       results.setdefault(setting, {})[arm] = {
-          'mean': float(np.mean(finals)), 'std': float(np.std(finals, ddof=1))
-          if len(finals) > 1 else 0.0, 'runs': runs}
+          'mean': float(np.mean(finals)) if runs else None,
+          'std': float(np.std(finals, ddof=1)) if len(runs) > 1 else 0.0,
+          'runs': runs}
   return results
 
 
@@ -111,25 +113,38 @@ def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
            f'({meta["seeds"]} seeds, {meta["steps"]} steps, DC loss from step '
            f'{meta["unsup_start"]}).', '',
            '| arm | ' + ' | '.join(settings) + ' |', '|---|' + '---|' * len(settings)]
+  def cell(r):
+    if not r['runs']:
+      return 'not run'
+    n = '' if len(r['runs']) == meta['seeds'] else f' ({len(r["runs"])} of {meta["seeds"]} seeds)'
+    return f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}{n}'
   for arm in arms:
-    cells = [f'{100 * results[s][arm]["mean"]:.1f} ± {100 * results[s][arm]["std"]:.1f}'
-             for s in settings]
-    lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {arm} | ' + ' | '.join(cell(results[s][arm]) for s in settings) + ' |')
   lines += ['', 'Per seed (final val mIoU %), and the paired difference to the '
             'supervised run of the same seed (same labeled split, data stream '
             'and initialisation), mean ± std over seeds:', '',
             '| setting | arm | per seed | Δ vs supervised |', '|---|---|---|---|']
   for setting in settings:
     base = results[setting].get('supervised')
+    base_by_seed = {r['seed']: r['final_miou'] for r in base['runs']} if base else {}
     for arm in arms:
       runs = results[setting][arm]['runs']
+      if not runs:
+        continue
       per_seed = ', '.join(f'{100 * r["final_miou"]:.1f}' for r in runs)
       delta = '–'
-      if base is not None and arm != 'supervised':
-        d = 100 * np.array([r['final_miou'] - b['final_miou']
-                            for r, b in zip(runs, base['runs'])])
+      d = 100 * np.array([r['final_miou'] - base_by_seed[r['seed']]
+                          for r in runs if r['seed'] in base_by_seed])
+      if arm != 'supervised' and len(d):
         delta = f'{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.1f}'
       lines.append(f'| {setting} | {arm} | {per_seed} | {delta} |')
+  uptimes = [r['uptime_s'] for s in settings for a in arms
+             for r in results[s][a]['runs'] if r.get('uptime_s')]
+  if uptimes:
+    lines += ['', f'Training time of the {len(uptimes)} runs (each run\'s last '
+              f'logged `uptime`): {sum(uptimes) / 60:.0f} min in total, '
+              f'{min(uptimes) / 60:.1f}–{max(uptimes) / 60:.1f} min per run, with '
+              f'{meta.get("parallel", 1)} runs at a time on this machine.']
   out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
 
   import matplotlib
@@ -138,7 +153,9 @@ def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
   fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
   for ax, setting in zip(axes[0], settings):
     for arm in arms:
-      curves = [r['curve'] for r in results[setting][arm]['runs'] if r['curve']]
+      curves = [r['curve'] for r in results[setting][arm]['runs']]
+      if not curves:
+        continue
       steps = [s for s, _ in curves[0]]
       values = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
       mean = 100 * values.mean(0)
@@ -165,6 +182,9 @@ def main():
   parser.add_argument('--settings', default=','.join(SETTINGS))
   parser.add_argument('--parallel', type=int, default=2)
   parser.add_argument('--extra', default='', help='more flags for every run, space-separated')
+  parser.add_argument('--summary_only', action='store_true',
+                      help='train nothing: write the report from the finished runs '
+                           '(arms or seeds without one show as "not run" / fewer seeds)')
   args = parser.parse_args()
   arms, settings = args.arms.split(','), args.settings.split(',')
   seeds = list(range(args.seeds))
@@ -178,14 +198,16 @@ def main():
                  + args.extra.split())
         jobs.append((root / setting / arm / f'seed{seed}', flags))
   t0 = time.time()
+  if args.summary_only:
+    jobs = []
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     futures = {pool.submit(run_one, wd, flags, args.steps): wd for wd, flags in jobs}
     for fut in concurrent.futures.as_completed(futures):
       print(f'{futures[fut].relative_to(root)}: {fut.result():.0f} s', flush=True)
   wall = time.time() - t0
-  results = summarise(root, settings, arms, seeds)
+  results = summarise(root, settings, arms, seeds, args.steps)
   meta = {'seeds': args.seeds, 'steps': args.steps, 'unsup_start': args.unsup_start,
-          'wall_time_s': wall, 'parallel': args.parallel, 'extra': args.extra}
+          'wall_time_s': None if args.summary_only else wall, 'parallel': args.parallel, 'extra': args.extra}
   command = 'python -m cac_jax.bench.ablation ' + ' '.join(sys.argv[1:])
   write_outputs(results, REPO / args.out, command, meta)
   print((REPO / args.out).with_suffix('.md').read_text())
