@@ -18,7 +18,6 @@ zeros inserted between input pixels, as XLA's own count does.
 """
 from typing import Any
 
-import jax
 from jax.extend import core as jex_core
 import numpy as np
 
