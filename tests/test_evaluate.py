@@ -34,12 +34,17 @@ def test_scores_match_hand_computed_iou():
   np.testing.assert_allclose(s['pixel_acc'], 8 / 11)
 
 
-def test_flip_and_scales():
-  config = tiny_config()
-  model = build_model(config.model, num_classes=6)
-  x = jax.random.normal(jax.random.key(1), (2, 40, 48, 3))
+def _tiny_model(x):
+  """(model, variables) of the tiny DeepLabv3+ (6 classes), initialised on x."""
+  model = build_model(tiny_config().model, num_classes=6)
   variables = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)},
                          x, train=False)
+  return model, variables
+
+
+def test_flip_and_scales():
+  x = jax.random.normal(jax.random.key(1), (2, 40, 48, 3))
+  model, variables = _tiny_model(x)
   raw = model.apply(variables, x, train=False)['logits']
   # The default is the plain forward pass (the authors' protocol).
   np.testing.assert_array_equal(evaluate.predict_logits(model, variables, x), raw)
@@ -59,11 +64,8 @@ def test_flip_and_scales():
 
 
 def test_sliding_window_matches_a_python_loop():
-  config = tiny_config()
-  model = build_model(config.model, num_classes=6)
   x = jax.random.normal(jax.random.key(2), (1, 40, 56, 3))
-  variables = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)},
-                         x, train=False)
+  model, variables = _tiny_model(x)
   got = np.asarray(evaluate.predict_logits(model, variables, x, window=32))
   # Reference: windows at rows {0, 8} and cols {0, 16, 24} (stride 16 -> 2/3 of
   # 32 rounded to 8; last window flush with the border), softmax averaged.

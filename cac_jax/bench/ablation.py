@@ -67,18 +67,21 @@ def run_one(workdir: pathlib.Path, flags: list[str], steps: int) -> float:
   return time.time() - t0
 
 
-def read_curve(workdir: pathlib.Path, tag: str):
-  """[(step, value)] of a TensorBoard scalar (clu writes tensor summaries)."""
+def read_curves(workdir: pathlib.Path) -> dict:
+  """{tag: [(step, value)]} of every scalar TensorBoard tag of a run (clu
+  writes tensor summaries; image summaries are skipped)."""
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
   points = {}
   for path in sorted(workdir.glob('events.out.tfevents.*')):
     acc = event_accumulator.EventAccumulator(str(path), size_guidance={'tensors': 0})
     acc.Reload()
-    if tag in acc.Tags()['tensors']:
+    for tag in acc.Tags()['tensors']:
       for ev in acc.Tensors(tag):
-        points[ev.step] = float(np.ravel(tensor_util.make_ndarray(ev.tensor_proto))[0])
-  return sorted(points.items())
+        value = tensor_util.make_ndarray(ev.tensor_proto)
+        if value.dtype != object:
+          points.setdefault(tag, {})[ev.step] = float(np.ravel(value)[0])
+  return {tag: sorted(by_step.items()) for tag, by_step in points.items()}
 
 
 def summarise(root: pathlib.Path, settings, arms, seeds, steps: int):
@@ -88,10 +91,11 @@ def summarise(root: pathlib.Path, settings, arms, seeds, steps: int):
       runs = []
       for seed in seeds:
         wd = root / setting / arm / f'seed{seed}'
-        curve = read_curve(wd, 'val/miou')
-        active = read_curve(wd, 'train/active_frac_12')
-        uptime = read_curve(wd, 'uptime')  # seconds since the (last) start
         if (wd / 'checkpoints' / str(steps)).is_dir():  # finished runs only
+          curves = read_curves(wd)  # each run's event files read once
+          curve = curves.get('val/miou', [])
+          active = curves.get('train/active_frac_12')
+          uptime = curves.get('uptime')  # seconds since the (last) start
           runs.append({'seed': seed, 'curve': curve, 'final_miou': curve[-1][1],
                        'active_frac_12_last': active[-1][1] if active else None,
                        'uptime_s': uptime[-1][1] if uptime else None})
