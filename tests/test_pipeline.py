@@ -182,41 +182,65 @@ def test_bad_batch_split_raises(config):
     pipeline.train_iterator(config, process_index=0, process_count=1)
 
 
-def _eval_reference(src, index, canvas):
+def _eval_reference(src, index):
+  """The authors' protocol in float64: normalise, reflect-pad bottom/right to 8."""
   image = np.asarray(Image.open(io.BytesIO(src.images[index])), np.float64)
   label = np.asarray(Image.open(io.BytesIO(src.labels[index])), np.int64)
   h, w = label.shape
   image = np.pad((image - MEAN) / STD,
                  ((0, -h % 8), (0, -w % 8), (0, 0)), mode='reflect')
-  image = np.pad(image, ((0, canvas[0] - image.shape[0]),
-                         (0, canvas[1] - image.shape[1]), (0, 0)))
-  label = np.pad(label, ((0, canvas[0] - h), (0, canvas[1] - w)),
-                 constant_values=255)
+  label = np.pad(label, ((0, -h % 8), (0, -w % 8)), constant_values=255)
   return image, label
 
 
-@pytest.mark.parametrize('process_count', [1, 2])
-def test_eval_covers_every_image_once(config, fake_sources, process_count):
-  src = fake_sources['val']  # 11 images, global batch 4 -> 3 batches
-  canvas = (40, 48)  # max (35, 41) rounded up to 8
-  assert pipeline.eval_num_batches(config) == 3
+@pytest.mark.parametrize('process_count,multiple', [(1, 1), (1, 2), (2, 2), (2, 4)])
+def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, process_count,
+                                                      multiple):
+  """11 images of 3 sizes, global batch 4: each batch holds one padded size.
+
+  Sizes cycle (20, 30), (35, 26), (17, 41) -> padded (24, 32), (40, 32), (24, 48):
+  groups of 4, 4 and 3 images, so batches 4, 4, 3 rounded up to `multiple`.
+  """
+  src = fake_sources['val']
+  want_batches = 3
+  assert pipeline.eval_num_batches(config, process_count=process_count,
+                                   multiple=multiple) == want_batches
   seen = []
   for p in range(process_count):
     batches = list(pipeline.eval_iterator(config, process_index=p,
-                                          process_count=process_count))
-    assert len(batches) == 3
-    for k, batch in enumerate(batches):
-      b = 4 // process_count
-      assert batch['image'].shape == (b,) + canvas + (3,)
+                                          process_count=process_count, multiple=multiple))
+    assert len(batches) == want_batches  # the same on every host
+    for batch in batches:
       assert batch['label'].dtype == np.int32 and batch['valid'].dtype == np.bool_
-      for i in range(b):
-        g = k * 4 + p * b + i
-        assert batch['valid'][i] == (g < 11)
-        if g >= 11:
-          assert (batch['label'][i] == 255).all()
-          continue
+      shape = batch['image'].shape[1:3]
+      for i in np.flatnonzero(~batch['valid']):
+        assert (batch['label'][i] == 255).all() and (batch['image'][i] == 0).all()
+      for i in np.flatnonzero(batch['valid']):
+        # Which image: the one whose reference matches (ids are not carried).
+        matches = [g for g in range(11) if _eval_reference(src, g)[0].shape[:2] == shape
+                   and np.array_equal(_eval_reference(src, g)[1], batch['label'][i])]
+        assert len(matches) == 1
+        g = matches[0]
         seen.append(g)
-        image, label = _eval_reference(src, g, canvas)
+        image, _ = _eval_reference(src, g)
+        # float32 normalisation of 8-bit values (|x| < 3) against float64:
+        # a few ulps of 3, i.e. ~1e-6; 1e-5 leaves 10x room and is far below
+        # one grey level (1/255/0.225 ~ 0.017).
         np.testing.assert_allclose(batch['image'][i], image, atol=1e-5)
-        np.testing.assert_array_equal(batch['label'][i], label)
   assert sorted(seen) == list(range(11))
+
+
+def test_eval_plan_groups_by_padded_size_and_pads_to_the_device_multiple():
+  class FakeSource:  # eval_plan reads the sizes only
+    pass
+  sizes = ((20, 30), (500, 375), (17, 31), (24, 32), (500, 375), (3000, 2000))
+  src = FakeSource()
+  pipeline.eval_sizes.cache_clear()
+  original = pipeline.eval_sizes
+  try:
+    pipeline.eval_sizes = lambda s: sizes
+    plan = pipeline.eval_plan(src, 8, 2)
+  finally:
+    pipeline.eval_sizes = original
+  # (24, 32) holds images 0, 2, 3; (504, 376) holds 1, 4; the large one alone.
+  assert plan == [[0, 2, 3, -1], [1, 4], [5, -1]]

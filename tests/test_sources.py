@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cac_jax.data import sources, voc
+from cac_jax.data import masks, sources, voc
 from configs import default
 
 
@@ -96,7 +96,7 @@ def test_decode_label_gray_palette_and_bit_depths():
 
 def test_decode_label_rejects_rgb_masks():
   rgb = np.zeros((4, 4, 3), np.uint8)
-  with pytest.raises(tf.errors.InvalidArgumentError, match='RGB'):
+  with pytest.raises(masks.MaskError, match='RGB'):
     sources.decode_label(_png_bytes(rgb), False)
 
 

@@ -3,7 +3,7 @@
 Layout under `data.root`:
 
   images/<id>.jpg | .jpeg | .png   every image (labeled, unlabeled, val)
-  masks/<id>.png                   labeled and val images only: gray PNG of
+  masks/<id>.png (or .PNG)         labeled and val images only: gray PNG of
                                    class ids, or a palette PNG whose palette
                                    index is the class id; 255 = ignore
   splits/labeled.txt               ids, one per line
@@ -39,6 +39,16 @@ def list_images(root: str) -> dict[str, str]:
     raise sources.DataError([f'two images share the id {c}; rename or remove one'
                              for c in clashes])
   return images
+
+
+def list_masks(root: str) -> dict[str, str]:
+  """id -> path of every file in root/masks whose extension is .png in any case."""
+  folder = os.path.join(root, 'masks')
+  if not os.path.isdir(folder):
+    return {}
+  return {os.path.splitext(name)[0]: os.path.join(folder, name)
+          for name in sorted(os.listdir(folder))
+          if os.path.splitext(name)[1].lower() == '.png'}
 
 
 def _ids_of(root, split, data_config):
@@ -93,8 +103,9 @@ def get_source(data_config, split: str) -> sources.Source:
     raise sources.DataError(f'the {split} split names {len(missing)} id(s) with no image '
                             f'in {os.path.join(root, "images")}, e.g. {missing[:5]}; add '
                             'the images or remove the ids')
+  found_masks = {} if split == 'unlabeled' else list_masks(root)
   return sources.Source(
       ids=tuple(ids), images=tuple(images[i] for i in ids),
       labels=None if split == 'unlabeled' else tuple(
-          os.path.join(root, 'masks', f'{i}.png') for i in ids),
+          found_masks.get(i, os.path.join(root, 'masks', f'{i}.png')) for i in ids),
       from_files=True, num_classes=k, class_names=names, palette=voc.voc_palette(k))

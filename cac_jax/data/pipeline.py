@@ -16,17 +16,17 @@ communication yet together produce exactly the single-host global batch. Each
 step is freshly augmented; nothing is cached or replayed (CAC_SPEC.md
 section 7, first flaw of the original).
 
-Evaluation (`eval_iterator`): the full validation images, each reflect-padded
-bottom/right to a multiple of 8 (as the authors' evaluation) and then padded
-to one common canvas (largest val image, rounded up to 8) with the mean colour
-(0 after normalisation) so that batches have a static shape; labels are 255
-outside the original image. The list is padded with invalid entries to a
-multiple of the global eval batch, so every image counts exactly once across
-hosts and every host runs the same number of batches.
+Evaluation (`eval_iterator`): the full validation images, each at its own
+size, reflect-padded bottom/right to a multiple of 8 (as the authors'
+evaluation); labels are 255 in the padding. Batches group images of one padded
+size and are padded with invalid entries to a multiple of the device count,
+so every image counts exactly once across hosts and every host runs the same
+batches.
 """
 import functools
 import io
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -103,6 +103,15 @@ def _step_slots(start_step: int, per_host: int, process_index: int):
   return counter.map(lambda e: (e // per_host, offset + e % per_host))
 
 
+def _names(source, field: str) -> tf.Tensor:
+  """Per example, what error messages call its image or mask: the path, or the id."""
+  refs = getattr(source, field)
+  if source.from_files:
+    return tf.constant(list(refs), tf.string)
+  what = 'mask' if field == 'labels' else 'image'
+  return tf.constant([f'{what} of id {i}' for i in source.ids], tf.string)
+
+
 def _finish(ds: tf.data.Dataset, per_host: int) -> tf.data.Dataset:
   return ds.batch(per_host, drop_remainder=True)
 
@@ -122,14 +131,16 @@ def labeled_dataset(config, source, *, start_step: int, process_index: int,
   # Validated eagerly here, so a bad config fails before tf.data tracing.
   augment.check_scale_range(tuple(data.labeled_scale_range), data.base_size)
 
+  names = _names(source, 'labels')
+
   def load(step, slot):
     idx = example_index(seed, LABELED_ORDER, step, slot, global_batch, n)
     image = sources.decode_image(tf.gather(images, idx), source.from_files)
+    # Checked while decoding (values in [0, K) or 255, size = image size),
+    # with the file named: a bad mask never reaches the loss as NaN.
     label = sources.decode_label(tf.gather(labels, idx), source.from_files,
-                                 source.label_map)
-    tf.debugging.assert_equal(
-        tf.shape(image)[:2], tf.shape(label),
-        message='image and label mask sizes differ; fix the dataset files')
+                                 source.label_map, num_classes=source.num_classes,
+                                 name=tf.gather(names, idx), image_shape=tf.shape(image))
     return augment.labeled_example(
         image, label, example_seed(seed, LABELED_AUG, step, slot),
         crop_size=data.crop_size, base_size=data.base_size,
@@ -207,10 +218,74 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
                    'flip1', 'flip2': bool [b_u]}}
     with b = global batch // process_count; no 'unlabeled' key when
     config.cac.supervised_only.
+
+  Raises:
+    sources.DataError: a file of the stream cannot be read or is invalid; the
+      message names it (the step's files are checked to find it).
   """
-  return train_dataset(config, start_step=start_step,
-                       process_index=process_index,
-                       process_count=process_count).as_numpy_iterator()
+  process_index, process_count = _resolve_process(process_index, process_count)
+  batches = train_dataset(config, start_step=start_step, process_index=process_index,
+                          process_count=process_count).as_numpy_iterator()
+
+  def step_sources(step):
+    """This host's examples of `step`, per split, as sub-Sources."""
+    out = []
+    streams = [('labeled', LABELED_ORDER, config.data.labeled_batch_size)]
+    if not config.cac.supervised_only:
+      streams.append(('unlabeled', UNLABELED_ORDER, config.data.unlabeled_batch_size))
+    for split, stream, global_batch in streams:
+      source = sources.get_source(config.data, split)
+      per_host = int(global_batch) // process_count
+      slots = range(process_index * per_host, (process_index + 1) * per_host)
+      index = [int(example_index(int(config.seed), stream, step, j, int(global_batch),
+                                 len(source))) for j in slots]
+      out.append(_subset(source, index))
+    return out
+
+  def named_errors():
+    step = start_step
+    while True:
+      try:
+        batch = next(batches)
+      except tf.errors.OpError as e:
+        raise _data_error(e, step_sources(step), f'step {step}') from None
+      yield batch
+      step += 1
+  return named_errors()
+
+
+def _subset(source, index) -> sources.Source:
+  return sources.Source(
+      ids=tuple(source.ids[i] for i in index), images=tuple(source.images[i] for i in index),
+      labels=None if source.labels is None else tuple(source.labels[i] for i in index),
+      from_files=source.from_files, num_classes=source.num_classes,
+      class_names=source.class_names, palette=source.palette, label_map=source.label_map)
+
+
+def _data_error(error, subsets, where: str) -> sources.DataError:
+  """A DataError naming the file behind a tf.data failure.
+
+  Masks are checked while decoding, so their messages already name the file
+  (`masks.MaskError`). Other failures (a truncated image, say) are located by
+  checking the files the failing batch reads with the data validator.
+  """
+  from cac_jax.data import validate  # PIL only; imported on failure
+  text = getattr(error, 'message', str(error))
+  found = re.search(r'MaskError: (.*)', text)
+  if found:
+    return sources.DataError(found.group(1).strip())
+  problems = []
+  for subset in subsets:
+    for p in validate.source_problems(subset, allow_empty=True):
+      if p not in problems:
+        problems.append(p)
+  if problems:
+    return sources.DataError(problems)
+  files = [r if s.from_files else f'id {i}' for s in subsets for i, r in zip(s.ids, s.images)]
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  return sources.DataError(
+      f'reading the data of {where} failed ({first}); it reads {", ".join(files[:16])}'
+      f'{" ..." if len(files) > 16 else ""}. Run with --validate_only to check every file')
 
 
 # ----------------------------------------------------------------------------
@@ -245,59 +320,101 @@ def _round_up(x, multiple):
 
 
 @functools.lru_cache(maxsize=8)
-def eval_canvas_size(source) -> tuple[int, int]:
-  """Common eval canvas (H, W): the largest val size, rounded up to 8.
+def eval_sizes(source) -> tuple[tuple[int, int], ...]:
+  """(height, width) of every val image, from the headers.
 
   Memoised per Source (immutable, and get_source returns the same object for
   the same config): training evaluates many times and would otherwise re-read
   every val image's header at each evaluation.
   """
-  sizes = np.array([_image_size(r, source.from_files) for r in source.images])
-  return (int(_round_up(sizes[:, 0].max(), EVAL_MULTIPLE)),
-          int(_round_up(sizes[:, 1].max(), EVAL_MULTIPLE)))
+  try:
+    return tuple(_image_size(r, source.from_files) for r in source.images)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise sources.DataError(f'a val image cannot be read ({type(e).__name__}: {e}); run '
+                            'with --validate_only to find every bad file') from None
 
 
-def eval_num_batches(config) -> int:
+def eval_plan(source, global_batch: int, multiple: int) -> list[list[int]]:
+  """The global eval batches: lists of val indices, -1 for a padding entry.
+
+  Images are grouped by their size rounded up to 8 (the shape the network
+  sees), in order of first appearance, so every batch has one shape and no
+  image is padded beyond its own multiple of 8. Each group is cut into
+  batches of `global_batch`; the group's last batch is padded with -1 to a
+  multiple of `multiple` (the device count), not to a full batch, so a lone
+  large image costs one forward pass per device, not `global_batch`.
+  """
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, (h, w) in enumerate(eval_sizes(source)):
+    groups.setdefault((_round_up(h, EVAL_MULTIPLE), _round_up(w, EVAL_MULTIPLE)), []).append(i)
+  plan = []
+  for members in groups.values():
+    for start in range(0, len(members), global_batch):
+      batch = members[start:start + global_batch]
+      plan.append(batch + [-1] * (_round_up(len(batch), multiple) - len(batch)))
+  return plan
+
+
+def _eval_multiple(process_count: int, multiple) -> int:
+  if multiple is None:
+    import jax  # Only here: the pipeline itself does not need JAX.
+    multiple = jax.device_count()
+  return math.lcm(int(multiple), process_count)
+
+
+def eval_num_batches(config, *, process_count=None, multiple=None) -> int:
   """Batches per host of `eval_iterator` (the same on every host)."""
-  n = len(sources.get_source(config.data, 'val'))
-  return math.ceil(n / int(config.data.eval_batch_size))
+  _, process_count = _resolve_process(0 if process_count else None, process_count)
+  source = sources.get_source(config.data, 'val')
+  return len(eval_plan(source, int(config.data.eval_batch_size),
+                       _eval_multiple(process_count, multiple)))
 
 
-def eval_iterator(config, *, process_index=None, process_count=None):
+def eval_iterator(config, *, process_index=None, process_count=None, multiple=None):
   """Finite iterator of this host's evaluation batches.
 
+  Every val image is evaluated at its own size, as the authors' evaluation:
+  reflect-padded bottom/right to a multiple of 8, nothing more (labels are
+  255 in that padding). Batches hold images of one padded size (`eval_plan`),
+  so their shapes vary between batches; jit compiles once per shape.
+
   Yields `eval_num_batches(config)` batches of
-    {'image': float32 [b, H, W, 3] normalised, 'label': int32 [b, H, W]
-     (255 outside the image and in padding entries), 'valid': bool [b]},
-  with b = eval_batch_size // process_count and (H, W) the common canvas.
-  Global batch k holds val images [k*B, (k+1)*B); host p holds its slice
-  [k*B + p*b, k*B + (p+1)*b).
+    {'image': float32 [b, H, W, 3] normalised, 'label': int32 [b, H, W],
+     'valid': bool [b]} (padding entries: zeros, label 255, valid False),
+  where b is this host's share of the global batch: host p holds entries
+  [p*b, (p+1)*b). `multiple` (default: the device count) is what each
+  global batch size is a multiple of.
+
+  Raises:
+    sources.DataError: a val image or mask is unreadable or invalid (named).
   """
   process_index, process_count = _resolve_process(process_index, process_count)
   source = sources.get_source(config.data, 'val')
   if source.labels is None:
     raise ValueError('the val source has no labels; evaluation needs masks.')
   global_batch = int(config.data.eval_batch_size)
-  per_host = per_host_batch_size(global_batch, process_count, 'eval_batch_size')
+  per_host_batch_size(global_batch, process_count, 'eval_batch_size')
+  plan = eval_plan(source, global_batch, _eval_multiple(process_count, multiple))
+  # This host's entries, batch by batch.
+  mine = []
+  for batch in plan:
+    share = len(batch) // process_count
+    mine.append(batch[process_index * share:(process_index + 1) * share])
+  flat = [i for batch in mine for i in batch]
+  if not flat:
+    return
   images, labels = _refs(source.images, 'val'), _refs(source.labels, 'val')
-  n = len(source)
-  num_batches = math.ceil(n / global_batch)
-  canvas_h, canvas_w = eval_canvas_size(source)
+  names = _names(source, 'labels')
 
-  def load(e):
-    k, i = e // per_host, e % per_host
-    g = k * global_batch + process_index * per_host + i
-    valid = g < n
-    idx = tf.minimum(g, n - 1)
-    image = tf.cast(sources.decode_image(tf.gather(images, idx),
-                                         source.from_files), tf.float32)
-    label = tf.cast(sources.decode_label(tf.gather(labels, idx),
-                                         source.from_files, source.label_map),
-                    tf.int32)
+  def load(g):
+    idx = tf.maximum(g, 0)
+    image = tf.cast(sources.decode_image(tf.gather(images, idx), source.from_files),
+                    tf.float32)
+    label = tf.cast(sources.decode_label(
+        tf.gather(labels, idx), source.from_files, source.label_map,
+        num_classes=source.num_classes, name=tf.gather(names, idx),
+        image_shape=tf.shape(image)), tf.int32)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    tf.debugging.assert_equal(
-        tf.shape(label), tf.shape(image)[:2],
-        message='image and label mask sizes differ; fix the dataset files')
     tf.debugging.assert_greater_equal(
         tf.minimum(h, w), EVAL_MULTIPLE,
         message='val images must be at least 8 pixels on each side')
@@ -306,19 +423,29 @@ def eval_iterator(config, *, process_index=None, process_count=None):
     pad_w = _round_up(w, EVAL_MULTIPLE) - w
     image = tf.pad(augment.normalize(image), [[0, pad_h], [0, pad_w], [0, 0]],
                    mode='REFLECT')
-    # Then the common canvas: zeros = mean colour after normalisation.
-    image = tf.pad(image, [[0, canvas_h - h - pad_h], [0, canvas_w - w - pad_w],
-                           [0, 0]])
-    label = tf.pad(label, [[0, canvas_h - h], [0, canvas_w - w]],
-                   constant_values=augment.IGNORE_LABEL)
-    image = tf.where(valid, image, tf.zeros_like(image))
-    label = tf.where(valid, label, tf.fill(tf.shape(label),
-                                           augment.IGNORE_LABEL))
-    image.set_shape([canvas_h, canvas_w, 3])
-    label.set_shape([canvas_h, canvas_w])
-    return {'image': image, 'label': label, 'valid': valid}
+    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=augment.IGNORE_LABEL)
+    return {'image': image, 'label': label, 'index': g}
 
-  ds = tf.data.Dataset.range(num_batches * per_host)
+  # Padding entries decode image 0 (cheap, always valid); they are blanked below.
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(flat, tf.int64))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  examples = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  sizes = eval_sizes(source)
+  for global_ids, batch in zip(plan, mine):
+    got = []
+    for _ in batch:
+      try:
+        got.append(next(examples))
+      except tf.errors.OpError as e:
+        raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
+                          'the val set') from None
+    # Every entry of a global batch has the size of its first (real) image,
+    # also on a host whose share is padding only.
+    h8, w8 = (_round_up(v, EVAL_MULTIPLE) for v in sizes[global_ids[0]])
+    image = np.zeros((len(batch), h8, w8, 3), np.float32)
+    label = np.full((len(batch), h8, w8), augment.IGNORE_LABEL, np.int32)
+    for k, e in enumerate(got):
+      if e['index'] >= 0:
+        image[k], label[k] = e['image'], e['label']
+    yield {'image': image, 'label': label,
+           'valid': np.array([g >= 0 for g in batch], bool)}

@@ -22,9 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from cac_jax import config_lib
+from cac_jax.data import masks
 
 SPLITS = ('labeled', 'unlabeled', 'val')
-IGNORE_LABEL = 255
+IGNORE_LABEL = masks.IGNORE_LABEL
 
 
 class DataError(config_lib.ConfigError):
@@ -95,109 +96,62 @@ class Source:
 
 
 def decode_image(ref, from_files: bool) -> tf.Tensor:
-  """Decodes a PNG/JPEG (bytes or file path) to RGB.
+  """Decodes a PNG/JPEG/BMP/GIF/WebP (bytes or file path) to RGB.
 
-  Gray becomes RGB, alpha is dropped, 16-bit PNGs are scaled to 8 bits.
+  The one image decoder of training, evaluation and prediction. Gray becomes
+  RGB, alpha is dropped, 16-bit PNGs are scaled to 8 bits, and EXIF
+  orientation is ignored (pixels as stored, as PIL's `Image.open` gives them
+  to the authors' code). JPEGs use the accurate integer DCT, which gives
+  PIL's pixels exactly; TensorFlow's default (the fast DCT) differs from them
+  by up to ~13 grey levels.
 
   Returns:
     uint8 [H, W, 3].
   """
   data = tf.io.read_file(ref) if from_files else ref
-  image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+  image = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                 expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 
 
-def _png_palette(data: tf.Tensor) -> tf.Tensor:
-  """Reads the PLTE chunk of a PNG: uint8 [P, 3] palette colours.
-
-  PNG chunks are (length: 4 bytes big-endian, type: 4, data, crc: 4) after the
-  8-byte signature; PLTE may follow optional chunks (gAMA, sRGB, ...), so we
-  walk the chunk list instead of assuming an offset.
-  """
-  size = tf.strings.length(data)
-
-  def chunk_length(pos):
-    return tf.io.decode_raw(tf.strings.substr(data, pos, 4), tf.int32,
-                            little_endian=False)[0]
-
-  def cond(pos, found):
-    return tf.logical_and(tf.logical_not(found), pos + 8 <= size)
-
-  def body(pos, found):
-    is_plte = tf.equal(tf.strings.substr(data, pos + 4, 4), 'PLTE')
-    return tf.where(is_plte, pos, pos + 12 + chunk_length(pos)), is_plte
-
-  pos, found = tf.while_loop(cond, body, (tf.constant(8), tf.constant(False)))
-  with tf.control_dependencies([tf.debugging.Assert(found, ['palette PNG without PLTE chunk'])]):
-    plte = tf.strings.substr(data, pos + 8, chunk_length(pos))
-  return tf.reshape(tf.io.decode_raw(plte, tf.uint8), [-1, 3])
-
-
-def _rgb_to_palette_index(rgb: tf.Tensor, palette: tf.Tensor) -> tf.Tensor:
-  """Maps RGB pixels back to palette indices (first index with that colour).
-
-  TF's PNG decoder expands palette images to RGB; the palette index is the
-  class id, so we invert the palette. Colours used by two indices at once are
-  ambiguous; `validate_source` reports such masks.
-  """
-  def key(c):
-    c = tf.cast(c, tf.int32)
-    return c[..., 0] * 65536 + c[..., 1] * 256 + c[..., 2]
-
-  pal_keys = key(palette)
-  # A stable sort keeps the lowest index first among duplicate colours.
-  order = tf.argsort(pal_keys, stable=True)
-  sorted_keys = tf.gather(pal_keys, order)
-  pixel_keys = tf.reshape(key(rgb), [-1])
-  pos = tf.searchsorted(sorted_keys, pixel_keys, side='left')
-  pos = tf.minimum(pos, tf.size(sorted_keys) - 1)
-  index = tf.reshape(tf.gather(order, pos), tf.shape(rgb)[:2])
-  return tf.cast(index, tf.uint8)
-
-
-def decode_label(ref, from_files: bool, label_map=None) -> tf.Tensor:
-  """Decodes a class-id PNG mask (bytes or file path).
+def decode_label(ref, from_files: bool, label_map=None, *, num_classes=None,
+                 name=None, image_shape=None) -> tf.Tensor:
+  """Decodes a class-id PNG mask (bytes or file path) with `masks.read_mask`.
 
   Gray PNGs (1-16 bit; gray+alpha too) hold the class id as the value; palette
   PNGs hold it as the palette index (e.g. VOC's SegmentationClass). RGB masks
   are rejected: colours are not class ids. `label_map` (uint8 [256]) is then
-  applied to the raw values.
+  applied to the raw values. With `num_classes`, values outside [0, K) and 255
+  are an error; with `image_shape` ([H, W, ...] tensor), so is a size
+  mismatch. Errors (tf.errors.InvalidArgumentError inside tf.data) name
+  `name` (default: the path, or 'mask' for bytes).
 
   Returns:
     uint8 [H, W] class ids; 255 = ignore.
   """
   data = tf.io.read_file(ref) if from_files else ref
-  tf.debugging.assert_equal(tf.strings.substr(data, 1, 3), 'PNG',
-                            message='label masks must be PNG files')
-  header = tf.io.decode_raw(tf.strings.substr(data, 24, 2), tf.uint8)
-  bit_depth, color_type = tf.cast(header[0], tf.int32), tf.cast(header[1], tf.int32)
-  # PNG colour types: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
-  tf.debugging.assert_equal(
-      tf.reduce_any(tf.equal(color_type, [0, 3, 4])), True,
-      message='label mask is an RGB(A) PNG; store class ids as a single-channel '
-              'gray or palette PNG')
+  if name is None:
+    name = ref if from_files else tf.constant('mask')
+  table = None if label_map is None else np.asarray(label_map, np.uint8)
+  shape = tf.constant([-1, -1], tf.int32) if image_shape is None else tf.cast(
+      image_shape[:2], tf.int32)
 
-  def palette_branch():
-    rgb = tf.io.decode_png(data, channels=3)
-    return _rgb_to_palette_index(rgb, _png_palette(data))
+  def read(data, name, shape):
+    # Scalars arrive as bytes (tf.data) or 0-d arrays (eager). PNG files end
+    # with the IEND chunk's CRC, so NumPy's stripping of trailing NULs from
+    # bytes arrays cannot cut one.
+    data, name = (x.item() if isinstance(x, np.ndarray) else x for x in (data, name))
+    if isinstance(name, bytes):
+      name = name.decode('utf-8', 'replace')
+    return masks.read_mask(
+        data, str(name), label_map=table, num_classes=num_classes,
+        image_shape=None if shape[0] < 0 else tuple(int(v) for v in shape))
 
-  def gray16_branch():
-    gray = tf.io.decode_png(data, channels=1, dtype=tf.uint16)[..., 0]
-    # Values above 255 cannot be class ids here: they become ignore.
-    return tf.cast(tf.minimum(gray, IGNORE_LABEL), tf.uint8)
-
-  def gray8_branch():
-    gray = tf.io.decode_png(data, channels=1)[..., 0]
-    # libpng rescales 1/2/4-bit gray to 0..255 (1-bit 1 -> 255); undo it so the
-    # stored value is the class id.
-    scale = tf.cast(255 // (tf.bitwise.left_shift(1, tf.minimum(bit_depth, 8)) - 1), tf.uint8)
-    return gray // scale
-
-  label = tf.case([(tf.equal(color_type, 3), palette_branch),
-                   (tf.equal(bit_depth, 16), gray16_branch)], default=gray8_branch)
-  if label_map is not None:
-    label = tf.gather(tf.constant(np.asarray(label_map, np.uint8)), tf.cast(label, tf.int32))
+  label = tf.numpy_function(read, [data, name, shape], tf.uint8, stateful=False)
   label.set_shape([None, None])
   return label
 
@@ -207,20 +161,31 @@ def decode_label(ref, from_files: bool, label_map=None) -> tf.Tensor:
 # ----------------------------------------------------------------------------
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+def _default_id(field: str) -> str:
+  """A split-file field's id: its base name without an image extension."""
+  name = os.path.basename(field)
+  stem, ext = os.path.splitext(name)
+  return stem if ext.lower() in IMAGE_EXTENSIONS else name
+
+
 def read_split_file(path: str, id_from_path=None) -> list[str]:
   """Reads ids from a split file.
 
-  Accepts plain id lines (`2007_000032`) and the authors' format
-  (`<image path> <label path>`, e.g. `/JPEGImages/2007_000032.jpg
-  /SegmentationClassAug/2007_000032.png`); the id is derived from the image
-  path with `id_from_path` (default: file name without extension).
+  Accepts plain id lines (`2007_000032`, taken verbatim, dots included) and
+  the authors' format (`<image path> <label path>`, e.g.
+  `/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`); the id
+  is derived from the image path with `id_from_path` (default: the file name
+  without its image extension, `.jpg`, `.jpeg` or `.png` in any case).
 
   Raises:
     DataError: missing or empty file.
   """
   if not os.path.isfile(path):
     raise DataError(f'split file {path} does not exist; fix the path in the config')
-  id_from_path = id_from_path or (lambda p: os.path.splitext(os.path.basename(p))[0])
+  id_from_path = id_from_path or _default_id
   ids = []
   with open(path) as f:
     for line in f:

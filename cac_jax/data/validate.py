@@ -3,8 +3,8 @@
 `validate_source` opens every image and mask of a `Source` with PIL (fast, no
 TensorFlow graph) and reports, all together in one `DataError`: missing, empty,
 unreadable or truncated files, masks that are not single-channel/palette PNGs,
-image/mask size mismatches, mask values outside [0, K) and 255, palette masks
-whose colours do not identify their index, and duplicate ids.
+image/mask size mismatches, mask values outside [0, K) and 255 (read with the
+training pipeline's own mask decoder, `masks.read_mask`), and duplicate ids.
 `validate_dataset` also collects the structural problems `get_source` raises
 (missing manual directory, empty or wrong split files) and labeled/unlabeled
 overlap.
@@ -12,27 +12,32 @@ overlap.
 Run it from the command line:
   python -m cac_jax.data.validate --config=configs/default.py [--check_pixels=false]
 """
+import hashlib
 import io
+import json
 import os
 from collections import Counter
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
+from cac_jax.data import masks
 from cac_jax.data import sources
 from cac_jax.data.sources import DataError
 
 _IMAGE_FORMATS = ('PNG', 'JPEG', 'BMP', 'GIF')
 _MASK_MODES = ('L', 'P', '1', 'LA', 'PA', 'I', 'I;16', 'I;16B', 'I;16L')
-_MAX_REPORTED_VALUES = 8
 
 
 def _open(ref, from_files: bool, what: str, problems: list[str]):
   """Opens an image with PIL; on failure appends a problem and returns None."""
   name = ref if from_files else f'{what} (in-memory bytes)'
   if from_files:
+    if os.path.isdir(ref):
+      problems.append(f'{name} is a directory, not a file; replace it with the file or '
+                      'remove its id from the split')
+      return None
     if not os.path.isfile(ref):
       problems.append(f'{name} does not exist; add the file or remove its id from the split')
       return None
@@ -61,44 +66,6 @@ def _load(image, name: str, problems: list[str]) -> bool:
     return False
 
 
-def _mask_values(mask, name: str, problems: list[str]) -> np.ndarray | None:
-  """Class-id array of a mask, or None (with a problem) if it is ambiguous."""
-  if mask.mode in ('P', 'PA'):
-    index = np.asarray(mask.getchannel(0) if mask.mode == 'PA' else mask)
-    used = np.unique(index)
-    palette = np.asarray(mask.getpalette() or [], np.uint8).reshape(-1, 3)
-    first = {}
-    for j, colour in enumerate(map(tuple, palette)):
-      first.setdefault(colour, j)
-    # decode_label maps a colour to the LOWEST index that has it: any used
-    # index whose colour also sits at a lower index would decode wrongly.
-    wrong = [int(i) for i in used if i >= len(palette) or first[tuple(palette[i])] != i]
-    if wrong:
-      problems.append(f'{name} is a palette PNG whose indices {wrong[:_MAX_REPORTED_VALUES]} '
-                      'have no palette entry or repeat the colour of a lower index, so '
-                      'the class ids cannot be recovered from the decoded colours; save '
-                      'it as a gray (mode L) PNG of class ids')
-      return None
-    return index
-  values = np.asarray(mask.getchannel(0) if mask.mode == 'LA' else mask)
-  return values.astype(np.int64)
-
-
-def _check_values(values, source: sources.Source, name: str, problems: list[str]):
-  used = np.unique(values)
-  if used.max(initial=0) > 255:
-    problems.append(f'{name} holds values above 255 (e.g. {int(used.max())}); class ids '
-                    'must fit in 8 bits with 255 = ignore')
-    return
-  if source.label_map is not None:
-    used = np.unique(source.label_map[used])
-  bad = [int(v) for v in used if v >= source.num_classes and v != sources.IGNORE_LABEL]
-  if bad:
-    problems.append(f'{name} holds values {bad[:_MAX_REPORTED_VALUES]} outside '
-                    f'[0, {source.num_classes}) and 255 (ignore); fix the mask or '
-                    f'data.num_classes')
-
-
 def _check_example(source, index, check_pixels, problems):
   image_ref = source.images[index]
   image_name = image_ref if source.from_files else f'image of id {source.ids[index]}'
@@ -116,6 +83,10 @@ def _check_example(source, index, check_pixels, problems):
     return
   mask_ref = source.labels[index]
   mask_name = mask_ref if source.from_files else f'mask of id {source.ids[index]}'
+  if source.from_files and os.path.isdir(mask_ref):
+    problems.append(f'{mask_name} is a directory, not a mask file; replace it with the '
+                    'mask or move the id to the unlabeled split')
+    return
   if source.from_files and not os.path.isfile(mask_ref):
     problems.append(f'{image_name} has no mask: {mask_ref} does not exist; add the mask '
                     'or move the id to the unlabeled split')
@@ -136,10 +107,19 @@ def _check_example(source, index, check_pixels, problems):
       problems.append(f'{mask_name} is {mask.size[0]}x{mask.size[1]} but its image '
                       f'{image_name} is {image_size[0]}x{image_size[1]} (width x height); '
                       'masks must match their images')
-    if check_pixels and _load(mask, mask_name, problems):
-      values = _mask_values(mask, mask_name, problems)
-      if values is not None:
-        _check_values(values, source, mask_name, problems)
+      return
+  if check_pixels:
+    # The training pipeline's own decoder, so the check and training agree.
+    try:
+      if source.from_files:
+        with open(mask_ref, 'rb') as f:
+          data = f.read()
+      else:
+        data = mask_ref
+      masks.read_mask(data, mask_name, label_map=source.label_map,
+                      num_classes=source.num_classes)
+    except masks.MaskError as e:
+      problems.append(str(e))
 
 
 def source_problems(source: sources.Source, *, check_pixels: bool = True,
@@ -201,6 +181,71 @@ def validate_dataset(data_config, *, check_pixels: bool = True) -> dict[str, sou
 def validate_config_data(config, *, check_pixels: bool = True) -> dict[str, sources.Source]:
   """`validate_dataset(config.data)` for a whole experiment config."""
   return validate_dataset(config.data, check_pixels=check_pixels)
+
+
+CACHE_NAME = 'data_check.json'
+
+
+def fingerprint(built: dict, data_config) -> str:
+  """sha256 over every file's path, size and mtime (or the bytes of in-memory data).
+
+  Changes when a file is added, removed, replaced or touched, or when the
+  classes or the label map change; reading it costs one stat per file.
+  """
+  h = hashlib.sha256()
+  h.update(json.dumps([data_config.name, int(data_config.num_classes)]).encode())
+  for split in sorted(built):
+    source = built[split]
+    h.update(f'\0{split}\0{len(source)}'.encode())
+    if source.label_map is not None:
+      h.update(bytes(source.label_map))
+    for ref in source.images + (source.labels or ()):
+      if source.from_files:
+        try:
+          st = os.stat(ref)
+          h.update(f'{ref}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
+        except OSError:
+          h.update(f'{ref}\0missing\0'.encode())
+      else:
+        h.update(hashlib.sha1(ref).digest())
+  return h.hexdigest()
+
+
+def check_before_training(data_config, workdir: str, *, write_cache: bool = True) -> bool:
+  """`validate_dataset` unless `<workdir>/data_check.json` shows these files passed.
+
+  Returns:
+    True if the files were checked now, False if the cache showed them checked.
+
+  Raises:
+    DataError: every problem found, as `--validate_only` reports them.
+  """
+  from etils import epath
+  built = {split: sources.get_source(data_config, split) for split in sources.SPLITS} \
+      if _structure_ok(data_config) else None
+  cache = epath.Path(workdir) / CACHE_NAME
+  key = fingerprint(built, data_config) if built is not None else None
+  if key is not None and cache.exists():
+    try:
+      if json.loads(cache.read_text()).get('fingerprint') == key:
+        return False
+    except (OSError, ValueError):
+      pass
+  validate_dataset(data_config)
+  if write_cache and key is not None:
+    cache.write_text(json.dumps({'fingerprint': key, 'checked': sum(
+        len(s) for s in built.values())}))
+  return True
+
+
+def _structure_ok(data_config) -> bool:
+  """Whether every split can be listed (else validate_dataset reports why)."""
+  try:
+    for split in sources.SPLITS:
+      sources.get_source(data_config, split)
+  except DataError:
+    return False
+  return True
 
 
 def main(argv):
