@@ -6,8 +6,21 @@ middle of a write never leaves a checkpoint that a restore would pick up
 (leftover `*.orbax-checkpoint-tmp*` directories are deleted when the next
 run opens the manager). A write that fails (disk full, directory gone,
 permissions) raises `CheckpointWriteError`, which names the step, the
-directory and the latest checkpoint that is still complete.
+directory and the latest checkpoint that is still complete, and says whether
+the cause is the storage or the program.
+
+`restore_latest_intact` restores the newest checkpoint that reads back; a
+damaged newer one (truncated data file, missing metadata) is named in a
+warning and, in training, moved aside to `<workdir>/damaged_checkpoints/`.
 """
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from etils import epath
@@ -15,6 +28,30 @@ from etils import epath
 
 class CheckpointWriteError(RuntimeError):
   """Writing a checkpoint failed; the checkpoints written before are intact."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of the workdir could be read back; nothing was changed."""
+
+
+# Storage failures as orbax/TensorStore report them when they do not raise an
+# OSError (their C++ errors arrive as ValueError with the status text).
+_STORAGE_PHRASES = ('no space left', 'disk quota', 'permission denied', 'read-only file system',
+                    'not a directory', 'no such file or directory', 'resource_exhausted',
+                    'permission_denied', 'input/output error', 'unavailable')
+
+
+def is_storage_error(error: BaseException) -> bool:
+  """True if `error` (or an exception it was raised from) is a storage failure."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError):
+      return True
+    if any(p in str(error).lower() for p in _STORAGE_PHRASES):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def make_manager(workdir, keep: int) -> ocp.CheckpointManager:
@@ -54,10 +91,22 @@ def save(manager, step: int, state, config, metrics=None) -> None:
   except Exception as e:  # any storage error: ENOSPC, ENOTDIR, EACCES, GCS...
     kept = (f'the latest complete checkpoint (step {latest}) is intact'
             if latest is not None else 'no earlier checkpoint exists')
+    cause = ' '.join(f'{type(e).__name__}: {e}'.split())
+    if len(cause) > 300:
+      # TensorStore's messages are long; keep the start and the OS's reason.
+      reason = re.search(r'(no space left on device|disk quota exceeded|permission denied|'
+                         r'read-only file system|not a directory|input/output error)',
+                         cause, flags=re.I)
+      cause = cause[:200] + ' ... ' + (reason.group(1) if reason else cause[-80:])
+    if is_storage_error(e):
+      raise CheckpointWriteError(
+          f'could not write the checkpoint of step {step} to {manager.directory} '
+          f'({cause}); {kept}. Fix the checkpoint directory (free space, permissions, '
+          'mount) and rerun the same command to resume.') from e
     raise CheckpointWriteError(
-        f'could not write the checkpoint of step {step} to {manager.directory} '
-        f'({type(e).__name__}: {e}); {kept}. Fix the checkpoint directory (free '
-        'space, permissions, mount) and rerun the same command to resume.') from e
+        f'could not write the checkpoint of step {step} to {manager.directory}: an '
+        f'error in cac_jax or its configuration, not in the storage ({cause}); {kept}. '
+        'Please report it with this message.') from e
 
 
 def restore(manager, abstract_state, step=None):
@@ -66,6 +115,73 @@ def restore(manager, abstract_state, step=None):
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
   return restored['state']
+
+
+def _move_aside(manager, step: int, workdir) -> str:
+  """Moves checkpoint `step` to <workdir>/damaged_checkpoints/; returns the new path."""
+  source = os.path.join(str(manager.directory), str(step))
+  target_dir = os.path.join(str(workdir), 'damaged_checkpoints')
+  os.makedirs(target_dir, exist_ok=True)
+  target = os.path.join(target_dir, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+  shutil.move(source, target)
+  return target
+
+
+def restore_latest_intact(manager, abstract_state, *, workdir=None):
+  """Restores the newest checkpoint that reads back; returns (state, step).
+
+  Newer checkpoints that fail to restore are reported in a warning; with
+  `workdir` (training, the only writer) they are moved to
+  `<workdir>/damaged_checkpoints/` so that later saves and restores skip
+  them. Read-only callers (predict, evaluate) pass no workdir and move
+  nothing.
+
+  Raises:
+    CheckpointRestoreError: no checkpoint restores (e.g. the state's
+      structure changed); nothing is moved.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    try:
+      state = restore(manager, abstract_state, step)
+    except Exception as e:  # orbax/TensorStore raise many types for bad files
+      failures.append((step, ' '.join(f'{type(e).__name__}: {e}'.split())[:300]))
+      continue
+    for bad, why in failures:
+      where = ''
+      if workdir is not None and '://' not in str(workdir):
+        where = f'; moved to {_move_aside(manager, bad, workdir)}'
+      logging.warning('checkpoint %d is damaged and was skipped (%s)%s; using step %d',
+                      bad, why, where, step)
+      print(f'warning: checkpoint {bad} is damaged and was skipped ({why}){where}; '
+            f'using step {step}', file=sys.stderr)
+    if failures and workdir is not None:
+      manager.reload()
+    return state, step
+  first = failures[0] if failures else (None, 'no checkpoint')
+  raise CheckpointRestoreError(
+      f'no checkpoint in {manager.directory} could be restored (steps '
+      f'{[s for s, _ in failures]}; newest: {first[1]}). Nothing was changed; if the '
+      'files are damaged, move them away to start again')
+
+
+def saved_config(workdir) -> dict | None:
+  """The config of the newest checkpoint that has a readable one, else config.json.
+
+  Read as plain JSON (no orbax), so that it works before a manager exists and
+  on a damaged state.
+  """
+  directory = os.path.join(str(workdir), 'checkpoints')
+  steps = sorted((int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+                  if n.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      continue
+  return None
 
 
 def restore_config(manager, step=None) -> dict:

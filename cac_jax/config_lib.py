@@ -7,9 +7,10 @@ import os
 
 import ml_collections
 
+from cac_jax.paths import SPECIAL_INIT
+
 BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
 DATASETS = ('embedded', 'voc', 'cityscapes', 'folder')
-SPECIAL_INIT = ('', 'imagenet-if-present', 'imagenet')
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.iou_range = (0.1, 1.0)
   d.labeled_color_jitter = False  # the authors: VOC no, Cityscapes yes
   d.same_crop = False             # ablation: both views from one crop
+  # Before the first step, open every image and mask and check them (as
+  # --validate_only does); cached in <workdir>/data_check.json by file list,
+  # sizes and mtimes, so a rerun skips it. False skips the check.
+  d.validate = True
   d.embedded = ml_collections.ConfigDict()
   d.embedded.num_train = 256
   d.embedded.num_val = 64
@@ -125,8 +130,10 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if d.name not in DATASETS:
     problems.append(f'data.name={d.name!r} is not one of {DATASETS}')
   elif d.name != 'embedded' and not os.path.isdir(d.root):
+    where = ('"Your own data set"' if d.name == 'folder'
+             else '"Training on PASCAL VOC and Cityscapes"')
     problems.append(f'data.root={d.root!r} is not a directory; set --config.data.root '
-                    f'to the {d.name} directory (see README, "Training on your data")')
+                    f'to the {d.name} directory (see README.md, {where})')
   if d.num_classes < 2:
     problems.append(f'data.num_classes={d.num_classes} must be at least 2')
   if m.backbone not in BACKBONES:
@@ -141,6 +148,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if config.init_from == 'imagenet' and m.backbone != 'mobilenet_v2':
     problems.append("init_from='imagenet' is only available offline for mobilenet_v2; "
                     'for ResNets convert torchvision weights and pass their path')
+  problems += _range_problems(config)
   if not 0.0 <= u.pos_threshold < 1.0:
     problems.append(f'cac.pos_threshold={u.pos_threshold} must be in [0, 1)')
   if u.temperature <= 0:
@@ -165,6 +173,60 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'{name}={config[name]} must be positive')
   if problems:
     raise ConfigError('\n  '.join(['invalid config:'] + problems))
+
+
+def _pair(value):
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    return None
+  return lo, hi
+
+
+def _range_problems(config) -> list[str]:
+  """The numeric ranges the data pipeline and optimiser need."""
+  d, o, u = config.data, config.optim, config.cac
+  problems = []
+  if d.base_size <= 0:
+    problems.append(f'data.base_size={d.base_size} must be positive')
+  for name in ('labeled_scale_range', 'unlabeled_scale_range'):
+    pair = _pair(d[name])
+    if pair is None or not 0 < pair[0] <= pair[1]:
+      problems.append(f'data.{name}={tuple(d[name])} must be (lo, hi) with 0 < lo <= hi '
+                      '(the paper: (0.5, 2.0) labeled, (0.8, 2.0) unlabeled)')
+    elif d.base_size > 0 and int(pair[0] * d.base_size) < 1:
+      problems.append(f'data.{name}[0] * data.base_size = {pair[0] * d.base_size} gives a '
+                      'long side under 1 pixel; raise the scale or base_size')
+  pair = _pair(d.iou_range)
+  if pair is None or not 0.0 <= pair[0] <= pair[1] <= 1.0:
+    problems.append(f'data.iou_range={tuple(d.iou_range)} must be (lo, hi) with '
+                    '0 <= lo <= hi <= 1 (the paper: (0.1, 1.0))')
+  if not o.lr > 0:
+    problems.append(f'optim.lr={o.lr} must be positive (the paper: 0.01)')
+  if not o.backbone_lr_mult >= 0:
+    problems.append(f'optim.backbone_lr_mult={o.backbone_lr_mult} must be >= 0')
+  if not 0 <= o.momentum < 1:
+    problems.append(f'optim.momentum={o.momentum} must be in [0, 1)')
+  if not o.weight_decay >= 0:
+    problems.append(f'optim.weight_decay={o.weight_decay} must be >= 0')
+  if not o.poly_power >= 0:
+    problems.append(f'optim.poly_power={o.poly_power} must be >= 0')
+  if not u.weight >= 0:
+    problems.append(f'cac.weight={u.weight} must be >= 0 (0 runs the unlabeled passes '
+                    'without the DC gradient; the paper: 0.1)')
+  return problems
+
+
+def warnings_for(config) -> list[str]:
+  """Settings that are valid but probably not what was meant."""
+  out = []
+  u = config.cac
+  if not u.supervised_only and u.unsup_start_step >= config.total_steps:
+    out.append(f'cac.unsup_start_step={u.unsup_start_step} >= total_steps='
+               f'{config.total_steps}: the DC loss never starts and this run trains '
+               'supervised only; lower cac.unsup_start_step, or set '
+               'cac.supervised_only=True to say so')
+  return out
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:

@@ -1,9 +1,10 @@
 """Exact mIoU over the whole validation set, on all hosts.
 
-The eval pipeline pads every image to a common size (label 255 in the
-padding) and pads the image list with invalid entries so that every host runs
-the same number of batches; invalid entries and ignore pixels add nothing to
-the confusion matrix, so each val pixel is counted exactly once.
+The eval pipeline gives every image at its own size (reflect-padded to a
+multiple of 8, label 255 in the padding), batched with images of the same
+padded size, and pads batches with invalid entries so that every host runs
+the same batches; invalid entries and ignore pixels add nothing to the
+confusion matrix, so each val pixel is counted exactly once.
 """
 import jax
 import jax.numpy as jnp
@@ -173,11 +174,13 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
   Returns:
     (scores, class_names, step, config): `scores` as `scores()` returns.
   """
-  from cac_jax import config_lib, restore
+  from cac_jax import config_lib, paths, restore
   from cac_jax.data import pipeline, sources  # TF only in the CLI path
 
-  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  config, model, variables, step = restore.load_run(paths.resolve(workdir), step=step,
+                                                    which=which)
   apply_overrides(config, overrides or {})
+  config.data.root = paths.resolve(config.data.root)
   mesh = restore.mesh_of(variables)
   batch = int(config.data.eval_batch_size)
   if batch <= 0 or batch % mesh.devices.size or batch % jax.process_count():
@@ -228,7 +231,9 @@ def main(argv):
   from cac_jax import config_lib
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from cac_jax import checkpoint as ckpt_lib, cli
   f = flags.FLAGS
+  cli.quiet_library_noise()
   if not f['verbosity'].present:
     # Orbax logs every file it touches at INFO; the CLI's own output is print.
     logging.set_verbosity(logging.WARNING)
@@ -240,6 +245,9 @@ def main(argv):
     # User errors (no checkpoint, bad override, missing data): no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except ckpt_lib.CheckpointRestoreError as e:  # a fault: no checkpoint reads back
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(f'checkpoint: {f.workdir} step {step}; {config.data.name} val'
           f'{", flip" if config.eval.flip else ""}')

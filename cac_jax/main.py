@@ -6,15 +6,20 @@ launch/local_multiprocess.sh), pass `--multihost` (or set CAC_MULTIHOST=1) on
 every host: it calls `jax.distributed.initialize()` before anything else.
 
 Exit codes: 0 done (or preempted by SIGTERM after saving: rerun to resume);
-2 a user error in the flags or config (one clean message, no stack trace);
-1 a run that stopped on a fault (non-finite loss, checkpoint write failure),
-with a message naming the step and the checkpoint to resume from.
+2 a user error in the flags, config, workdir or data (one clean `error:`
+line, no stack trace); 1 a run that stopped on a fault (non-finite loss,
+checkpoint write or restore failure), with a message naming the step and the
+checkpoint to resume from. Paths are resolved against the directory the
+command was started from (`cac_jax.paths`).
 """
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cac_jax import cli
+from cac_jax import paths
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and TensorBoard.')
@@ -45,17 +50,6 @@ def initialize_distributed():
       coordinator_address=coordinator,
       num_processes=int(os.environ['CAC_NUM_PROCESSES']),
       process_id=int(os.environ['CAC_PROCESS_ID']))
-
-
-def _quiet_library_logs():
-  """Orbax and TFDS log every file operation at INFO; keep their warnings only."""
-  import logging as std_logging
-  noisy = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge')
-
-  def keep(record):
-    return record.levelno >= std_logging.WARNING or not any(
-        n in record.pathname for n in noisy)
-  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def _flag_error(error: Exception, argv) -> str | None:
@@ -99,7 +93,7 @@ def _parse_flags(argv):
 
 def main(argv):
   del argv
-  _quiet_library_logs()
+  cli.quiet_library_noise()
   import jax
   if _MULTIHOST.value:
     initialize_distributed()
@@ -107,26 +101,35 @@ def main(argv):
   from cac_jax import config_lib, train
 
   config = _CONFIG.value
+  # Relative paths mean relative to where the command was started, for good.
+  paths.resolve_config(config)
+  workdir = paths.resolve(_WORKDIR.value)
   try:
     if _VALIDATE_ONLY.value:
       from cac_jax.data import validate
       config_lib.validate(config, num_devices=jax.device_count(),
                           num_processes=jax.process_count())
+      for warning in config_lib.warnings_for(config):
+        print(f'warning: {warning}', file=sys.stderr)
       validate.validate_config_data(config)
       print('config and data OK')
       return
-    scores = train.train_and_evaluate(config, _WORKDIR.value)
+    scores = train.train_and_evaluate(config, workdir)
   except config_lib.ConfigError as e:
     # User errors (including DataError): a clear message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except (train.NonFiniteLossError, ckpt_lib.CheckpointWriteError) as e:
+  except (train.NonFiniteLossError, ckpt_lib.CheckpointWriteError,
+          ckpt_lib.CheckpointRestoreError) as e:
     # Faults the messages explain (step, cause, checkpoint kept); a stack
     # trace would add nothing.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if scores:
-    print(f"final val mIoU: {scores['miou']:.4f}")
+    line = f"final val mIoU: {scores['miou']:.4f}"
+    if 'best_miou' in scores:
+      line += f" (best {scores['best_miou']:.4f} at step {scores['best_step']})"
+    print(line)
 
 
 if __name__ == '__main__':

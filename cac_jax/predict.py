@@ -10,10 +10,14 @@ whose pixel values are class ids and whose palette is the dataset's colours
 
 Inference follows the evaluation protocol (CAC_SPEC.md section 5): the full
 image, normalised, reflect-padded bottom/right to a multiple of 8, logits
-cropped back to the image. Images are processed one at a time because their
-sizes differ; jit compiles once per distinct padded size. Unreadable files are
-reported and skipped; the last line says `N predicted, M skipped`, and the
-exit status is 0 if at least one image was predicted, else 1.
+cropped back to the image. Images are decoded by the training pipeline's own
+decoder (`sources.decode_image`: 16-bit PNGs scaled to 8 bits, EXIF
+orientation ignored, as in training and evaluation), and processed one at a
+time because their sizes differ; jit compiles once per distinct padded size.
+Unreadable files are reported and skipped; the last line says
+`N predicted, M skipped`. Exit status: 0 if at least one image was predicted,
+2 for a user error (no such run or folder, no images found, --out a file),
+1 if every image failed.
 """
 import os
 import sys
@@ -22,14 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, ImageOps
+from PIL import Image
 
+from cac_jax import cli
 from cac_jax import config_lib
 from cac_jax import evaluate as eval_lib
+from cac_jax import paths
 from cac_jax import restore
 from cac_jax import visualize
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+# What the image decoder (TensorFlow's, shared with training) reads.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 MULTIPLE = 8          # eval protocol: pad to a multiple of the feature stride
 MIN_SIDE = MULTIPLE   # reflect padding needs at least this many pixels
 
@@ -47,15 +54,37 @@ def list_images(path: str) -> list[str]:
   """A file -> [it]; a folder -> its files with an image extension, sorted.
 
   Raises:
-    FileNotFoundError: `path` does not exist.
+    config_lib.ConfigError: `path` does not exist, or the folder holds no image.
   """
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'--images={path!r} is neither a file nor a folder')
-  return [os.path.join(path, name) for name in sorted(os.listdir(path))
-          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-          and os.path.isfile(os.path.join(path, name))]
+    raise config_lib.ConfigError(f'--images={path} is neither a file nor a folder; pass '
+                                 'an image or a folder of images')
+  found = [os.path.join(path, name) for name in sorted(os.listdir(path))
+           if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+           and os.path.isfile(os.path.join(path, name))]
+  if not found:
+    raise config_lib.ConfigError(
+        f'no images found in --images={path} (looked for {", ".join(IMAGE_EXTENSIONS)} '
+        'files, any case); pass a folder that holds images, or one image')
+  return found
+
+
+def check_out_dir(out: str) -> None:
+  """Raises ConfigError unless `out` is, or can be created as, a writable folder."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise config_lib.ConfigError(f'--out={out} is a file, not a folder; pass a folder '
+                                 '(it is created if missing)')
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f'.write_test.{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise config_lib.ConfigError(f'--out={out} is not a writable folder '
+                                 f'({type(e).__name__}: {e.strerror or e})') from None
 
 
 def output_ids(paths: list[str]) -> list[str]:
@@ -66,17 +95,24 @@ def output_ids(paths: list[str]) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """uint8 RGB [H, W, 3], upright per its EXIF orientation.
+  """uint8 RGB [H, W, 3], decoded as training decodes (`sources.decode_image`).
+
+  Pixels are used as stored: EXIF orientation is ignored, as in training and
+  evaluation; 16-bit PNGs are scaled to 8 bits; alpha is dropped.
 
   Raises:
     BadImageError: unreadable, or a side shorter than 8 pixels.
   """
+  import tensorflow as tf  # the shared decoder; only the CLI path needs TF
+  from cac_jax.data import sources
   try:
-    with Image.open(path) as im:
-      im.load()  # decode now: a truncated file fails here, not later
-      image = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise BadImageError(f'cannot read image ({type(e).__name__}: {e})') from e
+    with open(path, 'rb') as f:
+      data = f.read()
+    image = sources.decode_image(tf.constant(data), from_files=False).numpy()
+  except (OSError, tf.errors.OpError) as e:
+    message = getattr(e, 'message', str(e)).strip().splitlines()
+    raise BadImageError(f'cannot read image ({type(e).__name__}: '
+                        f'{message[0] if message else ""})') from None
   if min(image.shape[:2]) < MIN_SIDE:
     raise BadImageError(f'image is {image.shape[0]}x{image.shape[1]}; both sides '
                         f'must be at least {MIN_SIDE} pixels')
@@ -190,12 +226,14 @@ def predict_paths(predictor, paths: list[str], out_dir: str,
 def run(workdir: str, images: str, out: str, *, which: str = 'best',
         step: int | None = None, flip: bool = False) -> int:
   """The CLI's work; returns the exit status (0: at least one image predicted)."""
-  paths = list_images(images)
+  workdir, images, out = paths.resolve(workdir), paths.resolve(images), paths.resolve(out)
+  image_paths = list_images(images)
+  check_out_dir(out)
   config, model, variables, step = restore.load_run(workdir, step=step, which=which)
   print(f'checkpoint: {workdir} step {step} ({config.model.backbone}, '
         f'{config.data.num_classes} classes){" + flip" if flip else ""}')
   predictor = Predictor(model, variables, flip=flip)
-  done, skipped = predict_paths(predictor, paths, out, dataset_palette(config))
+  done, skipped = predict_paths(predictor, image_paths, out, dataset_palette(config))
   print(f'{done} predicted, {len(skipped)} skipped')
   return 0 if done else 1
 
@@ -221,15 +259,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  cli.quiet_library_noise()
   if not f['verbosity'].present:
     # Orbax logs every file it touches at INFO; the CLI's own output is print.
     logging.set_verbosity(logging.WARNING)
   try:
     status = run(f.workdir, f.images, f.out, which=f.which, step=f.step, flip=f.flip)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except config_lib.ConfigError as e:
     # User errors (no checkpoint, bad path): the message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
-    print('0 predicted, 0 skipped')
+    status = 2
+  except restore.ckpt_lib.CheckpointRestoreError as e:
+    print(f'error: {e}', file=sys.stderr)
     status = 1
   sys.exit(status)
 

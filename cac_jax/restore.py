@@ -10,6 +10,7 @@ the same workdir, and a read-write CheckpointManager cleans up temporary
 directories on creation, which would delete a save in progress.
 """
 import os
+import sys
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from etils import epath
 from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
 from cac_jax import optim
+from cac_jax import paths
 from cac_jax import sharding
 from cac_jax import train_state as state_lib
 from cac_jax.models import build_model
@@ -78,7 +80,8 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   Raises:
     RunError: no checkpoint, or no checkpoint at `step`.
   """
-  manager = open_manager(str(workdir))
+  manager = open_manager(paths.resolve(str(workdir)))
+  explicit_step = step
   step = choose_step(manager, step=step, which=which)
   config = ml_collections.ConfigDict(ckpt_lib.restore_config(manager, step))
   model = build_model(config.model, num_classes=config.data.num_classes)
@@ -87,7 +90,18 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh()
   abstract = state_lib.abstract_state(model, tx, config, mesh)
-  state = ckpt_lib.restore(manager, abstract, step)
+  try:
+    state = ckpt_lib.restore(manager, abstract, step)
+  except Exception as e:  # orbax/TensorStore raise many types for bad files
+    why = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    if explicit_step is not None:
+      raise ckpt_lib.CheckpointRestoreError(
+          f'checkpoint {step} in {manager.directory} cannot be read ({why}); pass --step '
+          f'with another of the steps {sorted(manager.all_steps())}') from None
+    # The chosen (best or latest) checkpoint is damaged: the newest intact one.
+    print(f'warning: checkpoint {step} cannot be read ({why}); using the newest '
+          'intact checkpoint instead', file=sys.stderr)
+    state, step = ckpt_lib.restore_latest_intact(manager, abstract)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   del state  # drop opt_state and the bank: inference never needs them
   manager.close()

@@ -9,6 +9,7 @@ uninterrupted run would.
 import itertools
 import json
 import signal
+import sys
 import time
 
 import jax
@@ -22,6 +23,8 @@ from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
 from cac_jax import evaluate as eval_lib
 from cac_jax import optim
+from cac_jax import paths
+from cac_jax import run_dir
 from cac_jax import sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
@@ -164,7 +167,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       invocation; for time-sliced jobs and the resume tests. The schedule is
       unaffected: it always spans config.total_steps.
   """
-  workdir = str(workdir)
+  workdir = paths.resolve(str(workdir))
+  paths.resolve_config(config)
   # Installed first, so that a SIGTERM during start-up (restore, compilation)
   # also ends in a clean exit instead of the default kill.
   preemption = _Preemption()
@@ -176,14 +180,52 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
 def _train_and_evaluate(config, workdir, stop_after, preemption):
   """train_and_evaluate's body, run with the SIGTERM handler installed."""
-  from cac_jax.data import pipeline  # TF only where data is needed
-
   mesh = sharding.make_mesh()
   config_lib.validate(config, num_devices=mesh.devices.size,
                       num_processes=jax.process_count())
+  lead = jax.process_index() == 0
+  for warning in config_lib.warnings_for(config):
+    logging.warning('%s', warning)
+    if lead:
+      print(f'warning: {warning}', file=sys.stderr)
   _log_sizes(config, mesh)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  _write_config(config, workdir)
+  # Nothing is written until the workdir is known to be writable, ours alone,
+  # and (if it holds checkpoints) resumable with this config.
+  run_dir.check_writable(workdir)
+  with run_dir.WorkdirLock(workdir, enabled=lead):
+    saved = ckpt_lib.saved_config(workdir)
+    if saved is not None:
+      changed = run_dir.check_resumable(saved, config, workdir)
+      if changed:
+        logging.info('resuming with changed settings: %s', ', '.join(changed))
+    if config.data.validate:
+      from cac_jax.data import validate  # TF only where data is needed
+      if validate.check_before_training(config.data, workdir, write_cache=lead):
+        logging.info('data checked: every image and mask of the splits is valid')
+    _write_config(config, workdir)
+    return _train_loop(config, workdir, stop_after, preemption, mesh)
+
+
+def _history_path(workdir):
+  return epath.Path(workdir) / 'val_history.json'
+
+
+def _record_eval(workdir, step: int, miou: float) -> dict:
+  """Adds step -> mIoU to <workdir>/val_history.json (process 0); returns the history."""
+  path = _history_path(workdir)
+  try:
+    history = {int(k): v for k, v in json.loads(path.read_text()).items()}
+  except (OSError, ValueError):
+    history = {}
+  history[int(step)] = float(miou)
+  if jax.process_index() == 0:
+    path.write_text(json.dumps({str(k): v for k, v in sorted(history.items())}, indent=1))
+  return history
+
+
+def _train_loop(config, workdir, stop_after, preemption, mesh):
+  """Model, state (restored or new), data, steps and the loop; returns final scores."""
+  from cac_jax.data import pipeline  # TF only where data is needed
 
   # --- Model, optimiser, state ------------------------------------------------
   num_classes = config.data.num_classes
@@ -193,9 +235,11 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
   with jax.set_mesh(mesh):
     if manager.latest_step() is not None:
       abstract = state_lib.abstract_state(model, tx, config, mesh)
-      state = ckpt_lib.restore(manager, abstract)
+      # A damaged newest checkpoint is skipped (and, by process 0, moved aside).
+      state, restored_step = ckpt_lib.restore_latest_intact(
+          manager, abstract, workdir=workdir if jax.process_index() == 0 else None)
       state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-      logging.info('resumed from step %d', manager.latest_step())
+      logging.info('resumed from step %d', restored_step)
     else:
       state, state_shardings = state_lib.create_sharded_state(
           model, tx, config, mesh, jax.random.key(config.seed))
@@ -234,6 +278,9 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
     writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
     logging.info('step %d: val mIoU %.4f, pixel acc %.4f', step, scores['miou'],
                  scores['pixel_acc'])
+    history = _record_eval(workdir, step, scores['miou'])
+    best_step = max(history, key=lambda k: (history[k], -k))
+    scores['best_miou'], scores['best_step'] = history[best_step], best_step
     return scores
 
   # --- Loop -------------------------------------------------------------------------

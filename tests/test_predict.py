@@ -140,8 +140,8 @@ def test_command_line(run, images, tmp_path):
   assert proc.stdout.strip().splitlines()[-1] == '2 predicted, 1 skipped'
   assert 'skipped' in proc.stderr and 'broken.jpg' in proc.stderr
   assert (tmp_path / 'cli' / 'odd.png').exists()
-  # A workdir without checkpoints: a message, no stack trace, status 1.
+  # A workdir without checkpoints: a message, no stack trace, status 2.
   bad = subprocess.run(cmd[:3] + [f'--workdir={tmp_path}'] + cmd[4:], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1
+  assert bad.returncode == 2
   assert 'error:' in bad.stderr and 'Traceback' not in bad.stderr
