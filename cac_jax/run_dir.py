@@ -41,7 +41,7 @@ def check_writable(workdir: str) -> None:
         '(it is created if missing)')
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+    probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)

