@@ -19,9 +19,18 @@ CLI (writes the backbone's {'params', 'batch_stats'} as flax msgpack, the
 format ``config.init_from`` loads):
 
   python -m cac_jax.models.convert --arch resnet50 \\
-      --input resnet50-11ad3fa6.pth --output resnet50_imagenet.msgpack
+      --input resnet50-0676ba61.pth --output resnet50_imagenet.msgpack
+
+The CAC paper's backbones are torchvision's original (V1) ImageNet ResNets:
+`resnet50-19c8e357.pth` (re-saved unchanged as `resnet50-0676ba61.pth`) and
+`resnet101-5d3b4d8f.pth` (re-saved as `resnet101-63fe2227.pth`). torchvision's
+newer V2-recipe files (`resnet50-11ad3fa6.pth`, `resnet101-cd907fc2.pth`) are
+stronger ImageNet models and give results not comparable with the paper; the
+converter warns when given one (torchvision names each file by the first 8
+hex digits of its sha256).
 """
 import argparse
+import hashlib
 import os
 import pathlib
 import sys
@@ -258,6 +267,34 @@ def count_params(tree: Mapping[str, Any]) -> int:
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
+# First 8 hex digits of the sha256 of torchvision's ResNet files.
+V1_RESNET_HASHES = {'19c8e357': 'resnet50 V1', '0676ba61': 'resnet50 V1 (re-saved)',
+                    '5d3b4d8f': 'resnet101 V1', '63fe2227': 'resnet101 V1 (re-saved)'}
+NON_V1_RESNET_HASHES = {'11ad3fa6': 'resnet50 IMAGENET1K_V2',
+                        'cd907fc2': 'resnet101 IMAGENET1K_V2'}
+
+
+def sha256_prefix(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()[:8]
+
+
+def weights_warning(path: str, arch: str) -> str | None:
+  """A warning if `path` is a known non-V1 torchvision ResNet file, else None."""
+  if not arch.startswith('resnet'):
+    return None
+  prefix = sha256_prefix(path)
+  if prefix in NON_V1_RESNET_HASHES:
+    return (f'{path} is torchvision\'s {NON_V1_RESNET_HASHES[prefix]} file (sha256 '
+            f'{prefix}...), not the original V1 weights the CAC paper used '
+            '(resnet50-0676ba61.pth / resnet101-63fe2227.pth); results will not be '
+            'comparable with the published numbers')
+  return None
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m cac_jax.models.convert',
@@ -267,6 +304,9 @@ def main(argv=None) -> int:
   parser.add_argument('--input', required=True, help='torchvision .pth file')
   parser.add_argument('--output', required=True, help='output .msgpack file')
   args = parser.parse_args(argv)
+  warning = weights_warning(args.input, args.arch)
+  if warning:
+    print(f'warning: {warning}', file=sys.stderr)
   state_dict = torch_pickle.load_state_dict(args.input)
   variables = convert_backbone(args.arch, state_dict)
   save_variables(variables, args.output)
