@@ -247,7 +247,15 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
   start_step = int(jax.device_get(state.step))
 
   # --- Data ---------------------------------------------------------------------
-  train_iter = pipeline.train_iterator(config, start_step=start_step)
+  # The unlabeled pairs are only built from unsup_start_step on (before it
+  # they would be decoded and thrown away); the streams are step-indexed, so
+  # switching streams at that step leaves every batch as it was.
+  def stream_from(step):
+    with_unlabeled = (not config.cac.supervised_only
+                      and step >= config.cac.unsup_start_step)
+    return pipeline.train_iterator(config, start_step=step,
+                                   unlabeled=with_unlabeled), with_unlabeled
+  train_iter, iter_has_unlabeled = stream_from(start_step)
   class_names = _class_names(config)
 
   # --- Steps ----------------------------------------------------------------------
@@ -286,8 +294,6 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
   # --- Loop -------------------------------------------------------------------------
   pending, scores = [], None
   timer_images, timer_start, compiled = 0, None, set()
-  images_per_step = config.data.labeled_batch_size + (
-      0 if config.cac.supervised_only else 2 * config.data.unlabeled_batch_size)
   step = start_step
   try:
     with jax.set_mesh(mesh):
@@ -308,6 +314,8 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
           break
         use_dc = dc_step is not None and step >= config.cac.unsup_start_step
         fn = dc_step if use_dc else sup_step
+        if use_dc and not iter_has_unlabeled:
+          train_iter, iter_has_unlabeled = stream_from(step)
         host_batch = next(train_iter)
         if not use_dc:
           host_batch = {'labeled': host_batch['labeled']}
@@ -320,7 +328,10 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
           jax.block_until_ready(metrics)
           timer_start, timer_images = time.perf_counter(), 0
         else:
-          timer_images += images_per_step
+          # What this step processed: the labeled batch, and both views of
+          # each unlabeled image on DC steps.
+          timer_images += config.data.labeled_batch_size + (
+              2 * config.data.unlabeled_batch_size if use_dc else 0)
         report(step)
 
         last = step == end_step

@@ -248,3 +248,19 @@ def test_eval_plan_groups_by_padded_size_and_pads_to_the_device_multiple():
     pipeline.eval_sizes = original
   # (24, 32) holds images 0, 2, 3; (504, 376) holds 1, 4; the large one alone.
   assert plan == [[0, 2, 3, -1], [1, 4], [5, -1]]
+
+
+def test_unlabeled_stream_started_late_gives_the_same_batches(config):
+  """Training builds the pairs only from unsup_start_step: the batches do not change."""
+  full = _take(pipeline.train_iterator(config, process_index=0, process_count=1), 4)
+  early = _take(pipeline.train_iterator(config, process_index=0, process_count=1,
+                                        unlabeled=False), 2)
+  late = _take(pipeline.train_iterator(config, start_step=2, process_index=0,
+                                       process_count=1, unlabeled=True), 2)
+  assert all(set(b) == {'labeled'} for b in early)
+  for got, want in zip(early + late, full):
+    for key in got['labeled']:
+      np.testing.assert_array_equal(got['labeled'][key], want['labeled'][key])
+  for got, want in zip(late, full[2:]):
+    for key in want['unlabeled']:
+      np.testing.assert_array_equal(got['unlabeled'][key], want['unlabeled'][key])

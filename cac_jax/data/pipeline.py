@@ -185,22 +185,26 @@ def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
   return _finish(ds, per_host)
 
 
+def _with_unlabeled(config, unlabeled) -> bool:
+  return not config.cac.supervised_only if unlabeled is None else bool(unlabeled)
+
+
 def train_dataset(config, *, start_step: int = 0, process_index=None,
-                  process_count=None) -> tf.data.Dataset:
+                  process_count=None, unlabeled=None) -> tf.data.Dataset:
   """The tf.data.Dataset behind `train_iterator` (same arguments)."""
   process_index, process_count = _resolve_process(process_index, process_count)
   kwargs = dict(start_step=start_step, process_index=process_index,
                 process_count=process_count)
   streams = {'labeled': labeled_dataset(
       config, sources.get_source(config.data, 'labeled'), **kwargs)}
-  if not config.cac.supervised_only:
+  if _with_unlabeled(config, unlabeled):
     streams['unlabeled'] = unlabeled_dataset(
         config, sources.get_source(config.data, 'unlabeled'), **kwargs)
   return tf.data.Dataset.zip(streams).prefetch(tf.data.AUTOTUNE)
 
 
 def train_iterator(config, *, start_step: int = 0, process_index=None,
-                   process_count=None):
+                   process_count=None, unlabeled=None):
   """Infinite iterator of this host's training batches, one per step.
 
   Args:
@@ -209,6 +213,10 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
     start_step: the first step to produce (resume point).
     process_index, process_count: this host and the number of hosts; default
       `jax.process_index()` / `jax.process_count()`.
+    unlabeled: whether to produce the unlabeled pairs (default: unless
+      config.cac.supervised_only). Each stream is a function of the step
+      alone, so a labeled-only stream up to step k followed by a full stream
+      from step k gives exactly the batches of a full stream from 0.
 
   Yields:
     {'labeled': {'image': float32 [b_l, C, C, 3] normalised,
@@ -216,22 +224,24 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
      'unlabeled': {'image1', 'image2': float32 [b_u, C, C, 3] normalised,
                    'box1', 'box2': int32 [b_u, 4] (top, left, bottom, right),
                    'flip1', 'flip2': bool [b_u]}}
-    with b = global batch // process_count; no 'unlabeled' key when
-    config.cac.supervised_only.
+    with b = global batch // process_count; no 'unlabeled' key without the
+    unlabeled stream.
 
   Raises:
     sources.DataError: a file of the stream cannot be read or is invalid; the
       message names it (the step's files are checked to find it).
   """
   process_index, process_count = _resolve_process(process_index, process_count)
+  with_unlabeled = _with_unlabeled(config, unlabeled)
   batches = train_dataset(config, start_step=start_step, process_index=process_index,
-                          process_count=process_count).as_numpy_iterator()
+                          process_count=process_count,
+                          unlabeled=with_unlabeled).as_numpy_iterator()
 
   def step_sources(step):
     """This host's examples of `step`, per split, as sub-Sources."""
     out = []
     streams = [('labeled', LABELED_ORDER, config.data.labeled_batch_size)]
-    if not config.cac.supervised_only:
+    if with_unlabeled:
       streams.append(('unlabeled', UNLABELED_ORDER, config.data.unlabeled_batch_size))
     for split, stream, global_batch in streams:
       source = sources.get_source(config.data, split)
