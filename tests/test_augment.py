@@ -2,8 +2,10 @@
 
 Photometric ops are compared with independent NumPy formulas (torchvision's
 definitions; colorsys for hue; OpenCV's 5-tap kernel with reflect-101 border).
-Tolerances: 1e-3 on the [0, 255] scale for float32 arithmetic, 0.05 for hue
-(float32 HSV round trip).
+Tolerances, absolute on the [0, 255] scale: a float32 op on values <= 255 is
+off by <= EPS * 255 = 1.5e-5 (EPS = 2^-24), so a chain of a few to ~15 ops
+by <= ~2e-4; 1e-3 covers these with margin, while any wrong formula, factor,
+kernel or border moves pixels by >= 1 grey level. Derivations at each test.
 """
 import colorsys
 
@@ -57,6 +59,9 @@ def test_brightness_contrast_saturation_grayscale():
   x = img.astype(np.float64)
   gray = x @ GRAY
   f = 1.3
+  # 1-3 float32 ops each (the grey mean: a 99-term sum): <= ~5e-5 (measured
+  # <= 2.7e-5); atol 1e-3. torchvision's contrast pivots on the grey mean:
+  # using the channel means instead moves pixels by ~0.3 x 5 grey levels.
   np.testing.assert_allclose(augment.adjust_brightness(img, f),
                              np.clip(x * f, 0, 255), atol=1e-3)
   np.testing.assert_allclose(augment.adjust_contrast(img, 0.7),
@@ -78,7 +83,12 @@ def test_hue_matches_colorsys():
     for j in range(img.shape[1]):
       h, s, v = colorsys.rgb_to_hsv(*(img[i, j].astype(np.float64) / 255))
       ref[i, j] = np.array(colorsys.hsv_to_rgb((h + delta) % 1.0, s, v)) * 255
-  np.testing.assert_allclose(augment.adjust_hue(img, delta), ref, atol=0.05)
+  # float32 RGB -> HSV -> RGB, ~10 ops: the hue's error grows as v/chroma,
+  # but it is multiplied back by the chroma, so the output is off by ~10 EPS
+  # v * 255 = 1.5e-4 at worst (measured 3.7e-5); atol 1e-3 (it was 0.05,
+  # 300x over this). A hue shifted in the wrong direction or unit is off by
+  # >= 10 grey levels.
+  np.testing.assert_allclose(augment.adjust_hue(img, delta), ref, atol=1e-3)
 
 
 def test_gaussian_blur_matches_opencv_kernel():
@@ -91,6 +101,9 @@ def test_gaussian_blur_matches_opencv_kernel():
   for a in range(5):
     for b in range(5):
       ref += k[a] * k[b] * pad[a:a + 8, b:b + 10]
+  # 25 taps with weights summing to 1: <= 25 EPS * 255 = 4e-4 at worst
+  # (measured 2e-5); atol 1e-3. A reflect (not reflect-101) border or a
+  # 3-tap kernel is off by >= 1 grey level at the border.
   np.testing.assert_allclose(augment.gaussian_blur(img), ref, atol=1e-3)
 
 
@@ -107,11 +120,16 @@ def test_color_jitter_factor_ranges():
 def test_normalize_and_padding():
   rng = np.random.default_rng(4)
   img = _rand_image(rng, 5, 7)
+  # (x - m) / s with float32 m, s (each off by EPS relative from the float64
+  # reference's) and two roundings: ~4 EPS * 2.6 = 6e-7 on the normalised
+  # scale (measured 1.8e-7); atol 1e-5. Swapped mean/std: O(1).
   np.testing.assert_allclose(augment.normalize(img), (img - MEAN) / STD,
                              atol=1e-5)
   padded = augment.pad_image(img, 9).numpy()
   assert padded.shape == (9, 9, 3)
   np.testing.assert_array_equal(padded[:5, :7], img)
+  # The pad colour is 255 * mean rounded to float32: <= EPS * 124 = 7.4e-6
+  # (measured 3e-6); atol 1e-4. Padding with 0 or 255 is >= 100 off.
   np.testing.assert_allclose(padded[5:], np.broadcast_to(MEAN, (4, 9, 3)),
                              atol=1e-4)
   np.testing.assert_allclose(padded[:, 7:], np.broadcast_to(MEAN, (9, 2, 3)),
@@ -143,12 +161,19 @@ def test_labeled_example_keeps_image_and_label_aligned(h, w):
     assert out['image'].dtype == tf.float32 and lab.dtype == np.int32
     assert img.shape == (crop, crop, 3) and lab.shape == (crop, crop)
     assert set(np.unique(lab)) <= set(range(6)) | {255}
-    # Padding: label 255 exactly where the image has the mean colour.
+    # Padding: label 255 exactly where the image has the mean colour (float32
+    # pad colour, normalised and un-normalised: a few EPS * 124, < 1e-4;
+    # atol 1e-3).
     pad = lab == 255
     np.testing.assert_allclose(img[pad], np.broadcast_to(MEAN, img[pad].shape),
                                atol=1e-3)
     # Interior pixels (7x7 label neighbourhood constant, away from the crop
-    # border whose outside we cannot see) have exactly their class colour.
+    # border whose outside we cannot see) have exactly their class colour:
+    # the resize kernel (half-width <= 2 output px at scale <= 2, plus 0.5 px
+    # of nearest-neighbour label offset) then sees only that colour, with
+    # float32 weights summing to 1 within a few EPS: ~4 EPS * 255 = 6e-5
+    # (measured 5.8e-5). atol 1e-3 (it was 1.0); a blur, a misplaced image
+    # or a stray colour bleeds >= 1 grey level.
     windows = np.lib.stride_tricks.sliding_window_view(lab, (7, 7))
     inner_lab, inner_img = lab[3:-3, 3:-3], img[3:-3, 3:-3]
     interior = ((windows == inner_lab[..., None, None]).all(axis=(-1, -2))
@@ -182,8 +207,15 @@ def test_photometric_eager_equals_graph_and_varies():
   for s in range(8):
     seed = tf.constant([s, 1], tf.int64)
     eager = augment.photometric_augment(img, seed).numpy()
-    np.testing.assert_allclose(eager, graph_fn(img, seed).numpy(), atol=1e-4)
+    # Same kernels, but the graph may be rewritten (fused, re-associated),
+    # so each of the chain's ~15 float32 ops (jitter, HSV round trip, grey,
+    # 25-tap blur) may round differently: <= ~15 EPS * 255 = 2.3e-4. atol
+    # 1e-3 (it was 1e-4, below this bound; measured 7.6e-5 = 5 ulp of 255).
+    # A seed that picked other random choices moves pixels by >= 1 level.
+    np.testing.assert_allclose(eager, graph_fn(img, seed).numpy(), atol=1e-3)
     assert eager.min() >= 0 and eager.max() <= 255
     outs.append(eager)
-  # With p(identity) = 0.5 * 0.2 * 0.8 = 0.08, eight seeds are not all equal.
+  # With p(identity) = 0.5 * 0.2 * 0.8 = 0.08, eight seeds are not all equal
+  # (np.allclose's 1e-5 relative default only absorbs rounding; any applied
+  # op moves pixels by >= 1e-2 relative).
   assert any(not np.allclose(o, img) for o in outs)

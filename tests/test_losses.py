@@ -1,11 +1,15 @@
 """Cross-entropy and the flat directional contrastive loss vs float64 NumPy.
 
 The references below are written independently of `cac_jax.losses`: dense
-[N, K] matrices and the textbook formulas, in float64. Tolerances: the JAX
-code works in float32 (eps 1.2e-7); logits are at most 1/τ = 10 in size and
-each loss is a log of a sum of ≤ K + 1 positive terms, so the float32 result
-is good to ~1e-6 relative; 1e-5 leaves a margin without hiding real errors
-(a wrong mask or weight changes the loss by > 1e-2).
+[N, K] matrices and the textbook formulas, in float64, on the same float32
+inputs, so only the float32 arithmetic of the JAX code is measured (EPS =
+2^-24 = 6e-8 per rounding). Each tolerance is derived at its assertion; in
+short: a logit s = <a, n>/τ of unit D-vectors is off by ~sqrt(D) EPS/τ
+(a D-term dot product, terms <= 1, then scaled by 1/τ), a loss l = lse - pos
+by about twice that, absolute; a gradient (p t + Σ_j q_j n_j - t)/τ is off
+by ~(logit error) x (its terms, <= 2/τ per component), i.e. relative to the
+largest gradient entry, not to each entry. Real errors are far larger: a
+wrong mask or weight changes the loss by > 1e-2 relative.
 """
 import functools
 
@@ -31,7 +35,12 @@ def test_cross_entropy_matches_torch_with_ignore():
       torch.from_numpy(logits.astype(np.float64)).permute(0, 3, 1, 2),
       torch.from_numpy(labels)).item()
   got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
-  np.testing.assert_allclose(float(got), ref, rtol=1e-6)
+  # Per pixel l = log Σ exp(x_j - m) - (x_y - m): the sum is >= 1 (its max
+  # term is exactly 1), so its log is good to a few EPS absolute, and x_y - m
+  # to EPS |x_y - m| <= EPS l; then a mean of ~42 positive terms (log2(42)
+  # ~ 6 roundings). ~10 EPS = 6e-7 relative; rtol 1e-5 is 16x over that
+  # (measured 6e-8). Counting the ignored pixels changes the loss by ~30%.
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
   # bf16 logits are upcast, not computed in bf16.
   got16 = losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16),
                                jnp.asarray(labels))
@@ -39,7 +48,10 @@ def test_cross_entropy_matches_torch_with_ignore():
       torch.from_numpy(np.asarray(jnp.asarray(logits, jnp.bfloat16),
                                   np.float64)).permute(0, 3, 1, 2),
       torch.from_numpy(labels)).item()
-  np.testing.assert_allclose(float(got16), ref16, rtol=1e-6)
+  # The same float32 arithmetic on the bf16-rounded logits (which the
+  # reference also uses): the same rtol. Computing in bf16 would be off by
+  # ~2^-9 = 2e-3.
+  np.testing.assert_allclose(float(got16), ref16, rtol=1e-5)
 
 
 def test_cross_entropy_all_ignored_is_zero_with_finite_grad():
@@ -138,10 +150,18 @@ def test_dc_loss_matches_reference(switches):
   loss, (g_anchor, g_target, g_neg) = jax_value_and_grads(
       problem, temperature=0.1, chunk_size=128, **switches)
   assert ref_loss > 1.0  # a real, non-trivial loss
+  # τ = 0.1, D = 16: a logit is off by ~sqrt(16) EPS / 0.1 = 2.4e-6, so
+  # l_k = lse - pos by ~5e-6 of l ~ 9, and the weighted mean averages these:
+  # < 1e-6 relative expected; rtol 1e-5 (measured 9e-8).
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  # Gradient: float32 vs float64, relative to its largest entry.
+  # Gradient: q_j and p move by the logit error (relative), so an entry is
+  # off by ~2.4e-6 x its terms |t| + Σ q |n| (<= 2/τ x w/Σw, the scale of the
+  # largest entry), whatever the entry's own size (they may cancel): an
+  # absolute tolerance, ~5e-6 of max|grad| at worst; 1e-5 of it (measured
+  # 2e-7). No rtol on top: it only let the largest entries be 10x further
+  # off.
   np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-5 * np.abs(ref_grad).max(), rtol=1e-4)
+                             atol=1e-5 * np.abs(ref_grad).max(), rtol=0)
   assert np.abs(ref_grad).max() > 0
   assert np.all(g_target == 0.0) and np.all(g_neg == 0.0)
 
@@ -156,18 +176,29 @@ def test_dc_loss_chunking_and_shift_modes(temperature, chunk_size):
   ref_loss, ref_grad = reference_dc(**problem, temperature=temperature, **kw)
   loss, (g_anchor, _, _) = jax_value_and_grads(
       problem, temperature=temperature, chunk_size=chunk_size, **kw)
-  # At τ = 0.02 logits reach 50; float32 rounding of a logit is then
-  # ~50 · 6e-8 = 3e-6 absolute, hence 1e-5 relative on a loss of O(10).
+  # At τ = 0.02 logits reach 50: a D = 8 logit is off by ~sqrt(8) EPS · 50 =
+  # 8.5e-6 absolute, l_k by ~2e-5 on a loss of ~50: 4e-7 relative, and the
+  # accumulator (up to 300 sequential adds and online-max rescales at
+  # chunk 1) by <= 300 EPS = 1.8e-5 relative, i.e. that much absolute in
+  # lse. rtol 1e-5 x 50 = 5e-4 absolute: >= 10x over these (measured 4e-8
+  # relative). A ragged last chunk that counted its overlap twice adds one
+  # negative of ~300: ~3e-3 on l_k.
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  # Gradient: entries off by (logit + accumulator error, <= 3e-5 relative on
+  # each q) x their terms (<= 2 x max|grad|): <= 6e-5 of max|grad| at worst,
+  # hence atol 1e-4 of it and no rtol (measured 5e-7 of it); the
+  # double-counted negative above moves it by ~q_j/τ ~ 3e-3 of max|grad|.
   np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-4 * np.abs(ref_grad).max(), rtol=1e-3)
+                             atol=1e-4 * np.abs(ref_grad).max(), rtol=0)
 
 
 def test_dc_loss_tiny_temperature_is_stable():
   # τ = 1e-3: logits up to ±1000, exp overflows without a proper shift. A
-  # logit is then only good to ~1000 · 1e-7 · sqrt(D) ≈ 3e-4, so the loss (a
-  # difference of such logits, O(100)) is compared with 1e-5 relative + 1e-2
-  # absolute.
+  # D = 16 logit is then off by ~sqrt(16) EPS · 1000 = 2.4e-4 absolute (16 EPS
+  # · 1000 = 1e-3 at worst), so the loss (a difference of such logits, here
+  # ~650) by ~2x that, absolute, whatever its size: atol 1e-2 (5x over the
+  # worst case) plus rtol 1e-5 (7e-3 here); measured 9e-5. A missing or
+  # wrong shift gives inf/NaN or an O(1) error.
   problem = random_problem(seed=3)
   kw = dict(temperature=1e-3, pos_threshold=0.0, directional=False,
             filter_negatives=True)
@@ -176,6 +207,9 @@ def test_dc_loss_tiny_temperature_is_stable():
   assert np.isfinite(loss) and np.all(np.isfinite(g_anchor))
   assert ref_loss > 10
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-2)
+  # Gradient: each q moves by the logit error (2.4e-4 relative, 1e-3 at
+  # worst), times terms <= 2 x max|grad|: atol 1e-3 of max|grad| (measured
+  # 4e-6 of it: the near one-hot softmax damps δq = q(1 - q) δs).
   np.testing.assert_allclose(g_anchor, ref_grad,
                              atol=1e-3 * np.abs(ref_grad).max())
 
@@ -199,8 +233,13 @@ def test_dc_loss_all_negatives_filtered():
   loss, (g_anchor, _, _) = jax_value_and_grads(problem, chunk_size=128, **kw)
   ref_loss, _ = reference_dc(**problem, **kw)
   assert ref_loss == 0.0
+  # Exactly 0 in float32 too (the sum is the positive term alone, exactly 1;
+  # log 1 = 0; the gradient's p - 1 = 0): 1e-6 only admits an exp or log a
+  # few ulps off, which leaves ~EPS/τ = 6e-7 / N. One unfiltered negative
+  # would give l_k = log(1 + e^(s - pos)) ~ 0.3 or more.
   assert abs(loss) < 1e-6 and np.all(np.abs(g_anchor) < 1e-6)
-  # Without filtering the same negatives count again.
+  # Without filtering the same negatives count again; rtol as derived in
+  # test_dc_loss_matches_reference (τ = 0.1, D = 16).
   kw['filter_negatives'] = False
   loss, _ = jax_value_and_grads(problem, chunk_size=128, **kw)
   np.testing.assert_allclose(loss, reference_dc(**problem, **kw)[0], rtol=1e-5)

@@ -3,10 +3,11 @@
 The references use only ``torch.nn`` primitives (no torchvision) in the
 torchvision layout, get random weights and random BatchNorm running
 statistics, and their ``state_dict`` goes through the real converter
-(:func:`cac_jax.models.convert.convert_state_dict`). Tolerance: 1e-4 relative
-to the largest reference magnitude; float32 convolutions in torch and XLA
-differ only by summation order (~1e-6 relative), while a wrong padding,
-stride, dilation or layout change gives O(1) errors.
+(:func:`cac_jax.models.convert.convert_state_dict`). Tolerances are relative
+to the largest reference magnitude (`_close`), derived at each test from the
+float32 error of the sums involved (EPS = 2^-24 per rounding; a blocked sum of
+n terms is off by ~sqrt(n) EPS of its typical size); a wrong padding, stride,
+dilation or layout change gives O(1) errors.
 """
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cac_jax.models import build_model, convert, deeplabv3plus, layers, resnet
 
+# Network outputs, float32 torch vs float32 XLA: each layer's sum of n <= 147
+# (ResNet) or <= 2,736 (decoder) products is off by ~sqrt(n) EPS = 1e-6 to
+# 3e-6 of its typical output, and through ~25-35 conv/BN layers these add
+# up randomly to ~1e-5 at most, on each side. 1e-4 of the largest output:
+# ~10x over that estimate (measured <= 1.1e-6).
 RTOL = 1e-4
 
 
@@ -30,9 +36,15 @@ def _model_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _close(ours, ref, rtol=RTOL):
+  """|ours - ref| <= rtol * max|ref| everywhere.
+
+  The error of a sum scales with its terms, not with its (possibly
+  cancelled) value, and the largest output stands for the terms' size; a
+  per-element relative part would only loosen the largest entries.
+  """
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=rtol * np.abs(ref).max())
 
 
 # ---------------------------------------------------------------- references
@@ -226,6 +238,11 @@ def test_resize_matches_torch_align_corners(in_hw, out_hw):
   x = np.random.default_rng(0).standard_normal((2,) + in_hw + (3,)).astype(np.float32)
   ref = F.interpolate(_nchw(x), out_hw, mode='bilinear', align_corners=True)
   ours = layers.resize_bilinear_align_corners(jnp.asarray(x), out_hw)
+  # A convex combination of 4 inputs (<= 4 EPS of max|x|) with weights from
+  # float32 source coordinates i (in - 1)/(out - 1) (off by ~in EPS <= 17
+  # EPS): ~20 EPS = 1.3e-6 of max|x| on each side, both float32. 1e-5: 4x
+  # over that worst case (measured 2e-7). A misaligned grid (half-pixel
+  # centres instead of align_corners) is off by O(0.1).
   _close(ours, _nhwc(ref), rtol=1e-5)
 
 
@@ -301,6 +318,9 @@ def test_resnet_tiny_output_shapes_and_contract():
   assert out['logits'].shape == (2, 64, 96, 6) and out['logits'].dtype == jnp.float32
   assert out['logits8'].shape == (2, 8, 12, 6) and out['logits8'].dtype == jnp.float32
   assert out['proj8'].shape == (2, 8, 12, 128) and out['proj8'].dtype == jnp.float32
+  # A float32 sum of 128 squares (log2(128) = 7 roundings), a sqrt and a
+  # division: ~10 EPS = 6e-7. rtol 1e-5 (measured 1.2e-7); unnormalised
+  # features are O(1) off.
   np.testing.assert_allclose(np.linalg.norm(out['proj8'], axis=-1), 1.0, rtol=1e-5)
   # Training mode updated the running statistics: new = 0.9 old + 0.1 batch.
   old = variables['batch_stats']['backbone']['bn1']['mean']
@@ -345,7 +365,14 @@ def test_batchnorm_is_global_under_sharded_jit():
   sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
   proj_s, stats_s = jax.jit(step)(variables, sharded)
   proj_1, stats_1 = jax.jit(step)(variables, x)
-  # Per-device statistics of one image each would differ by O(1).
+  # Only the order of the batch reductions differs (per-device partials +
+  # all-reduce): a BN mean over up to 8*32*32 positions of mixed sign is off
+  # by ~sqrt(8192) EPS = 5e-6 of the activations' scale at most (the
+  # variance, of positive terms, by ~log2(n) EPS = 8e-7), and ~20 BN layers
+  # add these randomly to ~1e-5 of an activation. 1e-4 of the largest
+  # value: 10x over that (measured 2.6e-6). Running statistics new = 0.9 old
+  # + 0.1 batch carry 0.1x the same errors. Per-device statistics of one
+  # image each would differ by O(1).
   _close(proj_s, proj_1, rtol=1e-4)
   jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4), stats_s, stats_1)
 
@@ -361,8 +388,12 @@ def test_bfloat16_close_to_float32_and_params_stay_float32():
   out16 = _apply(bf16, variables, x, train=False, dc_outputs=True)
   for key in ('logits', 'logits8', 'proj8'):
     assert out16[key].dtype == jnp.float32
-    # bf16 has an 8-bit mantissa (~0.4% per rounding); through ~15 layers a
-    # few percent of the output scale is expected, a bug gives O(1).
+    # bf16 rounds each layer's inputs and weights to 8 bits (2^-9 = 2e-3
+    # relative); these errors are independent, so a layer adds ~2e-3 of its
+    # output and ~20 layers ~sqrt(20) 2e-3 = 1e-2 (measured 9e-3 of the
+    # output scale, the rms 6e-3). 0.05: 5x over that. No looser: a conv
+    # accumulating its ~2,000 products in bf16 would add ~sqrt(n) 2^-9 =
+    # 0.1 per layer, and bf16 BN statistics are O(1) off.
     err = float(jnp.abs(out16[key] - out32[key]).max())
     scale = float(jnp.abs(out32[key]).max())
     assert err < 0.05 * scale, (key, err, scale)
@@ -397,7 +428,12 @@ def test_l2_normalize_matches_float64_and_has_finite_gradient_at_zero():
   x[0, 0] = 0.0                      # an all-zero feature vector
   ref = x.astype(np.float64)
   ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
-  np.testing.assert_allclose(layers.l2_normalize(jnp.asarray(x)), ref, rtol=1e-6, atol=1e-7)
+  # Per element x_i / ||x||, no cancellation: relative error of a sum of 7
+  # squares (<= 6 EPS, halved by the sqrt), the sqrt and the division: ~6
+  # EPS = 3.6e-7 at worst. rtol 4e-6 (10x; measured 1.3 EPS). No atol: the
+  # zero vector maps to exact zeros. Dividing by ||x||^2, or a clamp that
+  # bites on ordinary norms, is O(1) off.
+  np.testing.assert_allclose(layers.l2_normalize(jnp.asarray(x)), ref, rtol=4e-6, atol=0)
   grad = jax.grad(lambda y: layers.l2_normalize(y)[..., 0].sum())(jnp.asarray(x))
   assert bool(jnp.all(jnp.isfinite(grad)))
 
@@ -423,9 +459,13 @@ def test_conv2d_value_and_gradients_match_torch_float64(case):
   """conv2d's rewrites compute torch's Conv2d, forward and both gradients.
 
   Reference: torch.nn.functional.conv2d in float64 with autograd, same
-  padding rule. Fresh random inputs, weights and output cotangent each run;
-  tolerance 1e-5 relative to the largest magnitude (float32 sums of ≤ 2,340
-  terms).
+  padding rule. Fresh random inputs, weights and output cotangent each run.
+  Tolerance: each output (and each gradient entry) is a float32 sum of
+  n <= 9 * 260 = 2,340 products of unit-scale terms, off by ~sqrt(n) EPS =
+  3e-6 of its rms size and ~1e-6 of the largest (measured <= 1.1e-6 of it;
+  the worst case n EPS = 1.4e-4 needs all roundings aligned, which blocked
+  sums do not do). 1e-5 of the largest magnitude: 10x. A wrong tap, a shift
+  by one or a transposed kernel gives O(1).
   """
   b, h, w, c_in, c_out, k, stride, dilation, groups = case
   rng = np.random.default_rng()

@@ -1,9 +1,13 @@
 """Shared helpers for the training tests: a tiny config and readers."""
 import glob
 
+import jax
 import numpy as np
 
 from configs import tiny
+
+# float32 unit round-off: one rounding is off by at most EPS relative.
+EPS = 2.0 ** -24
 
 
 def tiny_config(**overrides):
@@ -41,3 +45,26 @@ def read_scalars(workdir, *, images=False):
 
 
 REPO = __import__('pathlib').Path(__file__).resolve().parents[1]
+
+
+def assert_updates_close(got, want, init, *, steps, flip_frac, smooth_frac):
+  """Parameters of two runs of `steps` updates from `init`, tensor by tensor.
+
+  The error of an update is relative to the terms it sums (the gradients),
+  not to the parameter, so each tensor is measured against its own largest
+  update max|want - init|, after removing the parameters' own rounding: each
+  step rounds p - u to float32 (<= EPS |p| per run), so two runs whose
+  updates differ slightly may land up to 2 EPS |p| apart per step.
+  - max of the excess <= flip_frac * scale: robust to a ReLU or max-pool
+    decision that round-off tipped the other way (see the caller);
+  - median <= smooth_frac * scale: the accumulated round-off, which moves
+    every element, as would any real bug.
+  """
+  def check(path, g, w, i):
+    g, w, i = (np.asarray(x, np.float64) for x in (g, w, i))
+    scale = np.abs(w - i).max()
+    excess = np.maximum(np.abs(g - w) - 2 * steps * EPS * np.abs(w), 0.0)
+    name = jax.tree_util.keystr(path)
+    assert excess.max() <= flip_frac * scale, (name, excess.max(), scale)
+    assert np.median(excess) <= smooth_frac * scale, (name, np.median(excess), scale)
+  jax.tree_util.tree_map_with_path(check, got, want, init)
