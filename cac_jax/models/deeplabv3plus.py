@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cac_jax.models.layers import (Conv, torch_default_kernel_init, batch_norm, l2_normalize,
-                                   resize_bilinear_align_corners)
+from cac_jax.models.layers import (Conv, batch_norm, head_kernel_init, l2_normalize,
+                                   resize_bilinear_align_corners, torch_default_kernel_init)
 
 HEAD_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
@@ -35,7 +35,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel_size, dilation=self.dilation,
-             dtype=self.dtype, name='conv')(x)
+             dtype=self.dtype, kernel_init=head_kernel_init, name='conv')(x)
     return nn.relu(batch_norm(train, self.dtype, 'bn')(x))
 
 
@@ -105,7 +105,7 @@ class Classifier(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Dropout(0.1, deterministic=not train)(x)
     x = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=torch_default_kernel_init, name='conv')(x)
+             kernel_init=head_kernel_init, torch_bias_init=True, name='conv')(x)
     return x.astype(jnp.float32)
 
 
@@ -120,10 +120,10 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Conv(HEAD_CHANNELS, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=torch_default_kernel_init, name='conv1')(x)
+             kernel_init=torch_default_kernel_init, torch_bias_init=True, name='conv1')(x)
     x = nn.relu(x)
     x = Conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=torch_default_kernel_init, name='conv2')(x)
+             kernel_init=torch_default_kernel_init, torch_bias_init=True, name='conv2')(x)
     return x.astype(jnp.float32)
 
 

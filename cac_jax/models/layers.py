@@ -9,10 +9,20 @@ checkpoints and must compute the same function:
   bottom/right only and so shifts every strided feature map by half a pixel.
 * Bilinear resizing uses ``align_corners=True`` (the DeepLab convention the
   CAC code uses); ``jax.image.resize`` implements ``align_corners=False``.
-* BatchNorm uses PyTorch's defaults (momentum 0.1 -> Flax ``momentum=0.9``,
-  eps 1e-5). Under ``jax.jit`` over a batch sharded on a mesh, the batch mean
-  and variance are global reductions, i.e. SyncBN comes for free; passing an
-  ``axis_name`` (a pmap idiom) would fail there.
+* BatchNorm keeps its running statistics as ``torch.nn.BatchNorm2d`` does:
+  momentum 0.1 (Flax convention ``momentum=0.9``), eps 1e-5, and the
+  *unbiased* batch variance (n / (n - 1)) in the running variance, where
+  Flax's ``nn.BatchNorm`` averages the biased one. Normalisation in training
+  uses the biased batch variance in both. Under ``jax.jit`` over a batch
+  sharded on a mesh, the batch mean and variance are global reductions, i.e.
+  SyncBN comes for free; passing an ``axis_name`` (a pmap idiom) would fail
+  there.
+* Initialisation: backbone convolutions use torchvision's
+  ``kaiming_normal_(mode='fan_out')`` (they are normally loaded from
+  ImageNet); the DeepLabv3+ head (ASPP, decoder, classifier) uses
+  ``kaiming_normal_`` in torch's default mode, fan_in, as the CAC code does;
+  biases of convolutions that have one (classifier, projector) and the
+  projector's kernels use torch's ``Conv2d`` default, U(+-1/sqrt(fan_in)).
 
 Naming convention used by :mod:`cac_jax.models.convert`: a Flax module path
 joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
@@ -24,18 +34,27 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax.linen import normalization as _flax_normalization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# torchvision initialises ResNet convolutions with kaiming_normal(fan_out, relu)
-# and the CAC head with kaiming_normal as well; use the same for random init.
+# torchvision initialises ResNet convolutions with kaiming_normal(fan_out, relu).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# The CAC head: torch.nn.init.kaiming_normal_(w) with its defaults (mode fan_in,
+# gain sqrt(2)): N(0, 2 / (kh * kw * C_in)).
+head_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 # torch.nn.Conv2d's own default (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
-# Used for the 1x1 classifier and projector: with the fan_out rule above a
-# 6-way classifier on 256 unit-scale channels starts with logits of std ~9
-# (cross-entropy ~6 and gradient norms in the hundreds at step 0).
 torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def torch_default_bias_init(fan_in: int):
+  """torch.nn.Conv2d's default bias: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 BN_MOMENTUM = 0.9   # Flax convention: new = 0.9 * old + 0.1 * batch (torch 0.1)
 BN_EPSILON = 1e-5
@@ -246,6 +265,9 @@ class Conv(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   kernel_init: Any = conv_kernel_init
+  # False: zeros (the head's bias-free layers never use it); True: torch's
+  # Conv2d default U(+-1/sqrt(fan_in)).
+  torch_bias_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -272,14 +294,55 @@ class Conv(nn.Module):
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
                strides=self.strides, dilation=self.dilation, groups=self.groups)
     if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                        jnp.float32)
+      bias_init = (torch_default_bias_init(k * k * in_features // self.groups)
+                   if self.torch_bias_init else nn.initializers.zeros)
+      bias = self.param('bias', bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch defaults; statistics and parameters in float32.
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm2d``: Flax's BatchNorm with torch's running variance.
+
+  The same parameters ('scale', 'bias') and statistics ('mean', 'var') as
+  ``nn.BatchNorm``, and the same output: the batch statistics and the
+  normalisation are Flax's own (``_compute_stats``, ``_normalize``). Only the
+  running-variance update differs: it averages the unbiased batch variance
+  var * n / (n - 1), n = the number of values per channel (global batch x
+  height x width), as torch does. That matters where n is small, e.g. the
+  ASPP image-pooling branch, where n is the global batch.
+  """
+  use_running_average: bool
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    reduction_axes = tuple(range(x.ndim - 1))
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32),
+                            features)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
+                           features)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean, var = _flax_normalization._compute_stats(x, reduction_axes, dtype=self.dtype)
+      if not self.is_initializing():
+        n = int(np.prod(x.shape[:-1]))
+        # torch refuses n = 1 in training; keep the biased value there.
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    return _flax_normalization._normalize(
+        self, x, mean, var, reduction_axes, (x.ndim - 1,), self.dtype, self.param_dtype,
+        self.epsilon, True, True, nn.initializers.zeros, nn.initializers.ones)
+
+
+def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
+  """BatchNorm with PyTorch semantics; statistics and parameters in float32.
 
   Args:
     train: True uses (global, under jit: synchronised) batch statistics and
@@ -287,13 +350,7 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm
     dtype: compute dtype of the output.
     name: module name in the torchvision layout (``bn1``, ``downsample_1``).
   """
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name)
+  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
