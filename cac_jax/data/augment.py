@@ -11,9 +11,9 @@ ImageNet-standardised values. Labels are integer class ids, 255 = ignore.
 Photometric choices (each matches the authors' PyTorch code where it matters):
   * Colour jitter follows torchvision's `ColorJitter` formulas (multiplicative
     brightness, contrast blended with the grey *mean*, saturation blended with
-    the grey image, hue shift in HSV), applied in the fixed order
-    brightness, contrast, saturation, hue (torchvision shuffles the order; the
-    brief allows the fixed order).
+    the grey image, hue shift in HSV), each clipped to [0, 255] as PIL's
+    8-bit images are, applied in a random order drawn per call from the
+    stateless seed, as torchvision's `ColorJitter` draws one per call.
   * Gaussian blur is 5x5 with the kernel OpenCV uses for
     `cv2.GaussianBlur(img, (5, 5), 0)`, which is what the authors call: for
     sigma <= 0 and a kernel of at most 7 taps OpenCV takes the fixed binomial
@@ -21,6 +21,7 @@ Photometric choices (each matches the authors' PyTorch code where it matters):
     value its formula would give). Border: reflect-101, OpenCV's default.
   * Grayscale uses the ITU-R 601 weights (0.299, 0.587, 0.114), as torchvision.
 """
+import functools
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -101,15 +102,18 @@ def scaled_size(height, width, long_side) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def resize_image(image, height, width) -> tf.Tensor:
-  """Bilinear resize of an RGB image to [height, width, 3] float32.
+  """Bicubic resize of an RGB image to [height, width, 3] float32, like PIL's.
 
-  Antialiased, so that strong down-scaling behaves like the authors' PIL
-  resize instead of aliasing.
+  The authors resize images with `PIL.Image.BICUBIC` (labels: nearest). PIL's
+  bicubic is the Keys kernel (a = -0.5) widened by the scale when shrinking;
+  TensorFlow's antialiased 'bicubic' is the same filter, so the two agree up
+  to PIL's rounding to 8 bits (tests/test_fidelity.py measures it on photos).
+  The result stays float (no rounding) and is clipped to [0, 255], as PIL's
+  cubic overshoot is clipped there.
   """
   image = tf.cast(image, tf.float32)
-  out = tf.image.resize(image, tf.stack([height, width]), method='bilinear',
+  out = tf.image.resize(image, tf.stack([height, width]), method='bicubic',
                         antialias=True)
-  # Antialiased bilinear can overshoot by float round-off only; keep the range.
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -209,7 +213,9 @@ def random_color_jitter(image, seed, brightness: float = 0.4,
   """torchvision-style ColorJitter on a float [H, W, 3] image in [0, 255].
 
   Factors are uniform in [1 - b, 1 + b] (brightness, contrast, saturation) and
-  the hue shift uniform in [-hue, hue], applied in that fixed order.
+  the hue shift uniform in [-hue, hue]; the four operations are applied in
+  the order `jitter_order(seed)`, a uniformly random permutation of
+  (0 brightness, 1 contrast, 2 saturation, 3 hue), as torchvision does.
   """
   seeds = split_seed(seed, 4)
 
@@ -217,11 +223,20 @@ def random_color_jitter(image, seed, brightness: float = 0.4,
     return tf.random.stateless_uniform([], s, minval=max(0.0, 1.0 - amount),
                                        maxval=1.0 + amount)
 
-  image = adjust_brightness(image, factor(seeds[0], brightness))
-  image = adjust_contrast(image, factor(seeds[1], contrast))
-  image = adjust_saturation(image, factor(seeds[2], saturation))
+  b, c, s = (factor(seeds[i], a) for i, a in enumerate((brightness, contrast, saturation)))
   delta = tf.random.stateless_uniform([], seeds[3], minval=-hue, maxval=hue)
-  return adjust_hue(image, delta)
+  ops = [lambda x: adjust_brightness(x, b), lambda x: adjust_contrast(x, c),
+         lambda x: adjust_saturation(x, s), lambda x: adjust_hue(x, delta)]
+  order = jitter_order(seed)
+  for k in range(4):
+    image = tf.switch_case(order[k], [functools.partial(op, image) for op in ops])
+  return image
+
+
+def jitter_order(seed) -> tf.Tensor:
+  """The colour-jitter order of a call: a uniform random permutation of 0..3 (int32 [4])."""
+  keys = tf.random.stateless_uniform([4], split_seed(seed, 5)[4])
+  return tf.cast(tf.argsort(keys), tf.int32)
 
 
 def gaussian_blur(image) -> tf.Tensor:
