@@ -1,6 +1,6 @@
 """The feature bank: a FIFO ring buffer of past steps' DC-loss negatives.
 
-CAC (CAC_SPEC.md §4) contrasts each anchor with the negatives of the current
+CAC (docs/method.md §4) contrasts each anchor with the negatives of the current
 step AND of the previous `bank_steps` steps. Every step produces the same
 number M of negatives (both views of every unlabeled image), so a bank of
 capacity `bank_steps · M` written M rows at a time at a pointer that advances

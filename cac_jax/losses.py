@@ -1,6 +1,6 @@
 """Losses: pixel cross-entropy and the directional contrastive (DC) loss.
 
-The DC loss (CAC_SPEC.md §4) is InfoNCE between a view's stride-8 features
+The DC loss (docs/method.md §4) is InfoNCE between a view's stride-8 features
 ("anchors") and the other view's features at the same image location
 ("targets", no gradient), against negatives with a different pseudo-label.
 
@@ -251,7 +251,7 @@ def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
                                  pos_threshold=0.75, directional=True,
                                  filter_negatives=True, chunk_size=8192,
                                  matmul_dtype=jnp.float32):
-  """One direction of the DC loss on flat arrays (CAC_SPEC.md §4).
+  """One direction of the DC loss on flat arrays (docs/method.md §4).
 
   loss = Σ_k w_k l_k / (Σ_k w_k + 1e-12) with
   l_k = −log(exp(pos_k) / (exp(pos_k) + Σ_j m_kj exp(s_kj))),

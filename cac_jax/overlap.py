@@ -1,4 +1,4 @@
-"""Static-shape overlap geometry of the two unlabeled views (CAC_SPEC.md §2, §4).
+"""Static-shape overlap geometry of the two unlabeled views (docs/method.md §2, §4).
 
 The pair sampler gives, per unlabeled image, the overlap box of each view in
 that view's own *unflipped* pixel frame, `(top, left, bottom, right)`, all

@@ -8,7 +8,7 @@ whose pixel values are class ids and whose palette is the dataset's colours
 (so it opens as a colour picture and reads back as class ids), and
 `<out>/<id>_overlay.jpg`, the image beside the mask blended over it.
 
-Inference follows the evaluation protocol (CAC_SPEC.md section 5): the full
+Inference follows the evaluation protocol (docs/method.md §5): the full
 image, normalised, reflect-padded bottom/right to a multiple of 8, logits
 cropped back to the image. Images are decoded by the training pipeline's own
 decoder (`sources.decode_image`: 16-bit PNGs scaled to 8 bits, EXIF

@@ -3,7 +3,7 @@
 Hypothesis draws image sizes from 1x1 to several times the crop, in both
 orientations, and PNG inputs that are gray, gray+alpha, palette, 1-bit, RGB,
 RGBA or 16-bit (decoded by `sources.decode_image`, as the pipelines do).
-Nothing may crash, and CAC_SPEC.md section 2's invariants must hold: crops
+Nothing may crash, and docs/method.md §2's invariants must hold: crops
 inside the padded image, overlap boxes of equal size in multiples of 8,
 inside the unpadded image (padding never in a box), and both views showing
 the same pixels in their boxes.

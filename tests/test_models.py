@@ -220,7 +220,7 @@ def _small_flax_resnet(output_stride):
 
 def _small_torch_resnet(output_stride, seed):
   strides, base = resnet.layer_plan(output_stride)
-  # Dilations written out from the spec (CAC_SPEC.md section 3), not from code.
+  # Dilations written out from the spec (docs/method.md §3), not from code.
   dilations = {16: [[1], [1, 1], [1, 1], [2, 4, 8]],
                8: [[1], [1, 1], [2, 2], [4, 8, 16]]}[output_stride]
   assert strides == {16: (1, 2, 2, 1), 8: (1, 2, 1, 1)}[output_stride]

@@ -4,7 +4,7 @@ The reference slices each image's overlap `[ul // 8 : br // 8]` directly (the
 ragged way the authors' code does it), un-flips with `torch.flip`, builds
 negatives from every cell of both views plus the bank, and lets torch
 autograd produce the gradient w.r.t. both projection maps. Boxes come from a
-re-implementation of the CAC pair sampler's geometry (CAC_SPEC.md §2).
+re-implementation of the CAC pair sampler's geometry (docs/method.md §2).
 Tolerances: float32 vs float64 with logits ≤ 1/τ = 10, derived as in
 test_losses.py (EPS = 2^-24 per rounding) and stated at each assertion.
 """

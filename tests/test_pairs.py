@@ -1,4 +1,4 @@
-"""Tests of CAC's pair sampler (CAC_SPEC.md section 2, steps 1-6).
+"""Tests of CAC's pair sampler (docs/method.md §2, steps 1-6).
 
 The vectorised 50-try selection is compared with a plain-Python transcription
 of the spec's loop on random inputs; the full sampler is checked for its

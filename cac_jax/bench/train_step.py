@@ -105,7 +105,7 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
                  supervised_only=False, dc_matmul_dtype='float32'):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
-  Values are the paper's VOC settings (configs/voc_r50.py, CAC_SPEC.md §4-5)
+  Values are the paper's VOC settings (configs/voc_r50.py, docs/method.md §4-5)
   except where a flag overrides them; tests/test_bench.py checks that every
   field exists in `config_lib.base_config()` with the same meaning.
   """
@@ -129,7 +129,7 @@ def synthetic_boxes(crop: int, n: int):
 
   View 2 is view 1 shifted by (dy, dx) = (±s, ±s), s = crop/4 snapped down
   to a multiple of 8 (at least 8), signs alternating over the batch; the
-  boxes follow CAC_SPEC.md §2 step 4 for an unpadded image.
+  boxes follow docs/method.md §2 step 4 for an unpadded image.
   """
   s = max(8, crop // 4 // 8 * 8)
   box1, box2 = [], []

@@ -1,4 +1,4 @@
-"""Augmentations for CAC as pure TensorFlow functions (CAC_SPEC.md section 2).
+"""Augmentations for CAC as pure TensorFlow functions (docs/method.md §2).
 
 Every function here works eagerly and inside `tf.data` (graph mode), and all
 randomness is *stateless*: it comes from an explicit `seed` (int tensor of
@@ -260,7 +260,7 @@ def gaussian_blur(image) -> tf.Tensor:
 
 def photometric_augment(image, seed, *, p_blur: float = 0.5,
                         p_jitter: float = 0.8, p_gray: float = 0.2) -> tf.Tensor:
-  """CAC's per-view photometric augmentation (CAC_SPEC.md section 2, step 6).
+  """CAC's per-view photometric augmentation (docs/method.md §2, step 6).
 
   In the authors' order: Gaussian blur (p_blur), colour jitter
   (0.4, 0.4, 0.4, 0.1) with p_jitter, grayscale (p_gray).

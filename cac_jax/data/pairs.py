@@ -1,6 +1,6 @@
 """CAC's pair sampler: two overlapping crops of one unlabeled image.
 
-Implements CAC_SPEC.md section 2, "Unlabeled pairs", steps 1-6, as the
+Implements docs/method.md §2, "Unlabeled pairs", steps 1-6, as the
 authors' `PairVOCDataset.__getitem__` does, with stateless randomness and
 static shapes so it runs inside `tf.data`:
 
@@ -84,7 +84,7 @@ def select_second_crop(y1, x1, cand_y, cand_x, *, crop_size: int,
 
 def overlap_boxes(y1, x1, y2, x2, height, width, *, crop_size: int,
                   stride: int):
-  """Overlap of the two crops in each crop's own frame (CAC_SPEC.md step 4).
+  """Overlap of the two crops in each crop's own frame (docs/method.md §2, step 4).
 
   Args:
     y1, x1, y2, x2: int32 scalars, crop top-left corners in the padded image.

@@ -13,8 +13,8 @@ the *global* batch):
 So a run resumed at step k sees exactly the batches an uninterrupted run sees
 from step k, and the hosts of a pod (host p owns slots [p*b, (p+1)*b)) need no
 communication yet together produce exactly the single-host global batch. Each
-step is freshly augmented; nothing is cached or replayed (CAC_SPEC.md
-section 7, first flaw of the original).
+step is freshly augmented; nothing is cached or replayed (docs/method.md
+§7, first point).
 
 Evaluation (`eval_iterator`): the full validation images, each at its own
 size, reflect-padded bottom/right to a multiple of 8 (as the authors'
@@ -39,7 +39,7 @@ from cac_jax.data import sources
 # Independent randomness streams (second word of the base seed).
 LABELED_AUG, LABELED_ORDER, UNLABELED_AUG, UNLABELED_ORDER = 0, 1, 2, 3
 EVAL_MULTIPLE = 8
-# Stride of the features the DC loss compares (CAC_SPEC.md section 3): crop
+# Stride of the features the DC loss compares (docs/method.md §3): crop
 # offsets and overlap boxes are multiples of it.
 FEATURE_STRIDE = 8
 
