@@ -184,24 +184,38 @@ def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):
 
 
 def test_ablation_report_tables_and_paired_deltas(tmp_path):
-  """The ablation's Markdown: mean ± std per arm, and per-seed paired deltas."""
+  """The ablation's Markdown: final and best per arm, per-seed paired deltas with 95% CIs."""
   from cac_jax.bench import ablation
-  def arm(finals):
-    runs = [{'seed': i, 'final_miou': f, 'curve': [(40, f / 2), (80, f)],
-             'active_frac_12_last': None} for i, f in enumerate(finals)]
-    return {'mean': float(np.mean(finals)), 'std': float(np.std(finals, ddof=1)),
-            'runs': runs}
-  results = {'frac_1_16': {'supervised': arm([0.30, 0.20]), 'cac': arm([0.33, 0.21])}}
+  def arm(finals, bests):
+    runs = [{'seed': i, 'final_miou': f, 'curve': [(40, f / 2), (80, b), (120, f)],
+             'active_frac_12_last': None} for i, (f, b) in enumerate(zip(finals, bests))]
+    return ablation.aggregate(runs)
+  results = {'frac_1_16': {'supervised': arm([0.30, 0.20, 0.25], [0.30, 0.22, 0.26]),
+                           'cac': arm([0.31, 0.22, 0.28], [0.35, 0.23, 0.28])}}
   out = tmp_path / 'abl'
-  ablation.write_outputs(results, out, 'cmd', {'seeds': 2, 'steps': 80, 'unsup_start': 40})
+  ablation.write_outputs(results, out, 'cmd', {'seeds': 3, 'steps': 120, 'unsup_start': 40})
   md = out.with_suffix('.md').read_text()
-  assert '| supervised | 25.0 ± 7.1 |' in md
-  assert '| cac | 27.0 ± 8.5 |' in md
-  # Paired: +3.0 and +1.0 points -> +2.0 ± 1.4.
-  assert '| frac_1_16 | cac | 33.0, 21.0 | +2.0 ± 1.4 |' in md
-  assert '| frac_1_16 | supervised | 30.0, 20.0 | – |' in md
+  # final 30, 20, 25 -> 25.0 ± 5.0; best 30 (a tie at 120 and 80 keeps the
+  # earlier step), 22, 26 -> 26.0 ± 4.0.
+  assert '| supervised | 25.0 ± 5.0 / 26.0 ± 4.0 |' in md
+  # Paired final deltas +1, +2, +3 points: mean 2, sd 1, t(0.975, 2) = 4.3027
+  # -> half-width 4.3027 / sqrt(3) = 2.484: [-0.5, +4.5].
+  assert '| frac_1_16 | cac | 31.0, 35.0 @ 80; 22.0, 23.0 @ 80; 28.0, 28.0 @ 80 |' in md
+  assert '| +2.0 [-0.5, +4.5] |' in md
+  assert '| frac_1_16 | supervised | 30.0, 30.0 @ 80; 20.0, 22.0 @ 80; 25.0, 26.0 @ 80 | – | – |' in md
   assert out.with_suffix('.png').stat().st_size > 0
-  assert json.loads(out.with_suffix('.json').read_text())['meta']['steps'] == 80
+  assert json.loads(out.with_suffix('.json').read_text())['meta']['steps'] == 120
+  # The report can be made again from the JSON alone, with the same tables.
+  again = tmp_path / 'again'
+  ablation.report_from_json(out.with_suffix('.json'), again)
+  table = lambda text: [l for l in text.splitlines() if l.startswith('|')]
+  assert table(again.with_suffix('.md').read_text()) == table(md)
+
+
+def test_paired_interval_matches_the_t_formula():
+  from cac_jax.bench import ablation
+  mean, low, high = ablation.paired_interval([1.0, 2.0, 3.0])
+  assert mean == 2.0 and abs(low - (2 - 2.4841)) < 1e-3 and abs(high - (2 + 2.4841)) < 1e-3
 
 
 def test_profile_step_names_the_slow_ops(capsys):

@@ -2,12 +2,18 @@
 
   python -m cac_jax.bench.ablation --out=docs/ablation --settings=frac_1_16,context_biased
   python -m cac_jax.bench.ablation --out=docs/ablation --summary_only   # report only
+  python -m cac_jax.bench.ablation --out=docs/ablation --from_json=docs/ablation.json
+      # the report again from the curves a JSON report recorded
 
 Trains every arm x seed x setting with `python -m cac_jax.main` (one process
 per run, `--parallel` at a time) on the embedded texture dataset, from the
 same base config (configs/default.py: MobileNetV2 from ImageNet, crop 64,
-4 labeled + 4 unlabeled images, 240 steps, DC loss from step 80), then writes `<out>.json`, `<out>.md` (mean +- std of the
-final val mIoU per arm and setting) and `<out>.png` (val mIoU over steps).
+4 labeled + 4 unlabeled images, 240 steps, DC loss from step 80), then writes
+`<out>.json`, `<out>.md` (per arm and setting: the final and the best val
+mIoU, mean +- std over seeds, the step of each run's best, and the paired
+difference to supervised with a 95% t-interval over seeds) and `<out>.png`
+(val mIoU over steps). The paper reports the best evaluation of a run; both
+are given.
 
 Fairness: every arm of a (setting, seed) pair sees the same labeled split,
 the same step-indexed data stream, the same initialisation, schedule, number
@@ -99,12 +105,36 @@ def summarise(root: pathlib.Path, settings, arms, seeds, steps: int):
           runs.append({'seed': seed, 'curve': curve, 'final_miou': curve[-1][1],
                        'active_frac_12_last': active[-1][1] if active else None,
                        'uptime_s': uptime[-1][1] if uptime else None})
-      finals = np.array([r['final_miou'] for r in runs])
-      results.setdefault(setting, {})[arm] = {
-          'mean': float(np.mean(finals)) if runs else None,
-          'std': float(np.std(finals, ddof=1)) if len(runs) > 1 else 0.0,
-          'runs': runs}
+      results.setdefault(setting, {})[arm] = aggregate(runs)
   return results
+
+
+def best_of(curve):
+  """(best mIoU, its step) of a [(step, mIoU), ...] curve; the earliest on ties."""
+  step, value = max(curve, key=lambda sv: (sv[1], -sv[0]))
+  return value, step
+
+
+def aggregate(runs) -> dict:
+  """Mean +- std over seeds of the final and the best mIoU (best filled in per run)."""
+  for r in runs:
+    r['best_miou'], r['best_step'] = best_of(r['curve'])
+  out = {'runs': runs}
+  for name, key in (('', 'final_miou'), ('best_', 'best_miou')):
+    values = np.array([r[key] for r in runs])
+    out[f'{name}mean'] = float(values.mean()) if runs else None
+    out[f'{name}std'] = float(values.std(ddof=1)) if len(runs) > 1 else 0.0
+  return out
+
+
+def paired_interval(deltas) -> tuple[float, float, float]:
+  """(mean, low, high): the 95% t-interval of the mean of paired differences."""
+  from scipy import stats
+  d = np.asarray(deltas, np.float64)
+  if len(d) < 2:
+    return float(d.mean()), float('nan'), float('nan')
+  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
@@ -112,36 +142,49 @@ def write_outputs(results, out: pathlib.Path, command: str, meta: dict):
   out.with_suffix('.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=1))
   settings = list(results)
   arms = list(results[settings[0]])
-  lines = [f'Command: `{command}`', '',
-           'Final val mIoU (%), mean ± std over seeds '
-           f'({meta["seeds"]} seeds, {meta["steps"]} steps, DC loss from step '
-           f'{meta["unsup_start"]}).', '',
-           '| arm | ' + ' | '.join(settings) + ' |', '|---|' + '---|' * len(settings)]
+  lines = [f'Command: `{command}`', '']
+  if meta.get('note'):
+    lines += [meta['note'], '']
+  lines += ['Val mIoU (%), mean ± std over seeds: final (last evaluation) / best '
+            f'(best evaluation of each run, as the paper reports) ({meta["seeds"]} seeds, '
+            f'{meta["steps"]} steps, DC loss from step {meta["unsup_start"]}).', '',
+            '| arm | ' + ' | '.join(f'{s}: final / best' for s in settings) + ' |',
+            '|---|' + '---|' * len(settings)]
+
   def cell(r):
     if not r['runs']:
       return 'not run'
     n = '' if len(r['runs']) == meta['seeds'] else f' ({len(r["runs"])} of {meta["seeds"]} seeds)'
-    return f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}{n}'
+    return (f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f} / '
+            f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f}{n}')
   for arm in arms:
     lines.append(f'| {arm} | ' + ' | '.join(cell(results[s][arm]) for s in settings) + ' |')
-  lines += ['', 'Per seed (final val mIoU %), and the paired difference to the '
-            'supervised run of the same seed (same labeled split, data stream '
-            'and initialisation), mean ± std over seeds:', '',
-            '| setting | arm | per seed | Δ vs supervised |', '|---|---|---|---|']
+  lines += ['', 'Per seed: final and best val mIoU (%) with the step of the best, and '
+            'the paired difference to the supervised run of the same seed (same '
+            'labeled split, data stream and initialisation): mean and 95% '
+            't-interval over seeds. "Beats supervised" only where the interval '
+            'excludes 0.', '',
+            '| setting | arm | per seed: final, best @ step | Δ final vs supervised '
+            '[95% CI] | Δ best vs supervised [95% CI] |', '|---|---|---|---|---|']
   for setting in settings:
     base = results[setting].get('supervised')
-    base_by_seed = {r['seed']: r['final_miou'] for r in base['runs']} if base else {}
+    base_by_seed = {r['seed']: r for r in base['runs']} if base else {}
     for arm in arms:
       runs = results[setting][arm]['runs']
       if not runs:
         continue
-      per_seed = ', '.join(f'{100 * r["final_miou"]:.1f}' for r in runs)
-      delta = '–'
-      d = 100 * np.array([r['final_miou'] - base_by_seed[r['seed']]
-                          for r in runs if r['seed'] in base_by_seed])
-      if arm != 'supervised' and len(d):
-        delta = f'{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.1f}'
-      lines.append(f'| {setting} | {arm} | {per_seed} | {delta} |')
+      per_seed = '; '.join(f'{100 * r["final_miou"]:.1f}, {100 * r["best_miou"]:.1f} @ '
+                           f'{r["best_step"]}' for r in runs)
+      deltas = []
+      for key in ('final_miou', 'best_miou'):
+        d = [100 * (r[key] - base_by_seed[r['seed']][key]) for r in runs
+             if r['seed'] in base_by_seed]
+        if arm == 'supervised' or not d:
+          deltas.append('–')
+          continue
+        mean, low, high = paired_interval(d)
+        deltas.append(f'{mean:+.1f} [{low:+.1f}, {high:+.1f}]')
+      lines.append(f'| {setting} | {arm} | {per_seed} | {deltas[0]} | {deltas[1]} |')
   uptimes = [r['uptime_s'] for s in settings for a in arms
              for r in results[s][a]['runs'] if r.get('uptime_s')]
   if uptimes:
@@ -186,10 +229,15 @@ def main():
   parser.add_argument('--settings', default=','.join(SETTINGS))
   parser.add_argument('--parallel', type=int, default=2)
   parser.add_argument('--extra', default='', help='more flags for every run, space-separated')
+  parser.add_argument('--from_json', default='',
+                      help='train nothing: write the report again from the run curves '
+                           'recorded in this JSON report (e.g. docs/ablation.json)')
   parser.add_argument('--summary_only', action='store_true',
                       help='train nothing: write the report from the finished runs '
                            '(arms or seeds without one show as "not run" / fewer seeds)')
   args = parser.parse_args()
+  if args.from_json:
+    return report_from_json(pathlib.Path(args.from_json), REPO / args.out)
   arms, settings = args.arms.split(','), args.settings.split(',')
   seeds = list(range(args.seeds))
   root = REPO / args.workdirs
@@ -213,9 +261,26 @@ def main():
   meta = {'seeds': args.seeds, 'steps': args.steps, 'unsup_start': args.unsup_start,
           'wall_time_s': None if args.summary_only else wall, 'parallel': args.parallel, 'extra': args.extra}
   command = 'python -m cac_jax.bench.ablation ' + ' '.join(sys.argv[1:])
+  meta['command'] = command
   write_outputs(results, REPO / args.out, command, meta)
   print((REPO / args.out).with_suffix('.md').read_text())
   print(f'wall time: {wall / 60:.1f} min')
+
+
+def report_from_json(source: pathlib.Path, out: pathlib.Path) -> None:
+  """Rewrites <out>.{json,md,png} from the curves recorded in a JSON report."""
+  saved = json.loads(source.read_text())
+  results = {setting: {arm: aggregate(r['runs']) for arm, r in arms.items()}
+             for setting, arms in saved['results'].items()}
+  meta = dict(saved['meta'])
+  provenance = (f' The runs were made by `{meta["runs_made_by"]}`'
+                + (f' with the code of {meta["code"]}' if meta.get('code') else '') + '.'
+                ) if meta.get('runs_made_by') else ''
+  meta['note'] = (f'Re-rendered from the run curves recorded in {source.name} (no run was '
+                  f'repeated).{provenance}')
+  command = 'python -m cac_jax.bench.ablation ' + ' '.join(sys.argv[1:])
+  write_outputs(results, out, meta.get('command', command), meta)
+  print(out.with_suffix('.md').read_text())
 
 
 if __name__ == '__main__':
