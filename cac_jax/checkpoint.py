@@ -127,36 +127,63 @@ def _move_aside(manager, step: int, workdir) -> str:
   return target
 
 
-def restore_latest_intact(manager, abstract_state, *, workdir=None):
-  """Restores the newest checkpoint that reads back; returns (state, step).
+def _all_processes(ok: bool) -> bool:
+  """True if `ok` holds on every process (one allgather; free on one process)."""
+  import jax
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
-  Newer checkpoints that fail to restore are reported in a warning; with
-  `workdir` (training, the only writer) they are moved to
-  `<workdir>/damaged_checkpoints/` so that later saves and restores skip
-  them. Read-only callers (predict, evaluate) pass no workdir and move
-  nothing.
+
+def restore_latest_intact(manager, abstract_state, *, workdir=None):
+  """Restores the newest checkpoint that reads back on every process; (state, step).
+
+  Newer checkpoints that fail to restore (on any process) are reported in a
+  warning. With `workdir` (training, the only writer) process 0 moves them to
+  `<workdir>/damaged_checkpoints/` and every process reloads its view of the
+  directory, so that later saves of those steps happen and later restores
+  skip them. On a remote workdir, which cannot be renamed safely, a damaged
+  checkpoint stops the run with instructions instead. Read-only callers
+  (predict, evaluate) pass no workdir and move nothing.
 
   Raises:
     CheckpointRestoreError: no checkpoint restores (e.g. the state's
-      structure changed); nothing is moved.
+      structure changed; nothing is moved), or a remote workdir holds a
+      damaged one.
   """
+  import jax
   steps = sorted(manager.all_steps(), reverse=True)
   failures = []
   for step in steps:
+    state, why = None, None
     try:
       state = restore(manager, abstract_state, step)
     except Exception as e:  # orbax/TensorStore raise many types for bad files
-      failures.append((step, ' '.join(f'{type(e).__name__}: {e}'.split())[:300]))
+      why = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    if not _all_processes(why is None):
+      failures.append((step, why or 'unreadable on another host'))
       continue
+    if failures and workdir is not None and '://' in str(workdir):
+      raise CheckpointRestoreError(
+          f'checkpoint(s) {[s for s, _ in failures]} in {manager.directory} cannot be '
+          f'read ({failures[0][1]}); the newest intact one is step {step}. Delete the '
+          'damaged step directories and rerun to resume from it')
+    lead = jax.process_index() == 0
     for bad, why in failures:
       where = ''
-      if workdir is not None and '://' not in str(workdir):
+      if workdir is not None and lead:
         where = f'; moved to {_move_aside(manager, bad, workdir)}'
       logging.warning('checkpoint %d is damaged and was skipped (%s)%s; using step %d',
                       bad, why, where, step)
-      print(f'warning: checkpoint {bad} is damaged and was skipped ({why}){where}; '
-            f'using step {step}', file=sys.stderr)
+      if lead:
+        print(f'warning: checkpoint {bad} is damaged and was skipped ({why}){where}; '
+              f'using step {step}', file=sys.stderr)
     if failures and workdir is not None:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('cac_jax: damaged checkpoints moved aside')
       manager.reload()
     return state, step
   first = failures[0] if failures else (None, 'no checkpoint')
@@ -166,19 +193,24 @@ def restore_latest_intact(manager, abstract_state, *, workdir=None):
       'files are damaged, move them away to start again')
 
 
-def saved_config(workdir) -> dict | None:
-  """The config of the newest checkpoint that has a readable one, else config.json.
+def saved_config(workdir, step=None) -> dict | None:
+  """The config saved with checkpoint `step`, else with the newest checkpoint
+  that has a readable one; None if there is none.
 
-  Read as plain JSON (no orbax), so that it works before a manager exists and
-  on a damaged state.
+  Read as plain JSON (no orbax; local or gs:// through etils), so that it
+  works before a manager exists and when a checkpoint's state is damaged.
   """
-  directory = os.path.join(str(workdir), 'checkpoints')
-  steps = sorted((int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
-                  if n.isdigit()), reverse=True)
-  for step in steps:
+  directory = epath.Path(str(workdir)) / 'checkpoints'
+  try:
+    names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+  except OSError:
+    names = []
+  steps = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+  if step is not None:
+    steps = [step] + [s for s in steps if s != step]
+  for s in steps:
     try:
-      with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
-        return json.load(f)
+      return json.loads((directory / str(s) / 'config' / 'metadata').read_text())
     except (OSError, ValueError):
       continue
   return None

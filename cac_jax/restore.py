@@ -80,10 +80,18 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   Raises:
     RunError: no checkpoint, or no checkpoint at `step`.
   """
-  manager = open_manager(paths.resolve(str(workdir)))
+  workdir = paths.resolve(str(workdir))
+  manager = open_manager(workdir)
   explicit_step = step
   step = choose_step(manager, step=step, which=which)
-  config = ml_collections.ConfigDict(ckpt_lib.restore_config(manager, step))
+  # The config saved with that step (the network is the same for every step
+  # of a run: resuming with another one is refused), read as plain JSON so
+  # that a damaged checkpoint still names itself below.
+  saved = ckpt_lib.saved_config(workdir, step)
+  if saved is None:
+    raise RunError(f'no checkpoint in {manager.directory} holds a readable config; '
+                   'the run directory is damaged')
+  config = ml_collections.ConfigDict(saved)
   model = build_model(config.model, num_classes=config.data.num_classes)
   # The full TrainState is restored (its tree is what was saved); the
   # optimiser is rebuilt only to give opt_state its structure.
@@ -102,6 +110,7 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
     print(f'warning: checkpoint {step} cannot be read ({why}); using the newest '
           'intact checkpoint instead', file=sys.stderr)
     state, step = ckpt_lib.restore_latest_intact(manager, abstract)
+    config = ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   del state  # drop opt_state and the bank: inference never needs them
   manager.close()

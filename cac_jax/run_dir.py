@@ -3,19 +3,19 @@
 Three checks run before a training run writes anything into its workdir:
 
 * `check_writable`: the workdir is (or can be made) a writable directory;
-* `WorkdirLock`: one training at a time per workdir. The lock file
-  `<workdir>/.lock` records host, PID and the PID's start time; a lock whose
-  process is gone (same host, PID dead or reused) is stale and taken over,
-  so a run killed with SIGKILL never blocks its own resume;
+* `WorkdirLock`: one training at a time per workdir, an exclusive `flock` on
+  `<workdir>/.lock` that the kernel drops when the holder dies (SIGKILL too),
+  so a killed run never blocks its own resume;
 * `check_resumable`: a workdir that already holds checkpoints is only resumed
   with a config that can continue them. Fields in `RESUMABLE` (schedule
   length, loop intervals, evaluation options, data location) may change;
   any other difference is refused, naming the keys, before anything is
   written.
 
-Remote workdirs (gs://) are not locked (no atomic create on object stores)
-and not probed; on a pod only process 0 takes the lock.
+Remote workdirs (gs://) are not locked (object stores have no locks) and not
+probed; on a pod process 0 takes the lock and tells the other hosts.
 """
+import fcntl
 import json
 import os
 import socket
@@ -51,80 +51,51 @@ def check_writable(workdir: str) -> None:
         f'{e.strerror or e}); pass a directory you can write to') from None
 
 
-def _start_time(pid: int) -> str | None:
-  """The start time of process `pid` (clock ticks since boot), None if no such process."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      # The command name (field 2) may hold spaces: split after its ')'.
-      return f.read().rsplit(')', 1)[1].split()[19]
-  except (OSError, IndexError):
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      return None
-    except PermissionError:
-      pass
-    return ''  # alive, start time unknown (no /proc)
-
-
 class WorkdirLock:
-  """`<workdir>/.lock` held for the lifetime of a training run (context manager)."""
+  """`<workdir>/.lock`, held for the lifetime of a training run (context manager).
+
+  The lock is an exclusive `flock` on the file, kept open for the whole run:
+  the kernel releases it when the process ends in any way (SIGKILL included),
+  so a crashed run never blocks its own resume, and two starters can never
+  both hold it. The file also records host, PID and start of the holder,
+  for the message that refuses a second run; it is left in place on exit.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.path = os.path.join(workdir, LOCK_NAME)
     self.enabled = enabled and not paths.is_remote(workdir)
-    self._held = False
-
-  def _record(self) -> dict:
-    pid = os.getpid()
-    return {'host': socket.gethostname(), 'pid': pid, 'start': _start_time(pid),
-            'since': time.strftime('%Y-%m-%d %H:%M:%S')}
-
-  def _holder_alive(self, holder: dict) -> bool:
-    if holder.get('host') != socket.gethostname():
-      return True  # cannot check another machine: assume it is running
-    start = _start_time(int(holder.get('pid', -1)))
-    return start is not None and (start == '' or not holder.get('start')
-                                  or start == holder['start'])
+    self._file = None
 
   def acquire(self) -> None:
-    if not self.enabled:
+    if not self.enabled or self._file is not None:  # off, or already held
       return
-    for _ in range(2):
+    f = open(self.path, 'a+')
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        try:
-          with open(self.path) as f:
-            holder = json.load(f)
-        except (OSError, ValueError):
-          holder = {}
-        if holder and self._holder_alive(holder):
-          raise config_lib.ConfigError(
-              f'{os.path.dirname(self.path)} is in use by another training run (host '
-              f"{holder.get('host')}, PID {holder.get('pid')}, since "
-              f"{holder.get('since')}); wait for it to finish, stop it, or pass another "
-              f'--workdir. If no such run exists, delete {self.path}') from None
-        # Stale (its process is gone) or unreadable (a crash mid-write): take over.
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-        continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(self._record(), f)
-      self._held = True
-      return
-    raise config_lib.ConfigError(f'could not take the lock {self.path}; another run '
-                                 'is starting in the same --workdir')
+        holder = json.loads(f.read() or '{}')
+      except ValueError:
+        holder = {}
+      f.close()
+      raise config_lib.ConfigError(
+          f'{os.path.dirname(self.path)} is in use by another training run (host '
+          f"{holder.get('host', '?')}, PID {holder.get('pid', '?')}, since "
+          f"{holder.get('since', '?')}); wait for it to finish, stop it, or pass another "
+          '--workdir') from None
+    f.seek(0)
+    f.truncate()
+    json.dump({'host': socket.gethostname(), 'pid': os.getpid(),
+               'since': time.strftime('%Y-%m-%d %H:%M:%S')}, f)
+    f.flush()
+    self._file = f
 
   def release(self) -> None:
-    if self._held:
-      self._held = False
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
 
   def __enter__(self):
     self.acquire()
@@ -160,10 +131,20 @@ def config_differences(saved: dict, config) -> tuple[list[str], list[str]]:
   default = _flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
   refused, allowed = [], []
   for key in sorted(set(new) | set(old)):
-    before = old.get(key, default.get(key))
-    if before != new.get(key, default.get(key)):
+    before, after = old.get(key, default.get(key)), new.get(key, default.get(key))
+    if before != after and not _same_path(key, before, after):
       (allowed if _resumable(key) else refused).append(key)
   return refused, allowed
+
+
+def _same_path(key: str, before, after) -> bool:
+  """A relative path saved by a run made before paths were resolved, and its
+  absolute form now (the same file, if it still ends in the saved path)."""
+  if key not in paths.CONFIG_PATH_FIELDS or not isinstance(before, str) or not before:
+    return False
+  if os.path.isabs(before) or paths.is_remote(before) or not isinstance(after, str):
+    return False
+  return after.endswith(os.sep + os.path.normpath(before))
 
 
 def check_resumable(saved: dict, config, workdir: str) -> list[str]:

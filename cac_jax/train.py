@@ -8,6 +8,7 @@ uninterrupted run would.
 """
 import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -192,7 +193,20 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
   # Nothing is written until the workdir is known to be writable, ours alone,
   # and (if it holds checkpoints) resumable with this config.
   run_dir.check_writable(workdir)
-  with run_dir.WorkdirLock(workdir, enabled=lead):
+  lock = run_dir.WorkdirLock(workdir, enabled=lead)
+  refused = None
+  try:
+    lock.acquire()
+  except config_lib.ConfigError as e:
+    refused = e
+  if jax.process_count() > 1:  # every host stops cleanly if process 0 was refused
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
+      refused = refused or config_lib.ConfigError(
+          f'{workdir} is in use by another training run (process 0 could not take '
+          'its lock); wait for it to finish, stop it, or pass another --workdir')
+  if refused is not None:
+    raise refused
+  with lock:
     saved = ckpt_lib.saved_config(workdir)
     if saved is not None:
       changed = run_dir.check_resumable(saved, config, workdir)
@@ -210,22 +224,38 @@ def _history_path(workdir):
   return epath.Path(workdir) / 'val_history.json'
 
 
-def _record_eval(workdir, step: int, miou: float) -> dict:
-  """Adds step -> mIoU to <workdir>/val_history.json (process 0); returns the history."""
-  path = _history_path(workdir)
+def _read_history(workdir) -> dict:
   try:
-    history = {int(k): v for k, v in json.loads(path.read_text()).items()}
+    return {int(k): v for k, v in json.loads(_history_path(workdir).read_text()).items()}
   except (OSError, ValueError):
-    history = {}
+    return {}
+
+
+def _write_history(workdir, history: dict) -> None:
+  """Replaces <workdir>/val_history.json (process 0), atomically where local."""
+  if jax.process_index() != 0:
+    return
+  path = _history_path(workdir)
+  text = json.dumps({str(k): v for k, v in sorted(history.items())}, indent=1)
+  if '://' in str(workdir):
+    path.write_text(text)
+    return
+  temporary = path.with_name(path.name + '.tmp')
+  temporary.write_text(text)
+  os.replace(temporary, path)
+
+
+def _record_eval(workdir, step: int, miou: float, history: dict) -> dict:
+  """Adds step -> mIoU to the run's val history (kept in val_history.json)."""
   history[int(step)] = float(miou)
-  if jax.process_index() == 0:
-    path.write_text(json.dumps({str(k): v for k, v in sorted(history.items())}, indent=1))
+  _write_history(workdir, history)
   return history
 
 
 def _train_loop(config, workdir, stop_after, preemption, mesh):
   """Model, state (restored or new), data, steps and the loop; returns final scores."""
   from cac_jax.data import pipeline  # TF only where data is needed
+  from cac_jax.data import sources as sources_lib
 
   # --- Model, optimiser, state ------------------------------------------------
   num_classes = config.data.num_classes
@@ -236,8 +266,8 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
     if manager.latest_step() is not None:
       abstract = state_lib.abstract_state(model, tx, config, mesh)
       # A damaged newest checkpoint is skipped (and, by process 0, moved aside).
-      state, restored_step = ckpt_lib.restore_latest_intact(
-          manager, abstract, workdir=workdir if jax.process_index() == 0 else None)
+      state, restored_step = ckpt_lib.restore_latest_intact(manager, abstract,
+                                                            workdir=workdir)
       state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
       logging.info('resumed from step %d', restored_step)
     else:
@@ -256,6 +286,11 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
     return pipeline.train_iterator(config, start_step=step,
                                    unlabeled=with_unlabeled), with_unlabeled
   train_iter, iter_has_unlabeled = stream_from(start_step)
+  if not config.cac.supervised_only:
+    sources_lib.get_source(config.data, 'unlabeled')  # a bad split fails now, not later
+  # Evaluations after the resume point belong to a timeline that was lost
+  # (no checkpoint kept them); they are measured again.
+  history = {k: v for k, v in _read_history(workdir).items() if k <= start_step}
   class_names = _class_names(config)
 
   # --- Steps ----------------------------------------------------------------------
@@ -286,7 +321,7 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
     writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
     logging.info('step %d: val mIoU %.4f, pixel acc %.4f', step, scores['miou'],
                  scores['pixel_acc'])
-    history = _record_eval(workdir, step, scores['miou'])
+    _record_eval(workdir, step, scores['miou'], history)
     best_step = max(history, key=lambda k: (history[k], -k))
     scores['best_miou'], scores['best_step'] = history[best_step], best_step
     return scores

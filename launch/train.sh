@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job: makes .venv if it is missing (launch/venv.sh), then
 # trains configs/default.py into workdirs/default. Rerun to resume. Extra
-# arguments are passed on to cac_jax.main, e.g. --config.total_steps=40.
+# arguments are passed on to cac_jax.main, e.g. --config.total_steps=40; it
+# runs from the repository root, so relative paths in them are taken from
+# there.
 #
 #   bash launch/train.sh [--config.field=value ...]
 set -euo pipefail

@@ -44,10 +44,12 @@ cac_ensure_venv() {
   if [[ -x .venv/bin/python && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return 0
   fi
-  if [[ ! -x .venv/bin/python ]]; then
+  # A venv that is missing, half made (no pip) or not Python 3.12 is made anew.
+  if ! .venv/bin/python -c 'import pip, sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+       >/dev/null 2>&1; then
     python="$(_cac_find_python)"
     echo "creating .venv with $python ($("$python" --version 2>&1))" >&2
-    "$python" -m venv .venv
+    "$python" -m venv --clear .venv
   fi
   echo "installing requirements.txt into .venv (a few minutes, once)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip

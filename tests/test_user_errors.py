@@ -12,7 +12,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -177,42 +176,49 @@ def test_split_ids_keep_their_dots(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+_HOLD_LOCK = ('import sys, time\n'
+              'from cac_jax import run_dir\n'
+              'lock = run_dir.WorkdirLock(sys.argv[1])\n'
+              'lock.acquire()\n'
+              'print("locked", flush=True)\n'
+              'time.sleep(120)\n')
+
+
 def test_second_training_in_one_workdir_is_refused(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  sleeper = subprocess.Popen(['sleep', '60'])
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
   try:
-    holder = {'host': socket.gethostname(), 'pid': sleeper.pid,
-              'start': run_dir._start_time(sleeper.pid), 'since': 'earlier'}
-    (workdir / '.lock').write_text(json.dumps(holder))
+    assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(config_lib.ConfigError) as info:
       train.train_and_evaluate(tiny_config(), str(workdir))
-    assert f'PID {sleeper.pid}' in str(info.value) and 'another training run' in str(info.value)
+    assert f'PID {holder.pid}' in str(info.value) and 'another training run' in str(info.value)
     assert sorted(os.listdir(workdir)) == ['.lock']  # nothing written
+    # Also within one process: a second lock on the same workdir is refused.
+    with run_dir.WorkdirLock(str(tmp_path)):
+      with pytest.raises(config_lib.ConfigError, match='in use'):
+        run_dir.WorkdirLock(str(tmp_path)).acquire()
   finally:
-    sleeper.kill()
-    sleeper.wait()
-  # The holder is gone: the lock is stale and the next run takes it over.
+    holder.kill()  # SIGKILL: the kernel drops the lock with the process
+    holder.wait()
   with run_dir.WorkdirLock(str(workdir)):
     assert json.loads((workdir / '.lock').read_text())['pid'] == os.getpid()
-  assert not (workdir / '.lock').exists()
-  # A reused PID (same number, other start time) is stale too.
-  (workdir / '.lock').write_text(json.dumps(dict(holder, pid=os.getpid(), start='1')))
-  with run_dir.WorkdirLock(str(workdir)):
-    pass
 
 
 def test_incompatible_config_is_refused_before_anything_is_written(tmp_path):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(**{'total_steps': 2, 'eval_every': 1000}), str(workdir))
-  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  # Everything but the lock file (rewritten by every start) stays as it was.
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file() and p.name != '.lock'}
   changed = tiny_config(**{'data.num_classes': 4, 'data.crop_size': 32, 'total_steps': 4})
   with pytest.raises(config_lib.ConfigError) as info:
     train.train_and_evaluate(changed, str(workdir))
   message = str(info.value)
   assert 'data.crop_size: 64 -> 32' in message and 'data.num_classes: 6 -> 4' in message
   assert 'total_steps' not in message.split('. These')[0]  # allowed to change
-  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+  assert {p: p.read_bytes() for p in workdir.rglob('*')
+          if p.is_file() and p.name != '.lock'} == before
   refused, allowed = run_dir.config_differences(
       json.loads((workdir / 'config.json').read_text()),
       tiny_config(**{'total_steps': 9, 'eval_every': 1000, 'eval.flip': True,
@@ -442,3 +448,37 @@ def test_disk_full_at_checkpoint_time_ends_with_a_short_stderr(tmp_path):
   noise = [l for l in proc.stderr.splitlines()
            if not re.match(r'^(I\d{4}|I0000|W\d{4}.*dataset_builder|WARNING: All log)', l)]
   assert len(noise) <= 10, '\n'.join(noise)
+
+
+def _png(width, height, bit_depth, color_type, pixel_bytes):
+  """A minimal PNG (no filter) from raw rows, for encodings PIL cannot write."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+  row = pixel_bytes * width
+  raw = b''.join(b'\x00' + row for _ in range(height))
+  return (b'\x89PNG\r\n\x1a\n'
+          + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, bit_depth, color_type,
+                                       0, 0, 0))
+          + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def test_sixteen_bit_gray_alpha_mask_is_refused_by_name():
+  data = _png(5, 4, 16, 4, b'\x00\x02\xff\xff')  # value 2, opaque
+  with pytest.raises(masks.MaskError, match='m.png decodes to'):
+    masks.read_mask(data, 'm.png')
+  # 16-bit gray without alpha is read as the stored values.
+  np.testing.assert_array_equal(masks.read_mask(_png(5, 4, 16, 0, b'\x00\x02'), 'g.png'),
+                                np.full((4, 5), 2, np.uint8))
+
+
+def test_relative_paths_saved_before_resolution_still_resume():
+  saved = json.loads(json.dumps(tiny_config(**{
+      'data.labeled_split_file': 'splits/l.txt'}).to_dict()))
+  now = tiny_config(**{'data.labeled_split_file': '/home/me/cac/splits/l.txt'})
+  assert run_dir.config_differences(saved, now) == ([], [])
+  other = tiny_config(**{'data.labeled_split_file': '/home/me/cac/splits/other.txt'})
+  assert run_dir.config_differences(saved, other)[0] == ['data.labeled_split_file']

@@ -61,6 +61,11 @@ def read_mask(data: bytes, name: str = 'mask', *, label_map=None,
   except Exception as e:  # PIL raises several types for damaged files
     raise MaskError(f'{name} is truncated or corrupt ({type(e).__name__}: {e}); '
                     're-export it') from None
+  if values.ndim != 2:
+    # Pillow opens 16-bit gray+alpha PNGs as 8-bit RGBA.
+    raise MaskError(f'{name} decodes to {values.shape[-1]} channels (a {bit_depth}-bit '
+                    'gray+alpha PNG?); save a single-channel gray (mode L) or palette '
+                    '(mode P) PNG of class ids')
   if values.dtype == bool:
     values = values.astype(np.uint8)
   elif color_type != _PALETTE and bit_depth < 8:
