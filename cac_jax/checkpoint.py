@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from etils import epath
 
+from cac_jax import paths
+
 
 class CheckpointWriteError(RuntimeError):
   """Writing a checkpoint failed; the checkpoints written before are intact."""
@@ -39,6 +41,12 @@ class CheckpointRestoreError(RuntimeError):
 _STORAGE_PHRASES = ('no space left', 'disk quota', 'permission denied', 'read-only file system',
                     'not a directory', 'no such file or directory', 'resource_exhausted',
                     'permission_denied', 'input/output error', 'unavailable')
+
+
+def describe(error: BaseException, limit: int | None = None) -> str:
+  """'Type: message' on one line (TensorStore's span many), cut to `limit` characters."""
+  text = ' '.join(f'{type(error).__name__}: {error}'.split())
+  return text if limit is None else text[:limit]
 
 
 def is_storage_error(error: BaseException) -> bool:
@@ -91,7 +99,7 @@ def save(manager, step: int, state, config, metrics=None) -> None:
   except Exception as e:  # any storage error: ENOSPC, ENOTDIR, EACCES, GCS...
     kept = (f'the latest complete checkpoint (step {latest}) is intact'
             if latest is not None else 'no earlier checkpoint exists')
-    cause = ' '.join(f'{type(e).__name__}: {e}'.split())
+    cause = describe(e)
     if len(cause) > 300:
       # TensorStore's messages are long; keep the start and the OS's reason.
       reason = re.search(r'(no space left on device|disk quota exceeded|permission denied|'
@@ -161,11 +169,11 @@ def restore_latest_intact(manager, abstract_state, *, workdir=None):
     try:
       state = restore(manager, abstract_state, step)
     except Exception as e:  # orbax/TensorStore raise many types for bad files
-      why = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+      why = describe(e, 300)
     if not _all_processes(why is None):
       failures.append((step, why or 'unreadable on another host'))
       continue
-    if failures and workdir is not None and '://' in str(workdir):
+    if failures and workdir is not None and paths.is_remote(str(workdir)):
       raise CheckpointRestoreError(
           f'checkpoint(s) {[s for s, _ in failures]} in {manager.directory} cannot be '
           f'read ({failures[0][1]}); the newest intact one is step {step}. Delete the '

@@ -177,8 +177,7 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
   from cac_jax import config_lib, paths, restore
   from cac_jax.data import pipeline, sources  # TF only in the CLI path
 
-  config, model, variables, step = restore.load_run(paths.resolve(workdir), step=step,
-                                                    which=which)
+  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
   apply_overrides(config, overrides or {})
   config.data.root = paths.resolve(config.data.root)
   mesh = restore.mesh_of(variables)

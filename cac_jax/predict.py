@@ -33,6 +33,7 @@ from cac_jax import config_lib
 from cac_jax import evaluate as eval_lib
 from cac_jax import paths
 from cac_jax import restore
+from cac_jax import run_dir
 from cac_jax import visualize
 
 # What the image decoder (TensorFlow's, shared with training) reads.
@@ -73,18 +74,7 @@ def list_images(path: str) -> list[str]:
 
 def check_out_dir(out: str) -> None:
   """Raises ConfigError unless `out` is, or can be created as, a writable folder."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise config_lib.ConfigError(f'--out={out} is a file, not a folder; pass a folder '
-                                 '(it is created if missing)')
-  try:
-    os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, f'.write_test.{os.getpid()}')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise config_lib.ConfigError(f'--out={out} is not a writable folder '
-                                 f'({type(e).__name__}: {e.strerror or e})') from None
+  run_dir.check_writable(out, flag='--out', noun='folder')
 
 
 def output_ids(paths: list[str]) -> list[str]:

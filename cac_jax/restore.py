@@ -101,7 +101,7 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   try:
     state = ckpt_lib.restore(manager, abstract, step)
   except Exception as e:  # orbax/TensorStore raise many types for bad files
-    why = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    why = ckpt_lib.describe(e, 300)
     if explicit_step is not None:
       raise ckpt_lib.CheckpointRestoreError(
           f'checkpoint {step} in {manager.directory} cannot be read ({why}); pass --step '

@@ -31,24 +31,26 @@ RESUMABLE = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
              'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size')
 
 
-def check_writable(workdir: str) -> None:
-  """Raises ConfigError unless `workdir` is, or can be created as, a writable dir."""
-  if paths.is_remote(workdir):
+def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory') -> None:
+  """Raises ConfigError unless `path` is, or can be created as, a writable directory.
+
+  `flag` and `noun` name it in the message (predict's `--out` is a 'folder').
+  """
+  if paths.is_remote(path):
     return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if os.path.exists(path) and not os.path.isdir(path):
     raise config_lib.ConfigError(
-        f'--workdir={workdir} is a file, not a directory; pass a directory '
-        '(it is created if missing)')
+        f'{flag}={path} is a file, not a {noun}; pass a {noun} (it is created if missing)')
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write_test.{socket.gethostname()}.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
     raise config_lib.ConfigError(
-        f'--workdir={workdir} is not a writable directory ({type(e).__name__}: '
-        f'{e.strerror or e}); pass a directory you can write to') from None
+        f'{flag}={path} is not a writable {noun} ({type(e).__name__}: '
+        f'{e.strerror or e}); pass a {noun} you can write to') from None
 
 
 class WorkdirLock:

@@ -237,7 +237,7 @@ def _write_history(workdir, history: dict) -> None:
     return
   path = _history_path(workdir)
   text = json.dumps({str(k): v for k, v in sorted(history.items())}, indent=1)
-  if '://' in str(workdir):
+  if paths.is_remote(str(workdir)):
     path.write_text(text)
     return
   temporary = path.with_name(path.name + '.tmp')
@@ -245,11 +245,10 @@ def _write_history(workdir, history: dict) -> None:
   os.replace(temporary, path)
 
 
-def _record_eval(workdir, step: int, miou: float, history: dict) -> dict:
+def _record_eval(workdir, step: int, miou: float, history: dict) -> None:
   """Adds step -> mIoU to the run's val history (kept in val_history.json)."""
   history[int(step)] = float(miou)
   _write_history(workdir, history)
-  return history
 
 
 def _train_loop(config, workdir, stop_after, preemption, mesh):

@@ -28,6 +28,7 @@ from cac_jax.data import masks, pipeline, sources, validate
 from cac_jax.data.sources import DataError
 
 from train_utils import REPO, tiny_config
+from train_utils import write_image
 
 K = 3  # classes of the folder datasets below
 
@@ -35,16 +36,6 @@ K = 3  # classes of the folder datasets below
 # ----------------------------------------------------------------------------
 # A folder dataset (64 px, 3 classes) and a tiny config that trains on it.
 # ----------------------------------------------------------------------------
-
-
-def _write(path, array, palette=None, **kwargs):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if palette is None:
-    image = Image.fromarray(array)
-  else:
-    image = Image.frombytes('P', array.shape[::-1], array.tobytes())
-    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
-  image.save(path, **kwargs)
 
 
 @pytest.fixture
@@ -56,11 +47,11 @@ def folder(tmp_path):
          'val': [f'v{i}' for i in range(4)]}
   for split, names in ids.items():
     for name in names:
-      _write(root / 'images' / f'{name}.png', rng.integers(0, 256, (64, 64, 3), np.uint8))
+      write_image(root / 'images' / f'{name}.png', rng.integers(0, 256, (64, 64, 3), np.uint8))
       if split != 'unlabeled':
         mask = rng.integers(0, K, (64, 64)).astype(np.uint8)
         mask[:4, :4] = 255
-        _write(root / 'masks' / f'{name}.png', mask)
+        write_image(root / 'masks' / f'{name}.png', mask)
     (root / 'splits').mkdir(parents=True, exist_ok=True)
     (root / 'splits' / f'{split}.txt').write_text('\n'.join(names) + '\n')
   config = tiny_config(**{'data.name': 'folder', 'data.root': str(root),
@@ -82,7 +73,7 @@ def _data_error(fn) -> str:
 def _bad_mask(root, name, value):
   mask = np.zeros((64, 64), np.uint8)
   mask[10:20, 10:20] = value
-  _write(root / 'masks' / f'{name}.png', mask)
+  write_image(root / 'masks' / f'{name}.png', mask)
   return str(root / 'masks' / f'{name}.png')
 
 
@@ -137,7 +128,7 @@ def test_palette_mask_with_zero_filled_palette_keeps_ignore(tmp_path):
   index[:, 3:6], index[:, 6:] = 1, 255
   palette = np.zeros((256, 3), np.uint8)
   palette[1] = (128, 0, 0)  # entries 2..255 zero-filled, like index 0
-  _write(tmp_path / 'm.png', index, palette)
+  write_image(tmp_path / 'm.png', index, palette)
   got = sources.decode_label(tf.constant(str(tmp_path / 'm.png')), True).numpy()
   np.testing.assert_array_equal(got, index)
   # Inside tf.data (graph mode) as in training.
@@ -262,12 +253,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
 
 
 def _rgb_mask(root):
-  _write(root / 'masks' / 'b.png', np.zeros((64, 64, 3), np.uint8))
+  write_image(root / 'masks' / 'b.png', np.zeros((64, 64, 3), np.uint8))
   return root / 'masks' / 'b.png', 'RGB'
 
 
 def _size_mismatch(root):
-  _write(root / 'masks' / 'b.png', np.zeros((32, 64), np.uint8))
+  write_image(root / 'masks' / 'b.png', np.zeros((32, 64), np.uint8))
   return root / 'masks' / 'b.png', '64x32'
 
 

@@ -9,16 +9,7 @@ from PIL import Image
 from cac_jax.data import sources, validate
 from cac_jax.data.sources import DataError
 from configs import default
-
-
-def _write(path, array, palette=None, **kwargs):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if palette is None:
-    image = Image.fromarray(array)
-  else:
-    image = Image.frombytes('P', array.shape[::-1], array.tobytes())
-    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
-  image.save(path, **kwargs)
+from train_utils import write_image
 
 
 @pytest.fixture
@@ -26,11 +17,11 @@ def dataset(tmp_path):
   """A valid folder dataset: 3 classes, labeled a,b; unlabeled c,d; val e,f."""
   rng = np.random.default_rng(0)
   for i in 'abcdef':
-    _write(tmp_path / 'images' / f'{i}.png', rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    write_image(tmp_path / 'images' / f'{i}.png', rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
     if i not in 'cd':
       mask = rng.integers(0, 3, (10, 12)).astype(np.uint8)
       mask[0, 0] = 255
-      _write(tmp_path / 'masks' / f'{i}.png', mask)
+      write_image(tmp_path / 'masks' / f'{i}.png', mask)
   (tmp_path / 'splits').mkdir()
   for name, ids in (('labeled', 'ab'), ('unlabeled', 'cd'), ('val', 'ef')):
     (tmp_path / 'splits' / f'{name}.txt').write_text('\n'.join(ids) + '\n')
@@ -90,7 +81,7 @@ def test_truncated_empty_and_unreadable_files(dataset):
 
 def test_size_mismatch(dataset):
   root, config = dataset
-  _write(root / 'masks' / 'e.png', np.zeros((10, 11), np.uint8))
+  write_image(root / 'masks' / 'e.png', np.zeros((10, 11), np.uint8))
   message = _one(_problems(config, check_pixels=False), str(root / 'masks' / 'e.png'))
   assert '11x10' in message and '12x10' in message
 
@@ -99,7 +90,7 @@ def test_mask_values_out_of_range(dataset):
   root, config = dataset
   mask = np.zeros((10, 12), np.uint8)
   mask[3, 4], mask[5, 6] = 7, 254
-  _write(root / 'masks' / 'a.png', mask)
+  write_image(root / 'masks' / 'a.png', mask)
   message = _one(_problems(config), str(root / 'masks' / 'a.png'))
   assert '[7, 254]' in message and 'num_classes' in message
   assert validate.validate_dataset(config, check_pixels=False)  # values need pixels
@@ -107,12 +98,12 @@ def test_mask_values_out_of_range(dataset):
 
 def test_colour_masks_refused_palette_masks_read_by_index(dataset):
   root, config = dataset
-  _write(root / 'masks' / 'a.png', np.zeros((10, 12, 3), np.uint8))
+  write_image(root / 'masks' / 'a.png', np.zeros((10, 12, 3), np.uint8))
   palette = np.zeros((256, 3), np.uint8)
   palette[1], palette[2] = (200, 0, 0), (0, 0, 0)  # class 2 looks like class 0
   index = np.zeros((10, 12), np.uint8)
   index[:, 6:] = 2
-  _write(root / 'masks' / 'e.png', index, palette)
+  write_image(root / 'masks' / 'e.png', index, palette)
   problems = _problems(config)
   assert 'mode RGB' in _one(problems, str(root / 'masks' / 'a.png'))
   # Palette masks are read by index, so two indices with one colour are fine.

@@ -1,4 +1,4 @@
-"""Shared helpers for the training tests: a tiny config and readers."""
+"""Shared helpers for the tests: a tiny config, readers, image writing."""
 import glob
 
 import jax
@@ -68,3 +68,15 @@ def assert_updates_close(got, want, init, *, steps, flip_frac, smooth_frac):
     assert excess.max() <= flip_frac * scale, (name, excess.max(), scale)
     assert np.median(excess) <= smooth_frac * scale, (name, np.median(excess), scale)
   jax.tree_util.tree_map_with_path(check, got, want, init)
+
+
+def write_image(path, array, palette=None, **kwargs):
+  """Saves `array` as an image file (a palette 'P' image with `palette`), making dirs."""
+  from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if palette is None:
+    image = Image.fromarray(array)
+  else:
+    image = Image.frombytes('P', array.shape[::-1], array.tobytes())
+    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+  image.save(path, **kwargs)

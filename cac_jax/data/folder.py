@@ -21,9 +21,6 @@ import os
 
 from cac_jax.data import sources, voc
 
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-
-
 def list_images(root: str) -> dict[str, str]:
   """id -> path of every file in root/images with an image extension."""
   folder = os.path.join(root, 'images')
@@ -31,7 +28,7 @@ def list_images(root: str) -> dict[str, str]:
   images, clashes = {}, []
   for name in sorted(os.listdir(folder)):
     stem, ext = os.path.splitext(name)
-    if ext.lower() in _IMAGE_EXTENSIONS:
+    if ext.lower() in sources.IMAGE_EXTENSIONS:
       if stem in images:
         clashes.append(f'{images[stem]} and {name}')
       images[stem] = os.path.join(folder, name)

@@ -23,6 +23,7 @@ size and are padded with invalid entries to a multiple of the device count,
 so every image counts exactly once across hosts and every host runs the same
 batches.
 """
+import dataclasses
 import functools
 import io
 import math
@@ -265,11 +266,11 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
 
 
 def _subset(source, index) -> sources.Source:
-  return sources.Source(
-      ids=tuple(source.ids[i] for i in index), images=tuple(source.images[i] for i in index),
-      labels=None if source.labels is None else tuple(source.labels[i] for i in index),
-      from_files=source.from_files, num_classes=source.num_classes,
-      class_names=source.class_names, palette=source.palette, label_map=source.label_map)
+  """The examples `index` of `source`, as a Source of their own."""
+  def pick(refs):
+    return None if refs is None else tuple(refs[i] for i in index)
+  return dataclasses.replace(source, ids=pick(source.ids), images=pick(source.images),
+                             labels=pick(source.labels))
 
 
 def _data_error(error, subsets, where: str) -> sources.DataError:
@@ -411,14 +412,11 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
   for batch in plan:
     share = len(batch) // process_count
     mine.append(batch[process_index * share:(process_index + 1) * share])
-  flat = [i for batch in mine for i in batch]
-  if not flat:
-    return
+  flat = [i for batch in mine for i in batch if i >= 0]  # padding is not decoded
   images, labels = _refs(source.images, 'val'), _refs(source.labels, 'val')
   names = _names(source, 'labels')
 
-  def load(g):
-    idx = tf.maximum(g, 0)
+  def load(idx):
     image = tf.cast(sources.decode_image(tf.gather(images, idx), source.from_files),
                     tf.float32)
     label = tf.cast(sources.decode_label(
@@ -435,28 +433,25 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
     image = tf.pad(augment.normalize(image), [[0, pad_h], [0, pad_w], [0, 0]],
                    mode='REFLECT')
     label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=augment.IGNORE_LABEL)
-    return {'image': image, 'label': label, 'index': g}
+    return image, label
 
-  # Padding entries decode image 0 (cheap, always valid); they are blanked below.
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(flat, tf.int64))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   examples = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
   sizes = eval_sizes(source)
   for global_ids, batch in zip(plan, mine):
-    got = []
-    for _ in batch:
-      try:
-        got.append(next(examples))
-      except tf.errors.OpError as e:
-        raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
-                          'the val set') from None
     # Every entry of a global batch has the size of its first (real) image,
-    # also on a host whose share is padding only.
+    # also on a host whose share is padding only; padding stays blank.
     h8, w8 = (_round_up(v, EVAL_MULTIPLE) for v in sizes[global_ids[0]])
     image = np.zeros((len(batch), h8, w8, 3), np.float32)
     label = np.full((len(batch), h8, w8), augment.IGNORE_LABEL, np.int32)
-    for k, e in enumerate(got):
-      if e['index'] >= 0:
-        image[k], label[k] = e['image'], e['label']
+    for k, g in enumerate(batch):
+      if g < 0:
+        continue
+      try:
+        image[k], label[k] = next(examples)
+      except tf.errors.OpError as e:
+        raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
+                          'the val set') from None
     yield {'image': image, 'label': label,
            'valid': np.array([g >= 0 for g in batch], bool)}

@@ -83,11 +83,7 @@ def _check_example(source, index, check_pixels, problems):
     return
   mask_ref = source.labels[index]
   mask_name = mask_ref if source.from_files else f'mask of id {source.ids[index]}'
-  if source.from_files and os.path.isdir(mask_ref):
-    problems.append(f'{mask_name} is a directory, not a mask file; replace it with the '
-                    'mask or move the id to the unlabeled split')
-    return
-  if source.from_files and not os.path.isfile(mask_ref):
+  if source.from_files and not os.path.exists(mask_ref):  # a directory: _open names it
     problems.append(f'{image_name} has no mask: {mask_ref} does not exist; add the mask '
                     'or move the id to the unlabeled split')
     return
@@ -221,8 +217,10 @@ def check_before_training(data_config, workdir: str, *, write_cache: bool = True
     DataError: every problem found, as `--validate_only` reports them.
   """
   from etils import epath
-  built = {split: sources.get_source(data_config, split) for split in sources.SPLITS} \
-      if _structure_ok(data_config) else None
+  try:
+    built = {split: sources.get_source(data_config, split) for split in sources.SPLITS}
+  except DataError:
+    built = None  # validate_dataset below reports why, with every other problem
   cache = epath.Path(workdir) / CACHE_NAME
   key = fingerprint(built, data_config) if built is not None else None
   if key is not None and cache.exists():
@@ -235,16 +233,6 @@ def check_before_training(data_config, workdir: str, *, write_cache: bool = True
   if write_cache and key is not None:
     cache.write_text(json.dumps({'fingerprint': key, 'checked': sum(
         len(s) for s in built.values())}))
-  return True
-
-
-def _structure_ok(data_config) -> bool:
-  """Whether every split can be listed (else validate_dataset reports why)."""
-  try:
-    for split in sources.SPLITS:
-      sources.get_source(data_config, split)
-  except DataError:
-    return False
   return True
 
 
