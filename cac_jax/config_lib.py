@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.flip = False                  # average with the mirrored image
   e.scales = (1.0,)               # multi-scale: e.g. (0.75, 1.0, 1.25); (1.0,) = authors' protocol
   e.window = 0                    # sliding-window size in px (multiple of 8); 0 = whole image
+  # Images of different sizes share a canvas whose sides are their padded
+  # sides rounded up to this (a multiple of 32); masks keep each image's
+  # result exactly its own (docs/method.md). 0: one canvas per padded size.
+  e.canvas_multiple = 128
   e.num_images_logged = 3         # val images drawn in TensorBoard
 
   c.log_every = 50
@@ -163,6 +167,9 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if config.eval.window < 0 or config.eval.window % 8:
     problems.append(f'eval.window={config.eval.window} must be 0 (whole image) or a '
                     'positive multiple of 8')
+  if config.eval.canvas_multiple < 0 or config.eval.canvas_multiple % 32:
+    problems.append(f'eval.canvas_multiple={config.eval.canvas_multiple} must be 0 (one '
+                    'compiled shape per padded image size) or a positive multiple of 32')
   if not config.eval.scales or min(config.eval.scales) <= 0:
     problems.append(f'eval.scales={tuple(config.eval.scales)} must be positive factors, '
                     'e.g. (0.75, 1.0, 1.25)')
