@@ -1,16 +1,20 @@
 """Exact mIoU over the whole validation set, on all hosts.
 
 The eval pipeline gives every image at its own size (reflect-padded to a
-multiple of 8, label 255 in the padding), batched with images of the same
-padded size, and pads batches with invalid entries so that every host runs
-the same batches; invalid entries and ignore pixels add nothing to the
-confusion matrix, so each val pixel is counted exactly once.
+multiple of 8, label 255 in the padding), batched on a shared canvas with
+each image's size (`batch['size']`; the model then computes every image as
+if alone, `layers.valid_region`), or, for multi-scale and sliding-window
+evaluation, batched with images of the same padded size. Batches are padded
+with invalid entries so that every host runs the same batches; invalid
+entries and ignore pixels add nothing to the confusion matrix, so each val
+pixel is counted exactly once.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cac_jax import sharding
+from cac_jax.models import layers
 
 IGNORE = 255
 
@@ -44,8 +48,16 @@ def sliding_window_scores(model, variables, images, window: int):
   return total / count
 
 
-def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,),
-                   window: int = 0):
+def _flip_regions(x: jax.Array, sizes: jax.Array) -> jax.Array:
+  """Mirrors each image's own columns [0, w) of a canvas batch [B, H, W, C]."""
+  j = jnp.arange(x.shape[2])[None, :]
+  w = sizes[:, 1:2]
+  index = jnp.where(j < w, w - 1 - j, j)
+  return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
+
+
+def predict_logits(model, variables, images, *, sizes=None, flip: bool = False,
+                   scales=(1.0,), window: int = 0):
   """Full-image class scores [B,H,W,K] float32.
 
   The default (one scale, no flip) is the authors' protocol and returns raw
@@ -53,7 +65,22 @@ def predict_logits(model, variables, images, *, flip: bool = False, scales=(1.0,
   averaged over the mirrored image and over the image resized (bilinear) to
   each scale — rounded to a multiple of 8 — with the scores resized back.
   `window` > 0 evaluates each of those in sliding windows of that size.
+
+  `sizes` (int32 [B, 2]) marks `images` as a shared canvas: image b is its
+  top-left sizes[b] region, computed as if alone (flip mirrors that region);
+  scores beyond it are meaningless. Only the whole-image protocol (one
+  scale, no window) runs on a canvas.
   """
+  if sizes is not None:
+    if tuple(float(s) for s in scales) != (1.0,) or window:
+      raise ValueError('multi-scale and sliding-window evaluation need batches of one '
+                       'image size; a shared canvas holds whole images at scale 1 only')
+    with layers.valid_region(sizes, images.shape[1:3]):
+      logits = model.apply(variables, images, train=False)['logits']
+      if not flip:
+        return logits
+      mirrored = model.apply(variables, _flip_regions(images, sizes), train=False)['logits']
+    return (jax.nn.softmax(logits) + _flip_regions(jax.nn.softmax(mirrored), sizes)) / 2
   scales = tuple(float(s) for s in scales)
   if not flip and scales == (1.0,) and not window:
     return model.apply(variables, images, train=False)['logits']
@@ -90,10 +117,13 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
 
 def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
                    window: int = 0):
-  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
+  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K].
+
+  A batch with 'size' is a shared canvas (see `predict_logits`).
+  """
   def step(variables, batch):
-    logits = predict_logits(model, variables, batch['image'], flip=flip, scales=scales,
-                            window=window)
+    logits = predict_logits(model, variables, batch['image'], sizes=batch.get('size'),
+                            flip=flip, scales=scales, window=window)
     pred = jnp.argmax(logits, axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))

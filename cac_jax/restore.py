@@ -91,7 +91,7 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   if saved is None:
     raise RunError(f'no checkpoint in {manager.directory} holds a readable config; '
                    'the run directory is damaged')
-  config = ml_collections.ConfigDict(saved)
+  config = _with_new_fields(ml_collections.ConfigDict(saved))
   model = build_model(config.model, num_classes=config.data.num_classes)
   # The full TrainState is restored (its tree is what was saved); the
   # optimiser is rebuilt only to give opt_state its structure.
@@ -110,11 +110,27 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
     print(f'warning: checkpoint {step} cannot be read ({why}); using the newest '
           'intact checkpoint instead', file=sys.stderr)
     state, step = ckpt_lib.restore_latest_intact(manager, abstract)
-    config = ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved)
+    config = _with_new_fields(
+        ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   del state  # drop opt_state and the bank: inference never needs them
   manager.close()
   return config, model, variables, step
+
+
+def _with_new_fields(config):
+  """`config` with the eval fields added since it was saved, at their defaults.
+
+  Evaluation options may change after training (they are not part of the
+  network), so a run saved before a field existed evaluates with its default.
+  """
+  from cac_jax import config_lib
+  defaults = config_lib.base_config().eval
+  with config.unlocked():
+    for key in defaults.keys():
+      if key not in config.eval:
+        config.eval[key] = defaults[key]
+  return config
 
 
 def mesh_of(variables) -> jax.sharding.Mesh:

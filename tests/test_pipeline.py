@@ -197,14 +197,19 @@ def _eval_reference(src, index):
   return image, label
 
 
+@pytest.mark.parametrize('canvas', [0, 128])
 @pytest.mark.parametrize('process_count,multiple', [(1, 1), (1, 2), (2, 2), (2, 4)])
 def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, process_count,
-                                                      multiple):
-  """11 images of 3 sizes, global batch 4: each batch holds one padded size.
+                                                      multiple, canvas):
+  """11 images of 3 sizes, global batch 4, each image at its own padded size.
 
-  Sizes cycle (20, 30), (35, 26), (17, 41) -> padded (24, 32), (40, 32), (24, 48):
-  groups of 4, 4 and 3 images, so batches 4, 4, 3 rounded up to `multiple`.
+  Sizes cycle (20, 30), (35, 26), (17, 41) -> padded (24, 32), (40, 32), (24, 48).
+  canvas 0: each batch holds one padded size, groups of 4, 4 and 3 images, so
+  batches 4, 4, 3 rounded up to `multiple`. canvas 128: all share one 64 x 64
+  canvas (the padded sizes rounded up to 32), batches 4, 4, 3 in val order,
+  each image at the top-left with its size in 'size' and blank beyond.
   """
+  config.eval.canvas_multiple = canvas
   src = fake_sources['val']
   want_batches = 3
   assert pipeline.eval_num_batches(config, process_count=process_count,
@@ -216,13 +221,16 @@ def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, proc
     assert len(batches) == want_batches  # the same on every host
     for batch in batches:
       assert batch['label'].dtype == np.int32 and batch['valid'].dtype == np.bool_
-      shape = batch['image'].shape[1:3]
+      assert ('size' in batch) == bool(canvas)
+      if canvas:
+        assert batch['image'].shape[1:3] == (64, 64)
       for i in np.flatnonzero(~batch['valid']):
         assert (batch['label'][i] == 255).all() and (batch['image'][i] == 0).all()
       for i in np.flatnonzero(batch['valid']):
+        h, w = batch['size'][i] if canvas else batch['image'].shape[1:3]
         # Which image: the one whose reference matches (ids are not carried).
-        matches = [g for g in range(11) if _eval_reference(src, g)[0].shape[:2] == shape
-                   and np.array_equal(_eval_reference(src, g)[1], batch['label'][i])]
+        matches = [g for g in range(11) if _eval_reference(src, g)[0].shape[:2] == (h, w)
+                   and np.array_equal(_eval_reference(src, g)[1], batch['label'][i, :h, :w])]
         assert len(matches) == 1
         g = matches[0]
         seen.append(g)
@@ -230,24 +238,46 @@ def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, proc
         # float32 normalisation of 8-bit values (|x| < 3) against float64:
         # a few ulps of 3, i.e. ~1e-6; 1e-5 leaves 10x room and is far below
         # one grey level (1/255/0.225 ~ 0.017).
-        np.testing.assert_allclose(batch['image'][i], image, atol=1e-5)
+        np.testing.assert_allclose(batch['image'][i, :h, :w], image, atol=1e-5)
+        assert (batch['image'][i, h:] == 0).all() and (batch['image'][i, :, w:] == 0).all()
+        assert (batch['label'][i, h:] == 255).all() and (batch['label'][i, :, w:] == 255).all()
   assert sorted(seen) == list(range(11))
 
 
-def test_eval_plan_groups_by_padded_size_and_pads_to_the_device_multiple():
+def _plan(sizes, *args):
   class FakeSource:  # eval_plan reads the sizes only
     pass
-  sizes = ((20, 30), (500, 375), (17, 31), (24, 32), (500, 375), (3000, 2000))
-  src = FakeSource()
-  pipeline.eval_sizes.cache_clear()
   original = pipeline.eval_sizes
   try:
     pipeline.eval_sizes = lambda s: sizes
-    plan = pipeline.eval_plan(src, 8, 2)
+    return pipeline.eval_plan(FakeSource(), *args)
   finally:
     pipeline.eval_sizes = original
+
+
+def test_eval_plan_groups_by_padded_size_and_pads_to_the_device_multiple():
+  sizes = ((20, 30), (500, 375), (17, 31), (24, 32), (500, 375), (3000, 2000))
+  plan = _plan(sizes, 8, 2)
   # (24, 32) holds images 0, 2, 3; (504, 376) holds 1, 4; the large one alone.
-  assert plan == [[0, 2, 3, -1], [1, 4], [5, -1]]
+  assert plan == [((24, 32), [0, 2, 3, -1]), ((504, 376), [1, 4]),
+                  ((3000, 2000), [5, -1])]
+
+
+def test_eval_plan_on_shared_canvases_bounds_the_shapes():
+  sizes = ((20, 30), (500, 375), (17, 31), (130, 32), (500, 333), (100, 120))
+  plan = _plan(sizes, 8, 2, 128)
+  # Buckets of 128 px: (128, 128) holds 0, 2, 5; (256, 128) holds 3;
+  # (512, 384) holds 1, 4. Each canvas is the smallest multiple of 32 that
+  # holds its members' padded sizes (500 -> 504 -> 512, 375 -> 376 -> 384).
+  assert plan == [((128, 128), [0, 2, 5, -1]), ((512, 384), [1, 4]),
+                  ((160, 32), [3, -1])]
+  # VOC-like sizes (max side 500, the other side anywhere in [100, 500]):
+  # at most 4 x 4 canvases, against one shape per distinct padded size.
+  rng = np.random.default_rng()
+  short = rng.integers(100, 501, 1449)
+  voc = [(500, int(s)) if rng.random() < 0.3 else (int(s), 500) for s in short]
+  assert len({shape for shape, _ in _plan(voc, 16, 8, 128)}) <= 8
+  assert len({shape for shape, _ in _plan(voc, 16, 8)}) > 80
 
 
 def test_unlabeled_stream_started_late_gives_the_same_batches(config):

@@ -18,10 +18,10 @@ step is freshly augmented; nothing is cached or replayed (docs/method.md
 
 Evaluation (`eval_iterator`): the full validation images, each at its own
 size, reflect-padded bottom/right to a multiple of 8 (as the authors'
-evaluation); labels are 255 in the padding. Batches group images of one padded
-size and are padded with invalid entries to a multiple of the device count,
-so every image counts exactly once across hosts and every host runs the same
-batches.
+evaluation); labels are 255 in the padding. Batches group images on a shared
+canvas (a bounded set of shapes; the model masks each image's region) and are
+padded with invalid entries to a multiple of the device count, so every image
+counts exactly once across hosts and every host runs the same batches.
 """
 import dataclasses
 import functools
@@ -345,24 +345,53 @@ def eval_sizes(source) -> tuple[tuple[int, int], ...]:
                             'with --validate_only to find every bad file') from None
 
 
-def eval_plan(source, global_batch: int, multiple: int) -> list[list[int]]:
-  """The global eval batches: lists of val indices, -1 for a padding entry.
+# Canvas sides are multiples of this: the largest stride of any backbone
+# (MobileNetV2 and ResNets at output stride 32), so that every feature map
+# of the network is the canvas at an integer stride.
+CANVAS_GRANULE = 32
 
-  Images are grouped by their size rounded up to 8 (the shape the network
-  sees), in order of first appearance, so every batch has one shape and no
-  image is padded beyond its own multiple of 8. Each group is cut into
-  batches of `global_batch`; the group's last batch is padded with -1 to a
-  multiple of `multiple` (the device count), not to a full batch, so a lone
-  large image costs one forward pass per device, not `global_batch`.
+
+def canvas_multiple(eval_config) -> int:
+  """The canvas granularity for this protocol; 0 = one shape per padded size.
+
+  Shared canvases need masks through the network (`layers.valid_region`),
+  which cover the whole image with or without a flip; multi-scale and
+  sliding-window evaluation resize and cut the image, so they keep one
+  batch shape per padded size.
   """
+  default = tuple(float(s) for s in eval_config.scales) == (1.0,) and not eval_config.window
+  return int(eval_config.canvas_multiple) if default else 0
+
+
+def eval_plan(source, global_batch: int, multiple: int,
+              canvas: int = 0) -> list[tuple[tuple[int, int], list[int]]]:
+  """The global eval batches: (canvas shape, val indices), -1 for a padding entry.
+
+  Every image is padded to its own size rounded up to 8 (the shape the
+  network would see alone). With `canvas` = 0 images are grouped by that
+  padded size, so each group is its own compiled shape. With `canvas` = c
+  (a multiple of CANVAS_GRANULE) they are grouped by the padded size
+  rounded up to c, and a group's canvas is the smallest multiple of
+  CANVAS_GRANULE that holds all its members: at most (max side / c)^2
+  shapes, each image placed at the canvas's top-left (masks make its result
+  its own). Groups keep their order of first appearance; each is cut into
+  batches of `global_batch`, the last padded with -1 to a multiple of
+  `multiple` (the device count), not to a full batch, so a lone large image
+  costs one forward pass per device, not `global_batch`.
+  """
+  padded = [(_round_up(h, EVAL_MULTIPLE), _round_up(w, EVAL_MULTIPLE))
+            for h, w in eval_sizes(source)]
   groups: dict[tuple[int, int], list[int]] = {}
-  for i, (h, w) in enumerate(eval_sizes(source)):
-    groups.setdefault((_round_up(h, EVAL_MULTIPLE), _round_up(w, EVAL_MULTIPLE)), []).append(i)
+  for i, (h, w) in enumerate(padded):
+    key = (h, w) if not canvas else (_round_up(h, canvas), _round_up(w, canvas))
+    groups.setdefault(key, []).append(i)
   plan = []
-  for members in groups.values():
+  for key, members in groups.items():
+    shape = key if not canvas else tuple(
+        _round_up(max(padded[i][axis] for i in members), CANVAS_GRANULE) for axis in (0, 1))
     for start in range(0, len(members), global_batch):
       batch = members[start:start + global_batch]
-      plan.append(batch + [-1] * (_round_up(len(batch), multiple) - len(batch)))
+      plan.append((shape, batch + [-1] * (_round_up(len(batch), multiple) - len(batch))))
   return plan
 
 
@@ -379,7 +408,7 @@ def eval_num_batches(config, *, process_count=None, multiple=None) -> int:
     _, process_count = _resolve_process(None, None)
   source = sources.get_source(config.data, 'val')
   return len(eval_plan(source, int(config.data.eval_batch_size),
-                       _eval_multiple(process_count, multiple)))
+                       _eval_multiple(process_count, multiple), canvas_multiple(config.eval)))
 
 
 def eval_iterator(config, *, process_index=None, process_count=None, multiple=None):
@@ -387,12 +416,17 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
 
   Every val image is evaluated at its own size, as the authors' evaluation:
   reflect-padded bottom/right to a multiple of 8, nothing more (labels are
-  255 in that padding). Batches hold images of one padded size (`eval_plan`),
-  so their shapes vary between batches; jit compiles once per shape.
+  255 in that padding). Batches hold images on one canvas (`eval_plan`):
+  for the default protocol a shared canvas of `eval.canvas_multiple`
+  granularity, with each image's padded size in 'size' (the model masks
+  the rest, `layers.valid_region`); otherwise (or with canvas_multiple 0)
+  images of one padded size and no 'size'. Jit compiles once per shape.
 
   Yields `eval_num_batches(config)` batches of
     {'image': float32 [b, H, W, 3] normalised, 'label': int32 [b, H, W],
-     'valid': bool [b]} (padding entries: zeros, label 255, valid False),
+     'valid': bool [b], and on shared canvases 'size': int32 [b, 2]}
+  (beyond an image and in padding entries: zeros, label 255; padding
+  entries have valid False and size (8, 8)),
   where b is this host's share of the global batch: host p holds entries
   [p*b, (p+1)*b). `multiple` (default: the device count) is what each
   global batch size is a multiple of.
@@ -406,10 +440,11 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
     raise ValueError('the val source has no labels; evaluation needs masks.')
   global_batch = int(config.data.eval_batch_size)
   per_host_batch_size(global_batch, process_count, 'eval_batch_size')
-  plan = eval_plan(source, global_batch, _eval_multiple(process_count, multiple))
+  canvas = canvas_multiple(config.eval)
+  plan = eval_plan(source, global_batch, _eval_multiple(process_count, multiple), canvas)
   # This host's entries, batch by batch.
   mine = []
-  for batch in plan:
+  for _, batch in plan:
     share = len(batch) // process_count
     mine.append(batch[process_index * share:(process_index + 1) * share])
   flat = [i for batch in mine for i in batch if i >= 0]  # padding is not decoded
@@ -438,20 +473,22 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(flat, tf.int64))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   examples = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-  sizes = eval_sizes(source)
-  for global_ids, batch in zip(plan, mine):
-    # Every entry of a global batch has the size of its first (real) image,
-    # also on a host whose share is padding only; padding stays blank.
-    h8, w8 = (_round_up(v, EVAL_MULTIPLE) for v in sizes[global_ids[0]])
+  for ((h8, w8), _), batch in zip(plan, mine):
     image = np.zeros((len(batch), h8, w8, 3), np.float32)
     label = np.full((len(batch), h8, w8), augment.IGNORE_LABEL, np.int32)
+    size = np.full((len(batch), 2), EVAL_MULTIPLE, np.int32)
     for k, g in enumerate(batch):
       if g < 0:
         continue
       try:
-        image[k], label[k] = next(examples)
+        example, example_label = next(examples)
       except tf.errors.OpError as e:
         raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
                           'the val set') from None
-    yield {'image': image, 'label': label,
+      h, w = example_label.shape
+      image[k, :h, :w], label[k, :h, :w], size[k] = example, example_label, (h, w)
+    out = {'image': image, 'label': label,
            'valid': np.array([g >= 0 for g in batch], bool)}
+    if canvas:
+      out['size'] = size
+    yield out

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from cac_jax.models.layers import (Conv, batch_norm, head_kernel_init, l2_normalize,
-                                   resize_bilinear_align_corners, torch_default_kernel_init)
+                                   resize_bilinear_align_corners, spatial_mean,
+                                   torch_default_kernel_init)
 
 HEAD_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
@@ -56,7 +57,7 @@ class ASPP(nn.Module):
     for i, rate in enumerate(self.rates):
       branches.append(ConvBNReLU(HEAD_CHANNELS, 3, dilation=rate,
                                  dtype=self.dtype, name=f'b{i + 1}')(x, train))
-    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = spatial_mean(x)  # per image region on an evaluation canvas
     pooled = ConvBNReLU(HEAD_CHANNELS, 1, dtype=self.dtype, name='pool')(pooled, train)
     # Bilinear upsampling of a 1x1 map (any corner convention) is a broadcast.
     branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (HEAD_CHANNELS,)))

@@ -24,6 +24,17 @@ checkpoints and must compute the same function:
   biases of convolutions that have one (classifier, projector) and the
   projector's kernels use torch's ``Conv2d`` default, U(+-1/sqrt(fan_in)).
 
+Evaluation on a shared canvas (:func:`valid_region`): images of different
+sizes can run as one batch on a canvas larger than each of them, placed at
+its top-left, and each image's result is exactly what the network computes on
+that image alone (up to float summation order). Inside the context, every
+layer that mixes neighbouring pixels treats what lies beyond an image's own
+region as that image's padding: convolutions and max-pooling see zeros / -inf
+there, the global pooling averages over the region only, and the
+align-corners resizes map each image's region onto its own output region.
+Pointwise layers (1x1 convolutions, BatchNorm with running statistics, ReLU)
+need nothing.
+
 Naming convention used by :mod:`cac_jax.models.convert`: a Flax module path
 joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
 state-dict key prefix (``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``),
@@ -92,6 +103,80 @@ def xla_convolutions():
     yield
   finally:
     _REWRITES.pop()
+
+
+class _Region:
+  """Per-image valid regions on an evaluation canvas (see `valid_region`)."""
+
+  def __init__(self, sizes: jax.Array, canvas: tuple[int, int]):
+    self.sizes = sizes
+    self.canvas = canvas
+
+  def extent(self, size: int, axis: int) -> jax.Array:
+    """int32 [B]: the region's extent on a map with `size` pixels along `axis`.
+
+    Every map of the network is the canvas at some stride s (its side is
+    canvas / s exactly, the canvas being a multiple of the largest stride),
+    and an image of side n alone gives a map of side ceil(n / s) there (each
+    strided layer maps n to floor((n + 2p - k) / s) + 1 = ceil(n / s)).
+    """
+    full = self.canvas[axis - 1]
+    if full % size:
+      raise ValueError(
+          f'a {size}-pixel map is not the {full}-pixel evaluation canvas at an integer '
+          'stride; the canvas side must be a multiple of the largest stride (32)')
+    n = self.sizes[:, axis - 1]
+    return (n * size + full - 1) // full
+
+  def mask(self, x: jax.Array) -> jax.Array:
+    """bool [B, H, W, 1]: True inside each image's region of map `x`."""
+    h = jnp.arange(x.shape[1])[None, :] < self.extent(x.shape[1], 1)[:, None]
+    w = jnp.arange(x.shape[2])[None, :] < self.extent(x.shape[2], 2)[:, None]
+    return (h[:, :, None] & w[:, None, :])[..., None]
+
+
+# The active evaluation canvas, or None (trace-time state, like _REWRITES).
+_REGION = [None]
+
+
+@contextlib.contextmanager
+def valid_region(sizes: jax.Array, canvas: Sequence[int]):
+  """Within this block, the network computes each image as if it ran alone.
+
+  Batch entry b is an image of sizes[b] = (h, w) pixels at the top-left of an
+  (H, W) canvas (the rest of the canvas may hold anything). Model calls
+  traced inside the block give, inside each image's region, what the same
+  model gives on the h x w image alone; outside it, values are meaningless.
+  Used by evaluation to batch images of different sizes under one compiled
+  shape. `sizes` is a traced int32 [B, 2] array of the same jit trace.
+
+  Args:
+    sizes: int32 [B, 2], each (h, w) <= canvas and h, w >= 1.
+    canvas: (H, W), the batch's spatial shape; multiples of 32.
+  """
+  _REGION.append(_Region(jnp.asarray(sizes, jnp.int32), tuple(int(c) for c in canvas)))
+  try:
+    yield
+  finally:
+    _REGION.pop()
+
+
+def region_mask(x: jax.Array, fill=0.0) -> jax.Array:
+  """`x` with `fill` outside each image's region (identity outside `valid_region`)."""
+  region = _REGION[-1]
+  if region is None:
+    return x
+  return jnp.where(region.mask(x), x, jnp.asarray(fill, x.dtype))
+
+
+def spatial_mean(x: jax.Array) -> jax.Array:
+  """Mean over H, W, keeping dims: [B, H, W, C] -> [B, 1, 1, C], per image region."""
+  region = _REGION[-1]
+  if region is None:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  mask = region.mask(x)
+  count = jnp.sum(mask, axis=(1, 2), keepdims=True).astype(x.dtype)
+  return jnp.sum(jnp.where(mask, x, 0), axis=(1, 2), keepdims=True) / count
 
 
 def _lax_conv(x, kernel, strides, dilation, padding, groups=1):
@@ -291,6 +376,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, in_features // self.groups, self.features),
                         jnp.float32)
+    if k > 1:  # a wider kernel reads its neighbours: zeros beyond the image
+      x = region_mask(x)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
                strides=self.strides, dilation=self.dilation, groups=self.groups)
     if self.use_bias:
@@ -363,6 +450,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     [B, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C].
   """
   # Flax's max_pool pads with the reduction's identity (-inf), like PyTorch.
+  x = region_mask(x, -jnp.inf)
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -370,26 +458,48 @@ def _align_corners_taps(in_size: int, out_size: int):
   """Source indices and weights of 1-D linear interpolation, align_corners=True.
 
   Output sample i maps to source coordinate i * (in - 1) / (out - 1) (0 when
-  out == 1), i.e. the corner samples of input and output coincide.
+  out == 1), i.e. the corner samples of input and output coincide. The index
+  and weight come from integer arithmetic, the weight as one correctly
+  rounded float32 division, so that the per-image version on a canvas
+  (`_region_resize_axis`) gives bit-identical weights.
 
   Returns:
     (lo, hi, frac): int32 [out], int32 [out], float32 [out] (NumPy, static).
   """
-  if out_size == 1 or in_size == 1:
-    src = np.zeros((out_size,), np.float64)
-  else:
-    src = np.arange(out_size, dtype=np.float64) * ((in_size - 1) / (out_size - 1))
-  lo = np.clip(np.floor(src).astype(np.int32), 0, in_size - 1)
+  num = np.arange(out_size, dtype=np.int64) * (in_size - 1)
+  den = max(out_size - 1, 1)
+  lo = np.minimum(num // den, in_size - 1).astype(np.int32)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = (src - lo).astype(np.float32)
+  frac = (num % den).astype(np.float32) / np.float32(den)
   return lo, hi, frac
+
+
+def _region_resize_axis(x: jax.Array, out_size: int, axis: int, region: _Region):
+  """`resize_bilinear_align_corners` along one axis, each image region to its own.
+
+  Image b's region of n_in input samples maps onto its region of n_out
+  output samples, with the static version's integer index and weight
+  formulas evaluated per image; outputs beyond the region are meaningless.
+  """
+  n_in = region.extent(x.shape[axis], axis)[:, None]
+  n_out = region.extent(out_size, axis)[:, None]
+  num = jnp.arange(out_size, dtype=jnp.int32)[None, :] * (n_in - 1)
+  den = jnp.maximum(n_out - 1, 1)
+  lo = jnp.clip(num // den, 0, n_in - 1)
+  hi = jnp.minimum(lo + 1, n_in - 1)
+  frac = (num % den).astype(jnp.float32) / den.astype(jnp.float32)
+  shape = [x.shape[0]] + [out_size if a == axis else 1 for a in (1, 2, 3)]
+  x_lo = jnp.take_along_axis(x, lo.reshape(shape), axis=axis)
+  x_hi = jnp.take_along_axis(x, hi.reshape(shape), axis=axis)
+  return x_lo + (x_hi - x_lo) * frac.reshape(shape).astype(x.dtype)
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Bilinear resize of NHWC maps with PyTorch ``align_corners=True`` semantics.
 
   Written as two separable gather-and-lerp passes with static indices: exact in
-  float32 (no matmul, so no reduced-precision passes on TPU) and cheap.
+  float32 (no matmul, so no reduced-precision passes on TPU) and cheap. Inside
+  `valid_region` the indices are per image (each region to its own).
 
   Args:
     x: [B, H, W, C], any float dtype (the result keeps it).
@@ -404,8 +514,12 @@ def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Arra
   out_h, out_w = (int(s) for s in size)
   if out_h < 1 or out_w < 1:
     raise ValueError(f'resize target size must be positive, got {size}.')
+  region = _REGION[-1]
   for axis, out_size in ((1, out_h), (2, out_w)):
     in_size = x.shape[axis]
+    if region is not None:  # per-image regions (a same-size map may still differ)
+      x = _region_resize_axis(x, out_size, axis, region)
+      continue
     if in_size == out_size:
       continue
     lo, hi, frac = _align_corners_taps(in_size, out_size)
