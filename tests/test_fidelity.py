@@ -1,4 +1,6 @@
 """Where the authors' code is the reference: head initialisation and BatchNorm statistics."""
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -223,3 +225,56 @@ def test_batched_sharded_evaluation_equals_a_per_image_loop(tmp_path):
     loop += np.bincount(3 * label[keep] + pred[keep], minlength=9).reshape(3, 3)
   assert batched.sum() == loop.sum() == sum(h * w - 3 * w for h, w in sizes)
   assert np.abs(batched - loop).sum() <= 4, (batched, loop)
+
+
+@pytest.mark.parametrize('backbone,output_stride,flips', [
+    ('resnet_tiny', 16, (False, True)), ('resnet_tiny', 8, (False,)),
+    ('mobilenet_v2', 16, (False,))])
+def test_shared_canvas_computes_each_image_as_if_alone(backbone, output_stride, flips):
+  """`layers.valid_region`: logits on a shared canvas equal each image run alone.
+
+  Five images of random sizes (multiples of 8, from 8 to 64 px a side) on a
+  64 x 64 canvas whose free part holds noise; every spatial layer of the
+  network (strided and dilated convolutions, max-pooling, the ASPP image
+  pooling, both align-corners resizes) must ignore it; with a flip, each
+  image's own region is mirrored. BatchNorm statistics are drawn at random
+  so that normalisation is not the identity. Tolerance: the
+  canvas sums the same products in another order (extra zero terms, batch
+  of 6 vs 1), float32 rounding over dot products of <= 3 x 3 x 320 terms,
+  ~1e-6 relative; 1e-4 of the largest logit leaves ~100x room, while the
+  unmasked canvas is off by ~1e4 x the tolerance (checked, so the test
+  can fail).
+  """
+  import ml_collections
+  from cac_jax import evaluate as eval_lib
+  from cac_jax.models import build_model
+  rng = np.random.default_rng()
+  cfg = ml_collections.ConfigDict(dict(backbone=backbone, output_stride=output_stride,
+                                       projector=True, proj_dim=16, dtype='float32'))
+  model = build_model(cfg, num_classes=5)
+  variables = model.init(jax.random.key(int(rng.integers(2**31))),
+                         jnp.zeros((1, 64, 64, 3)), train=False)
+  stats = flax.traverse_util.flatten_dict(variables['batch_stats'])
+  stats = {k: (rng.normal(0, 0.2, v.shape) if k[-1] == 'mean'
+               else rng.uniform(0.5, 2.0, v.shape)).astype(np.float32)
+           for k, v in stats.items()}
+  variables = {'params': variables['params'],
+               'batch_stats': flax.traverse_util.unflatten_dict(stats)}
+  sizes = np.array([(64, 64), (8, 8)] + [tuple(8 * rng.integers(1, 8, 2)) for _ in range(3)],
+                   np.int32)
+  images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+  canvas = rng.normal(size=(len(sizes), 64, 64, 3)).astype(np.float32)
+  for i, image in enumerate(images):
+    canvas[i, :image.shape[0], :image.shape[1]] = image
+  for flip in flips:
+    predict = jax.jit(functools.partial(eval_lib.predict_logits, model, flip=flip))
+    got = np.asarray(predict(variables, canvas, sizes=jnp.asarray(sizes)))
+    plain = np.asarray(predict(variables, canvas))
+    unmasked_error = 0.0
+    for i, image in enumerate(images):
+      h, w = image.shape[:2]
+      alone = np.asarray(predict(variables, image[None]))[0]
+      tol = 1e-4 * np.abs(alone).max()
+      np.testing.assert_allclose(got[i, :h, :w], alone, rtol=0, atol=tol)
+      unmasked_error = max(unmasked_error, np.abs(plain[i, :h, :w] - alone).max() / tol)
+    assert unmasked_error > 100
