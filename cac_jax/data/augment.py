@@ -7,6 +7,8 @@ can be recomputed exactly from (config seed, step, example slot).
 
 Images travel as float32 in [0, 255] until `normalize`, which maps them to
 ImageNet-standardised values. Labels are integer class ids, 255 = ignore.
+Both facts, and the ImageNet statistics, are `cac_jax.constants` (re-exported
+here under their old names).
 
 Photometric choices (each matches the authors' PyTorch code where it matters):
   * Colour jitter follows torchvision's `ColorJitter` formulas (multiplicative
@@ -26,11 +28,11 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cac_jax import constants
+from cac_jax.constants import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
+
 # Padding colour of images: the ImageNet mean in [0, 255] (normalises to 0).
 PAD_COLOR = tuple(255.0 * m for m in IMAGENET_MEAN)
-IGNORE_LABEL = 255
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 # OpenCV's fixed 5-tap Gaussian (ksize=5, sigma=0).
 _BLUR_KERNEL_5 = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
@@ -285,10 +287,8 @@ def photometric_augment(image, seed, *, p_blur: float = 0.5,
 
 
 def normalize(image) -> tf.Tensor:
-  """ImageNet standardisation of a float image in [0, 255] -> float32."""
-  mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
-  std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
-  return (tf.cast(image, tf.float32) - mean) / std
+  """ImageNet standardisation of an image in [0, 255] -> float32 (constants.normalize)."""
+  return constants.normalize(tf.cast(image, tf.float32))
 
 
 def labeled_example(image_u8, label_u8, seed, *, crop_size: int, base_size: int,

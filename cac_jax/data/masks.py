@@ -16,7 +16,7 @@ import io
 import numpy as np
 from PIL import Image
 
-IGNORE_LABEL = 255
+from cac_jax.constants import IGNORE_LABEL
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # PNG colour types: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
 _GRAY, _PALETTE, _GRAY_ALPHA = 0, 3, 4
