@@ -2,15 +2,17 @@
 
 Every config file in configs/ starts from `base_config()` and overrides
 fields, so `validate` can reject unknown keys (typos) against one schema.
+What each backbone and dataset supports (output strides, ImageNet weights,
+whether `data.root` is needed) is read from their tables,
+`cac_jax/backbones.py` and `cac_jax/datasets.py`, not restated here.
 """
 import os
 
 import ml_collections
 
+from cac_jax import backbones, datasets
+from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.paths import SPECIAL_INIT
-
-BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
-DATASETS = ('embedded', 'voc', 'cityscapes', 'folder')
 
 
 class ConfigError(ValueError):
@@ -23,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = d = ml_collections.ConfigDict()
-  d.name = 'embedded'             # embedded | voc | cityscapes | folder
+  d.name = 'embedded'             # a name in cac_jax/datasets.py: embedded | voc | ...
   d.root = ''                     # manual dir (voc, cityscapes) or folder root
   d.num_classes = 6
   d.class_names = ()              # () = the dataset's own names
@@ -52,8 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.embedded.context_biased = False
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = 'mobilenet_v2'     # resnet50 | resnet101 | mobilenet_v2 | resnet_tiny
-  m.output_stride = 16
+  m.backbone = 'mobilenet_v2'     # a name in cac_jax/backbones.py: resnet50 | ...
+  m.output_stride = 16            # 8 | 16, as the backbone supports (backbones.py)
   m.projector = True
   m.proj_dim = 128
   m.dtype = 'float32'             # compute dtype: float32 | bfloat16
@@ -118,9 +120,10 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if problems:  # the checks below assume the schema
     raise ConfigError('\n  '.join(['invalid config:'] + problems))
   d, m, u = config.data, config.model, config.cac
-  if d.crop_size % 8 or d.crop_size <= 0:
-    problems.append(f'data.crop_size={d.crop_size} must be a positive multiple of 8 '
-                    '(the DC loss works on the stride-8 grid)')
+  if d.crop_size % FEATURE_STRIDE or d.crop_size <= 0:
+    problems.append(f'data.crop_size={d.crop_size} must be a positive multiple of '
+                    f'{FEATURE_STRIDE} (the DC loss works on the stride-{FEATURE_STRIDE} '
+                    'grid)')
   batches = [('data.labeled_batch_size', d.labeled_batch_size),
              ('data.eval_batch_size', d.eval_batch_size)]
   if not u.supervised_only:
@@ -131,27 +134,13 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
                       f'devices (batch sizes are global)')
     elif size % num_processes:
       problems.append(f'{name}={size} must be divisible by the {num_processes} hosts')
-  if d.name not in DATASETS:
-    problems.append(f'data.name={d.name!r} is not one of {DATASETS}')
-  elif d.name != 'embedded' and not os.path.isdir(d.root):
-    where = ('"Your own data set"' if d.name == 'folder'
-             else '"Training on PASCAL VOC and Cityscapes"')
-    problems.append(f'data.root={d.root!r} is not a directory; set --config.data.root '
-                    f'to the {d.name} directory (see README.md, {where})')
-  if d.num_classes < 2:
-    problems.append(f'data.num_classes={d.num_classes} must be at least 2')
-  if m.backbone not in BACKBONES:
-    problems.append(f'model.backbone={m.backbone!r} is not one of {BACKBONES}')
-  if m.output_stride not in (8, 16):
-    problems.append(f'model.output_stride={m.output_stride} must be 8 or 16')
+  problems += _dataset_problems(d)
+  problems += _backbone_problems(m, config.init_from)
   if m.dtype not in ('float32', 'bfloat16'):
     problems.append(f'model.dtype={m.dtype!r} must be float32 or bfloat16')
   if config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
     problems.append(f'init_from={config.init_from!r} does not exist; convert torchvision '
                     'weights with `python -m cac_jax.models.convert` and pass the output')
-  if config.init_from == 'imagenet' and m.backbone != 'mobilenet_v2':
-    problems.append("init_from='imagenet' is only available offline for mobilenet_v2; "
-                    'for ResNets convert torchvision weights and pass their path')
   problems += _range_problems(config)
   if not 0.0 <= u.pos_threshold < 1.0:
     problems.append(f'cac.pos_threshold={u.pos_threshold} must be in [0, 1)')
@@ -164,9 +153,9 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
     problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
   if u.matmul_dtype not in ('float32', 'bfloat16'):
     problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'float32' or 'bfloat16'")
-  if config.eval.window < 0 or config.eval.window % 8:
+  if config.eval.window < 0 or config.eval.window % FEATURE_STRIDE:
     problems.append(f'eval.window={config.eval.window} must be 0 (whole image) or a '
-                    'positive multiple of 8')
+                    f'positive multiple of {FEATURE_STRIDE}')
   if config.eval.canvas_multiple < 0 or config.eval.canvas_multiple % 32:
     problems.append(f'eval.canvas_multiple={config.eval.canvas_multiple} must be 0 (one '
                     'compiled shape per padded image size) or a positive multiple of 32')
@@ -180,6 +169,48 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'{name}={config[name]} must be positive')
   if problems:
     raise ConfigError('\n  '.join(['invalid config:'] + problems))
+
+
+def _dataset_problems(d) -> list[str]:
+  """`config.data`'s dataset facts, checked against the table in datasets.py."""
+  problems = []
+  if d.name not in datasets.DATASETS:
+    problems.append(f'data.name={d.name!r} is not one of {datasets.names()} (the '
+                    'datasets of cac_jax/datasets.py)')
+  elif datasets.get(d.name).root_help is not None and not os.path.isdir(d.root):
+    problems.append(f'data.root={d.root!r} is not a directory; set --config.data.root '
+                    f'to the {d.name} directory (see README.md, '
+                    f'"{datasets.get(d.name).root_help}")')
+  if d.num_classes < 2:
+    problems.append(f'data.num_classes={d.num_classes} must be at least 2')
+  # The classes are checked against the table where a split is built
+  # (`sources.classes`), so that resuming can name a changed class count.
+  return problems
+
+
+def _backbone_problems(m, init_from: str) -> list[str]:
+  """`config.model` and `init_from`, checked against the table in backbones.py."""
+  if m.backbone not in backbones.BACKBONES:
+    return [f'model.backbone={m.backbone!r} is not one of {backbones.names()} (the '
+            'backbones of cac_jax/backbones.py)']
+  backbone = backbones.get(m.backbone)
+  problems = []
+  if m.output_stride not in backbone.output_strides:
+    allowed = ' or '.join(map(str, backbone.output_strides))
+    others = [n for n in backbones.with_stride(m.output_stride) if n != m.backbone]
+    fix = f'set --config.model.output_stride={backbone.output_strides[-1]}'
+    if others:
+      fix += f', or a backbone with stride {m.output_stride}: {", ".join(others)}'
+    problems.append(f'model.output_stride={m.output_stride} is not supported by '
+                    f'{m.backbone} (it supports {allowed}); {fix}')
+  if init_from == 'imagenet' and backbone.imagenet_path is None:
+    fetchable = ', '.join(backbones.with_imagenet_fetch()) or 'no backbone'
+    how = ('convert torchvision weights with `python -m cac_jax.models.convert` and pass '
+           'their path' if backbone.torchvision_unused is not None
+           else "it has no ImageNet weights: set init_from=''")
+    problems.append(f"init_from='imagenet' is only available offline for {fetchable}; "
+                    f'for {m.backbone} {how}')
+  return problems
 
 
 def _pair(value):

@@ -30,6 +30,8 @@ from PIL import Image
 
 from cac_jax import cli
 from cac_jax import config_lib
+from cac_jax import constants
+from cac_jax import datasets
 from cac_jax import evaluate as eval_lib
 from cac_jax import paths
 from cac_jax import restore
@@ -38,8 +40,8 @@ from cac_jax import visualize
 
 # What the image decoder (TensorFlow's, shared with training) reads.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
-MULTIPLE = 8          # eval protocol: pad to a multiple of the feature stride
-MIN_SIDE = MULTIPLE   # reflect padding needs at least this many pixels
+MULTIPLE = constants.FEATURE_STRIDE  # eval protocol: pad to a multiple of the stride
+MIN_SIDE = MULTIPLE                  # reflect padding needs at least this many pixels
 
 
 class BadImageError(ValueError):
@@ -113,12 +115,10 @@ def prepare(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [1, H8, W8, 3]: normalised, reflect-padded.
 
   H8, W8 are H, W rounded up to a multiple of 8; padding is bottom/right, as
-  in `cac_jax.data.pipeline.eval_iterator`.
+  in `cac_jax.data.pipeline.eval_iterator`, and the normalisation is the
+  training pipeline's (`constants.normalize`).
   """
-  from cac_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-  mean = np.float32(255.0) * np.asarray(IMAGENET_MEAN, np.float32)
-  std = np.float32(255.0) * np.asarray(IMAGENET_STD, np.float32)
-  x = (image.astype(np.float32) - mean) / std
+  x = constants.normalize(image.astype(np.float32))
   h, w = image.shape[:2]
   pad_h, pad_w = -h % MULTIPLE, -w % MULTIPLE
   x = np.pad(x, [(0, pad_h), (0, pad_w), (0, 0)], mode='reflect')
@@ -155,16 +155,9 @@ class Predictor:
 
 
 def dataset_palette(config) -> np.ndarray:
-  """uint8 [K, 3]: the val source's colours, else the VOC colour map."""
-  try:
-    from cac_jax.data import sources
-    palette = np.asarray(sources.get_source(config.data, 'val').palette, np.uint8)
-    if palette.shape == (config.data.num_classes, 3):
-      return palette
-  except (config_lib.ConfigError, OSError, ValueError) as e:
-    # E.g. the dataset is not on this machine: colours are cosmetic.
-    logging.info('dataset palette unavailable (%s); using the VOC colour map', e)
-  return visualize.voc_palette(config.data.num_classes)
+  """uint8 [K, 3]: the dataset's colours from the dataset table (no data read,
+  no TensorFlow); the VOC colour map for a dataset this installation lacks."""
+  return datasets.palette(config.data)
 
 
 # ----------------------------------------------------------------------------

@@ -1,19 +1,15 @@
 """Colourised masks, overlays and image strips (NumPy only).
 
 Used by `python -m cac_jax.predict` and the README figure. Everything works on
-uint8 RGB arrays [H, W, 3]; nothing here imports TensorFlow or JAX (the VOC
-colour map is borrowed lazily from `cac_jax.data.voc`, which does import TF).
+uint8 RGB arrays [H, W, 3]; nothing here imports TensorFlow or JAX. Class
+colours come from the dataset table (`cac_jax.datasets`), which is NumPy only.
 """
 import numpy as np
 
-IGNORE = 255
+from cac_jax.datasets import voc_palette  # noqa: F401  (the default colour map)
+
+# Colour of the ignore label (255) and of any other id without a palette entry.
 IGNORE_COLOR = (0, 0, 0)
-
-
-def voc_palette(num_classes: int = 256) -> np.ndarray:
-  """The standard PASCAL VOC colour map, uint8 [num_classes, 3]."""
-  from cac_jax.data import voc  # imports TF: only when this fallback is needed
-  return voc.voc_palette(num_classes)
 
 
 def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from cac_jax import datasets
 from cac_jax.data import masks, sources, voc
 from configs import default
 
@@ -65,7 +66,7 @@ def test_decode_label_gray_palette_and_bit_depths():
   mask = _random_mask(rng, (9, 13), 21)
   np.testing.assert_array_equal(sources.decode_label(_png_bytes(mask), False).numpy(), mask)
   # Palette PNG: TF expands it to RGB; the palette index must come back.
-  palette_png = _png_bytes(mask, voc.voc_palette(256))
+  palette_png = _png_bytes(mask, datasets.voc_palette(256))
   np.testing.assert_array_equal(sources.decode_label(palette_png, False).numpy(), mask)
   # A scrambled palette whose unused entries repeat a used colour at higher
   # indices, tRNS/pHYs chunks, and a tEXt chunk before PLTE.
@@ -84,7 +85,7 @@ def test_decode_label_gray_palette_and_bit_depths():
       sources.decode_label(one_bit, False).numpy(), bits.astype(np.uint8))
   # A 4-bit palette PNG (PIL packs small palettes when asked).
   small = mask % 16
-  four_bit = _png_bytes(small, voc.voc_palette(16), bits=4)
+  four_bit = _png_bytes(small, datasets.voc_palette(16), bits=4)
   assert four_bit[24:26] == b'\x04\x03'  # bit depth 4, palette
   np.testing.assert_array_equal(sources.decode_label(four_bit, False).numpy(), small)
   # Label map and tf.data graph mode give the same result.
@@ -135,7 +136,8 @@ def voc_root(tmp_path):
           rng.integers(0, 256, (*shape, 3), dtype=np.uint8), quality=95)
     masks[i] = _random_mask(rng, shape, 21)
     if i == VAL[1]:  # only in VOC's own palette-PNG folder
-      _save(str(root / 'SegmentationClass' / f'{i}.png'), masks[i], voc.voc_palette())
+      _save(str(root / 'SegmentationClass' / f'{i}.png'), masks[i],
+            datasets.voc_palette())
     else:
       _save(str(root / 'SegmentationClassAug' / f'{i}.png'), masks[i])
   (root / 'ImageSets' / 'Segmentation').mkdir(parents=True)

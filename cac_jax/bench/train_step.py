@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cac_jax import backbones
 from cac_jax import bank as bank_lib
 from cac_jax import losses
 from cac_jax import optim
@@ -78,10 +79,13 @@ from cac_jax import sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.bench import flops as flops_lib
+from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.models import build_model, layers
 
 MIB = 2.0 ** 20
-BACKBONES = ('resnet50', 'resnet101', 'mobilenet_v2', 'resnet_tiny')
+# The backbone table's names when this module was imported (--backbone's
+# choices; bench/profile_step.py reads them too).
+BACKBONES = backbones.names()
 DTYPES = ('float32', 'bfloat16')
 MODES = ('sup', 'cac')
 # Dense peak FLOP/s per chip (NVIDIA datasheets, SXM): (dtype, precision) ->
@@ -131,7 +135,7 @@ def synthetic_boxes(crop: int, n: int):
   to a multiple of 8 (at least 8), signs alternating over the batch; the
   boxes follow docs/method.md §2 step 4 for an unpadded image.
   """
-  s = max(8, crop // 4 // 8 * 8)
+  s = max(FEATURE_STRIDE, crop // 4 // FEATURE_STRIDE * FEATURE_STRIDE)
   box1, box2 = [], []
   for i in range(n):
     dy = s if i % 2 == 0 else -s
@@ -407,7 +411,7 @@ def _csv(value: str, allowed, name: str, parser) -> list[str]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m cac_jax.bench.train_step',
                                    description=__doc__.splitlines()[0])
-  parser.add_argument('--backbone', default='resnet50', choices=BACKBONES)
+  parser.add_argument('--backbone', default='resnet50', choices=backbones.names())
   parser.add_argument('--crop', type=int, default=320)
   parser.add_argument('--labeled', type=int, default=8, help='global labeled batch')
   parser.add_argument('--unlabeled', type=int, default=8,
@@ -419,7 +423,8 @@ def main(argv=None) -> int:
   parser.add_argument('--warmup', type=int, default=2,
                       help='untimed steps after compilation')
   parser.add_argument('--output-stride', '--output_stride', type=int, default=16,
-                      choices=(8, 16))
+                      choices=backbones.HEAD_STRIDES,
+                      help='one the backbone supports (cac_jax/backbones.py)')
   parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
                       help='DC loss negatives per chunk')
   parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='float32',
@@ -441,9 +446,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   dtypes = _csv(args.dtype, DTYPES, 'dtype', parser)
   modes = _csv(args.modes, MODES, 'modes', parser)
-  if args.crop < 32 or args.crop % 8:
-    parser.error(f'--crop={args.crop} must be a multiple of 8 and >= 32 '
-                 '(the DC loss works on the stride-8 grid)')
+  if args.crop < 32 or args.crop % FEATURE_STRIDE:
+    parser.error(f'--crop={args.crop} must be a multiple of {FEATURE_STRIDE} and >= 32 '
+                 f'(the DC loss works on the stride-{FEATURE_STRIDE} grid)')
+  supported = backbones.get(args.backbone).output_strides
+  if args.output_stride not in supported:
+    parser.error(f'--output-stride={args.output_stride} is not supported by '
+                 f'{args.backbone} (it supports {supported})')
   if min(args.labeled, args.unlabeled, args.steps, args.chunk_size) < 1 or \
       min(args.warmup, args.bank_steps) < 0:
     parser.error('need --labeled, --unlabeled, --steps, --chunk-size >= 1 and '

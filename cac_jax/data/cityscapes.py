@@ -14,25 +14,19 @@ labeled split is a seeded draw of `data.num_labeled` (372 / 744 in the paper)
 or the authors' split files (lines
 `leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png
 gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png`).
+The 19 class names and colours are its entry in `cac_jax/datasets.py`.
 """
 import glob
 import os
 
 import numpy as np
 
+from cac_jax.constants import IGNORE_LABEL
 from cac_jax.data import sources
 
-CLASS_NAMES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
-               'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car',
-               'truck', 'bus', 'train', 'motorcycle', 'bicycle')
-PALETTE = np.array([
-    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-    [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-    [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
-    [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.uint8)
 # Cityscapes label id of each train id 0..18 (cityscapesscripts' labels.py).
 TRAIN_ID_TO_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-LABEL_MAP = np.full(256, sources.IGNORE_LABEL, np.uint8)
+LABEL_MAP = np.full(256, IGNORE_LABEL, np.uint8)
 LABEL_MAP[list(TRAIN_ID_TO_ID)] = np.arange(len(TRAIN_ID_TO_ID), dtype=np.uint8)
 
 _IMAGE_SUFFIX = '_leftImg8bit'
@@ -71,11 +65,7 @@ def _mask_paths(root, split, image_paths):
 
 def get_source(data_config, split: str) -> sources.Source:
   """A split ('labeled' | 'unlabeled' | 'val') as file paths."""
-  if data_config.num_classes != len(CLASS_NAMES):
-    raise sources.DataError(f'data.num_classes={data_config.num_classes} but Cityscapes '
-                            f'has {len(CLASS_NAMES)} train classes; set data.num_classes='
-                            f'{len(CLASS_NAMES)}')
-  names = sources.class_names_or(data_config, CLASS_NAMES)
+  names, palette = sources.classes(data_config)
   root = data_config.root
   sources.require_dir(root, 'data.root', 'set --config.data.root to the Cityscapes '
                       'directory holding leftImg8bit/ and gtFine/')
@@ -94,5 +84,5 @@ def get_source(data_config, split: str) -> sources.Source:
       labels, label_map = tuple(i for _, i in masks), LABEL_MAP
   return sources.Source(
       ids=tuple(ids), images=tuple(paths), labels=labels, from_files=True,
-      num_classes=len(names), class_names=names, palette=PALETTE,
+      num_classes=len(names), class_names=names, palette=palette,
       label_map=label_map)

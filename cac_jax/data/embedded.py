@@ -44,12 +44,14 @@ import scipy.special
 import skimage.data
 import tensorflow_datasets as tfds
 
+from cac_jax import datasets
 from cac_jax.data import sources
 
-CLASS_NAMES = ('brick', 'grass', 'gravel', 'stripes', 'checker', 'dots')
+# The class names and colours live in the dataset table; the generator below
+# draws the textures in this order.
+CLASS_NAMES = datasets.get('embedded').class_names
 NUM_CLASSES = len(CLASS_NAMES)
-PALETTE = np.array([[178, 34, 34], [34, 139, 34], [128, 128, 128],
-                    [255, 215, 0], [65, 105, 225], [238, 130, 238]], np.uint8)
+PALETTE = datasets.get('embedded').palette
 # Context-biased images use exactly one of these neighbour pairs.
 CONTEXT_PAIRS = ((0, 1), (2, 3), (4, 5))
 _PHOTOS = ('brick', 'grass', 'gravel')
@@ -276,11 +278,7 @@ def read_split(b: CacTextures, split: str) -> tuple[list[str], list[bytes], list
 
 def get_source(data_config, split: str, data_dir=None) -> sources.Source:
   """A split of the embedded dataset as encoded PNG bytes (from_files=False)."""
-  if data_config.num_classes != NUM_CLASSES:
-    raise sources.DataError(f'data.num_classes={data_config.num_classes} but the embedded '
-                            f'dataset has {NUM_CLASSES} classes; set data.num_classes='
-                            f'{NUM_CLASSES}')
-  names = sources.class_names_or(data_config, CLASS_NAMES)
+  names, palette = sources.classes(data_config)
   b = builder(data_config.embedded, data_dir)
   biased = bool(data_config.embedded.context_biased)
   if split == 'val':
@@ -297,5 +295,4 @@ def get_source(data_config, split: str, data_dir=None) -> sources.Source:
   return sources.Source(
       ids=tuple(ids), images=tuple(images),
       labels=None if split == 'unlabeled' else tuple(labels),
-      from_files=False, num_classes=len(names), class_names=names,
-      palette=PALETTE)
+      from_files=False, num_classes=len(names), class_names=names, palette=palette)

@@ -19,7 +19,8 @@ describe the classes; colours are the VOC colour map.
 """
 import os
 
-from cac_jax.data import sources, voc
+from cac_jax.data import sources
+
 
 def list_images(root: str) -> dict[str, str]:
   """id -> path of every file in root/images with an image extension."""
@@ -90,9 +91,7 @@ def get_source(data_config, split: str) -> sources.Source:
   root = data_config.root
   sources.require_dir(root, 'data.root', 'set --config.data.root to the folder holding '
                       'images/, masks/ and splits/')
-  k = int(data_config.num_classes)
-  names = tuple(data_config.class_names) or tuple(f'class_{i}' for i in range(k))
-  names = sources.class_names_or(data_config, names)
+  names, palette = sources.classes(data_config)
   images = list_images(root)
   ids = _ids_of(root, split, data_config)
   missing = [i for i in ids if i not in images]
@@ -105,4 +104,4 @@ def get_source(data_config, split: str) -> sources.Source:
       ids=tuple(ids), images=tuple(images[i] for i in ids),
       labels=None if split == 'unlabeled' else tuple(
           found_masks.get(i, os.path.join(root, 'masks', f'{i}.png')) for i in ids),
-      from_files=True, num_classes=k, class_names=names, palette=voc.voc_palette(k))
+      from_files=True, num_classes=len(names), class_names=names, palette=palette)

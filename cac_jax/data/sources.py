@@ -4,8 +4,10 @@ A `Source` is a plain, immutable list of example references (encoded bytes or
 file paths) plus the class metadata. The input pipeline turns it into a
 `tf.data.Dataset` with `decode_image` / `decode_label`; everything dataset
 specific (directory layouts, split files, label maps) stays in the dataset
-modules (`embedded`, `voc`, `cityscapes`, `folder`), which `get_source`
-dispatches to.
+modules (`embedded`, `voc`, `cityscapes`, `folder`). `get_source` calls the
+reader that the dataset table (`cac_jax/datasets.py`) names for
+`data.name`, and the readers take their classes from that table
+(`classes`), so this module imports no dataset module.
 
 Split protocol, shared by all datasets (`split_ids`): the labeled ids are a
 seeded random draw (`data.split_seed`) of `data.num_labeled` train ids, unless
@@ -22,10 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from cac_jax import config_lib
+from cac_jax import datasets
+from cac_jax import registry
 from cac_jax.data import masks
 
 SPLITS = ('labeled', 'unlabeled', 'val')
-IGNORE_LABEL = masks.IGNORE_LABEL
 
 
 class DataError(config_lib.ConfigError):
@@ -265,38 +268,45 @@ def split_ids(data_config, train_ids: Sequence[str], split: str,
   return [i for i in train_ids if i not in labeled_set]
 
 
-def class_names_or(data_config, names: Sequence[str]) -> tuple[str, ...]:
-  """The config's class names if set, else the dataset's, checked against K."""
-  chosen = tuple(data_config.class_names) or tuple(names)
-  if len(chosen) != data_config.num_classes:
-    raise DataError(f'data.num_classes={data_config.num_classes} but there are '
-                    f'{len(chosen)} class names {chosen}; make them agree')
-  return chosen
+def classes(data_config) -> tuple[tuple[str, ...], np.ndarray]:
+  """(class names, uint8 [K, 3] palette) of the configured dataset, from the table.
+
+  Raises:
+    DataError: `data.num_classes` or `data.class_names` do not fit the dataset.
+  """
+  dataset = _dataset(data_config)
+  problems = dataset.class_problems(data_config)
+  if problems:
+    raise DataError(problems)
+  return dataset.names_for(data_config), dataset.palette_for(int(data_config.num_classes))
+
+
+def _dataset(data_config) -> datasets.Dataset:
+  try:
+    return datasets.get(data_config.name)
+  except ValueError as e:
+    raise DataError(str(e)) from None
 
 
 def get_source(data_config, split: str) -> Source:
   """The `Source` of one split of the configured dataset.
 
   Args:
-    data_config: `config.data` (fields in configs/default.py).
+    data_config: `config.data` (schema: cac_jax/config_lib.py).
     split: 'labeled' | 'unlabeled' | 'val'.
 
   Raises:
-    DataError: the dataset's files or split files are missing or inconsistent.
+    DataError: an unknown `data.name`, or the dataset's files or split files are
+      missing or inconsistent.
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  # Imported here: each dataset module imports this one.
-  from cac_jax.data import cityscapes, embedded, folder, voc
-  readers = {'embedded': embedded.get_source, 'voc': voc.get_source,
-             'cityscapes': cityscapes.get_source, 'folder': folder.get_source}
-  if data_config.name not in readers:
-    raise ValueError(f'data.name={data_config.name!r} is not one of {sorted(readers)}')
+  reader = registry.load(_dataset(data_config).source)
   # Sources are immutable and costly to list (TFDS reads, directory scans);
   # training asks for the val source at every evaluation, so memoise them.
-  key = (_config_key(data_config), split)
+  key = (reader, _config_key(data_config), split)
   if key not in _SOURCE_CACHE:
-    _SOURCE_CACHE[key] = readers[data_config.name](data_config, split)
+    _SOURCE_CACHE[key] = reader(data_config, split)
   return _SOURCE_CACHE[key]
 
 

@@ -15,6 +15,7 @@ in the paper) or the authors' split files.
 
 `get_source` reads the files directly (random access for tf.data); the TFDS
 builder `VocAug` wraps the same file lists for users who want `tfds.load`.
+The 21 class names and the VOC colour map are its entry in `cac_jax/datasets.py`.
 """
 import os
 
@@ -24,10 +25,6 @@ from etils import epath
 from PIL import Image
 
 from cac_jax.data import sources
-
-CLASS_NAMES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus',
-               'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
-               'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 1. VOC 2012: download VOCtrainval_11-May-2012.tar from
@@ -47,21 +44,6 @@ data.labeled_split_file / data.unlabeled_split_file.
 _TRAIN_LISTS = ('ImageSets/SegmentationAug/train_aug.txt',
                 'ImageSets/Segmentation/train_aug.txt', 'train_aug.txt')
 _VAL_LISTS = ('ImageSets/Segmentation/val.txt', 'val.txt')
-
-
-def voc_palette(num_classes: int = 256) -> np.ndarray:
-  """The standard VOC colour map: uint8 [num_classes, 3] (bits of the index
-  spread over the high bits of R, G, B)."""
-  palette = np.zeros((num_classes, 3), np.uint8)
-  for i in range(num_classes):
-    c, r, g, b = i, 0, 0, 0
-    for shift in range(7, -1, -1):
-      r |= (c & 1) << shift
-      g |= ((c >> 1) & 1) << shift
-      b |= ((c >> 2) & 1) << shift
-      c >>= 3
-    palette[i] = (r, g, b)
-  return palette
 
 
 def find_root(root: str) -> str:
@@ -104,7 +86,7 @@ def mask_path(root: str, image_id: str) -> str:
 
 def get_source(data_config, split: str) -> sources.Source:
   """A split ('labeled' | 'unlabeled' | 'val') as file paths."""
-  names = sources.class_names_or(data_config, CLASS_NAMES)
+  names, palette = sources.classes(data_config)
   root = find_root(data_config.root)
   if split == 'val':
     ids = split_list(root, 'val')
@@ -114,8 +96,7 @@ def get_source(data_config, split: str) -> sources.Source:
       ids=tuple(ids),
       images=tuple(os.path.join(root, 'JPEGImages', f'{i}.jpg') for i in ids),
       labels=None if split == 'unlabeled' else tuple(mask_path(root, i) for i in ids),
-      from_files=True, num_classes=len(names), class_names=names,
-      palette=voc_palette(len(names)))
+      from_files=True, num_classes=len(names), class_names=names, palette=palette)
 
 
 class VocAug(tfds.core.GeneratorBasedBuilder):

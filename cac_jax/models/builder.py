@@ -1,23 +1,18 @@
 """Builds the CAC network from ``config.model``.
 
-The config fields (see ``configs/default.py``): backbone ('resnet50' |
-'resnet101' | 'mobilenet_v2' | 'resnet_tiny'), output_stride (8 | 16),
-projector (bool), proj_dim (int), dtype ('float32' | 'bfloat16').
+The config fields (schema: ``cac_jax/config_lib.py``): backbone (a name in
+the backbone table, ``cac_jax/backbones.py``), output_stride (one the
+backbone supports there), projector (bool), proj_dim (int), dtype
+('float32' | 'bfloat16').
 """
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cac_jax.models import mobilenet_v2, resnet
+from cac_jax import backbones, registry
 from cac_jax.models.deeplabv3plus import DeepLabV3Plus
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    'resnet50': resnet.resnet50,
-    'resnet101': resnet.resnet101,
-    'resnet_tiny': resnet.resnet_tiny,
-    'mobilenet_v2': mobilenet_v2.mobilenet_v2,
-}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -31,15 +26,19 @@ def compute_dtype(name: str) -> Any:
 
 def build_backbone(name: str, output_stride: int = 16,
                    dtype: str = 'float32') -> nn.Module:
-  """The backbone alone (what ``convert`` fills and ``init_from`` loads)."""
-  if name not in BACKBONES:
+  """The backbone alone (what ``convert`` fills and ``init_from`` loads).
+
+  Raises:
+    ValueError: a backbone not in the table, or a stride it does not support
+      (config validation reports both first, with the fix).
+  """
+  backbone = backbones.get(name)
+  if output_stride not in backbone.output_strides:
     raise ValueError(
-        f'unknown backbone {name!r}; config.model.backbone must be one of '
-        f'{sorted(BACKBONES)}.')
-  if output_stride not in (8, 16):
-    raise ValueError(
-        f'config.model.output_stride must be 8 or 16, got {output_stride}.')
-  return BACKBONES[name](output_stride=output_stride, dtype=compute_dtype(dtype))
+        f'config.model.output_stride={output_stride} is not supported by {name}; it '
+        f'supports {backbone.output_strides}.')
+  make = registry.load(backbone.make)
+  return make(output_stride=output_stride, dtype=compute_dtype(dtype))
 
 
 def build_model(model_config, num_classes: int) -> DeepLabV3Plus:

@@ -41,15 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cac_jax.models import mobilenet_v2, resnet, torch_pickle
+from cac_jax import backbones
+from cac_jax.models import builder, mobilenet_v2, torch_pickle
 
-# Backbone architectures with public torchvision ImageNet checkpoints, and the
-# checkpoint entries a segmentation backbone does not use.
-BACKBONE_ARCHS = {
-    'resnet50': (resnet.resnet50, ('fc.',)),
-    'resnet101': (resnet.resnet101, ('fc.',)),
-    'mobilenet_v2': (mobilenet_v2.mobilenet_v2, ('features.18.', 'classifier.')),
-}
 _LEAF_NAMES = {
     ('params', 'kernel'): 'weight',
     ('params', 'scale'): 'weight',
@@ -169,17 +163,22 @@ def abstract_variables(module, image_size: int = 64) -> dict:
 def convert_backbone(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
   """torchvision ImageNet state dict -> backbone {'params', 'batch_stats'}.
 
-  The classifier (ResNet 'fc', MobileNetV2 'features.18' and 'classifier')
-  is dropped. Parameters do not depend on the output stride.
+  The architectures are the backbone table's entries with a torchvision
+  checkpoint (`cac_jax/backbones.py`); the entry's `torchvision_unused`
+  prefixes (the classifier: ResNet 'fc', MobileNetV2 'features.18' and
+  'classifier') are dropped. Parameters do not depend on the output stride.
 
   Raises:
     ValueError: unknown arch, or the state dict does not match it.
   """
-  if arch not in BACKBONE_ARCHS:
-    raise ValueError(f'unknown --arch {arch!r}; choose one of {sorted(BACKBONE_ARCHS)}.')
-  make, ignored = BACKBONE_ARCHS[arch]
+  if arch not in backbones.convertible():
+    raise ValueError(f'unknown --arch {arch!r}; choose one of '
+                     f'{sorted(backbones.convertible())}.')
+  entry = backbones.get(arch)
+  module = builder.build_backbone(arch, entry.output_strides[-1])
   try:
-    return convert_state_dict(state_dict, abstract_variables(make()), ignored)
+    return convert_state_dict(state_dict, abstract_variables(module),
+                              entry.torchvision_unused)
   except ValueError as e:
     raise ValueError(f'converting a {arch} checkpoint: {e}') from None
 
@@ -300,7 +299,7 @@ def main(argv=None) -> int:
       prog='python -m cac_jax.models.convert',
       description='Convert a torchvision ImageNet checkpoint to a cac_jax '
                   'backbone (flax msgpack of params and batch_stats).')
-  parser.add_argument('--arch', required=True, choices=sorted(BACKBONE_ARCHS))
+  parser.add_argument('--arch', required=True, choices=sorted(backbones.convertible()))
   parser.add_argument('--input', required=True, help='torchvision .pth file')
   parser.add_argument('--output', required=True, help='output .msgpack file')
   args = parser.parse_args(argv)
