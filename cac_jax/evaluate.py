@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cac_jax import sharding
+from cac_jax.constants import FEATURE_STRIDE, IGNORE_LABEL
 from cac_jax.models import layers
-
-IGNORE = 255
 
 
 def sliding_window_scores(model, variables, images, window: int):
@@ -29,7 +28,7 @@ def sliding_window_scores(model, variables, images, window: int):
   b, h, w, _ = images.shape
   if h <= window and w <= window:
     return jax.nn.softmax(model.apply(variables, images, train=False)['logits'])
-  stride = max(8, (2 * window // 3) // 8 * 8)
+  stride = max(FEATURE_STRIDE, (2 * window // 3) // FEATURE_STRIDE * FEATURE_STRIDE)
 
   def starts(size):
     if size <= window:
@@ -87,7 +86,8 @@ def predict_logits(model, variables, images, *, sizes=None, flip: bool = False,
   b, h, w, c = images.shape
   total = 0.0
   for scale in scales:
-    size = (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
+    m = FEATURE_STRIDE
+    size = (max(m, round(h * scale / m) * m), max(m, round(w * scale / m) * m))
     x = images if size == (h, w) else jax.image.resize(images, (b, *size, c), 'bilinear')
     views = [(x, False)] + ([(x[:, :, ::-1], True)] if flip else [])
     for view, flipped in views:
@@ -108,7 +108,7 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
   Pixels labelled 255 (ignore, or padding) and images with valid_image=False
   are left out.
   """
-  keep = (label != IGNORE) & valid_image[:, None, None]
+  keep = (label != IGNORE_LABEL) & valid_image[:, None, None]
   index = jnp.where(keep, label * num_classes + pred, 0)
   counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[
       index.reshape(-1)].add(keep.reshape(-1).astype(jnp.int32))
@@ -204,8 +204,8 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
   Returns:
     (scores, class_names, step, config): `scores` as `scores()` returns.
   """
-  from cac_jax import config_lib, paths, restore
-  from cac_jax.data import pipeline, sources  # TF only in the CLI path
+  from cac_jax import config_lib, datasets, paths, restore
+  from cac_jax.data import pipeline  # TF only in the CLI path
 
   config, model, variables, step = restore.load_run(workdir, step=step, which=which)
   apply_overrides(config, overrides or {})
@@ -217,8 +217,7 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
         f'data.eval_batch_size={batch} must be a positive multiple of the '
         f'{mesh.devices.size} devices here; pass --config.data.eval_batch_size=N')
   num_classes = config.data.num_classes
-  class_names = (tuple(config.data.class_names)
-                 or tuple(sources.get_source(config.data, 'val').class_names))
+  class_names = datasets.class_names(config.data)
   with jax.set_mesh(mesh):
     eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
                                scales=config.eval.scales, window=config.eval.window)
