@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from cac_jax import bank as bank_lib
 from cac_jax import sharding
-from cac_jax.models.deeplabv3plus import HEAD_CHANNELS
 
 
 @flax.struct.dataclass
@@ -27,42 +26,55 @@ class TrainState:
   bank: bank_lib.FeatureBank | None
 
 
-def negatives_per_step(config) -> int:
-  """Entries this step contributes to the bank: both views of every unlabeled image."""
+def dc_feature_shape(model, config) -> tuple[int, int]:
+  """(cells per view, feature width) of the DC-loss features, from the model.
+
+  Read off `jax.eval_shape` of the network's stride-8 projected output at the
+  training crop (nothing is computed), so the bank always matches what the
+  model produces: the projector's width, or without the projector (an
+  ablation) the decoder's own channels.
+  """
+  crop = config.data.crop_size
+
+  def proj8(key):
+    x = jnp.zeros((1, crop, crop, 3), jnp.float32)
+    out, _ = model.init_with_output({'params': key, 'dropout': key}, x, train=False,
+                                    dc_outputs=True)
+    return out['proj8']
+  _, h, w, dim = jax.eval_shape(proj8, jax.random.key(0)).shape
+  return h * w, dim
+
+
+def negatives_per_step(config, cells: int) -> int:
+  """Entries a step contributes to the bank: both views of every unlabeled image.
+
+  cells: the stride-8 cells of one view (`dc_feature_shape`).
+  """
   if config.cac.supervised_only:
     return 0
-  cells = (config.data.crop_size // 8) ** 2
   per_view = config.cac.neg_per_image or cells
   return 2 * config.data.unlabeled_batch_size * min(per_view, cells)
-
-
-def feature_dim(config) -> int:
-  """Width of the DC-loss features: the projector's output, or without the
-  projector (an ablation) the decoder's own 256 channels."""
-  return config.model.proj_dim if config.model.projector else HEAD_CHANNELS
-
-
-def bank_capacity(config) -> int:
-  if config.cac.supervised_only:
-    return 0
-  return bank_lib.bank_capacity(config.cac.bank_steps, negatives_per_step(config))
 
 
 def make_init_fn(model, tx, config):
   """Returns init(key) -> TrainState, pure and jittable."""
   crop = config.data.crop_size
+  capacity, dim = 0, 0
+  if not config.cac.supervised_only and config.cac.bank_steps:
+    cells, dim = dc_feature_shape(model, config)
+    capacity = bank_lib.bank_capacity(config.cac.bank_steps,
+                                      negatives_per_step(config, cells))
 
   def init(key):
     x = jnp.zeros((1, crop, crop, 3), jnp.float32)
     variables = model.init({'params': key, 'dropout': key}, x, train=False)
     params = variables['params']
-    capacity = bank_capacity(config)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get('batch_stats', {}),
         opt_state=tx.init(params),
-        bank=bank_lib.init_bank(capacity, feature_dim(config)) if capacity else None)
+        bank=bank_lib.init_bank(capacity, dim) if capacity else None)
   return init
 
 
