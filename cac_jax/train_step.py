@@ -36,14 +36,18 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
     batch: global arrays sharded on 'data': batch['labeled'] = {image [B,C,C,3]
       float32 normalised, label [B,C,C] int32}; with `with_dc`, also
       batch['unlabeled'] = {image1, image2 [B,C,C,3], box1, box2 int32 [B,4],
-      flip1, flip2 bool [B]}.
+      flip1, flip2 bool [B]} and, where the unlabeled images have masks,
+      truth1, truth2 int32 [B,C/8,C/8] (the true class of each stride-8 cell,
+      `pairs.cell_labels`): read by the DC diagnostics only, never by a loss.
     model, tx, config: static; closed over by `make_train_step`.
     with_dc: static. False for the supervised-only baseline and for the steps
       before `cac.unsup_start_step` (where the DC weight is zero, so the two
       unlabeled passes would only cost time).
 
   Returns:
-    (new_state, metrics): metrics is a dict of float32 scalars, on device.
+    (new_state, metrics): metrics is a dict of float32 scalars, on device;
+    on DC steps they include the DC diagnostics 'dc_*_12' / 'dc_*_21'
+    (`losses.dc_direction`, docs/method.md §4), computed in the step.
   """
   cac = config.cac
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -69,12 +73,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
         pos_threshold=cac.pos_threshold, directional=cac.directional,
         filter_negatives=cac.filter_negatives,
         neg_per_image=cac.neg_per_image, chunk_size=cac.chunk_size,
-        matmul_dtype=cac.matmul_dtype)
+        matmul_dtype=cac.matmul_dtype, truth1=un.get('truth1'),
+        truth2=un.get('truth2'))
     metrics.update(
         loss_dc=dc, loss_dc_12=aux['loss_12'], loss_dc_21=aux['loss_21'],
         active_frac_12=aux['active_frac_12'],
         active_frac_21=aux['active_frac_21'],
-        overlap_frac=aux['overlap_frac'])
+        overlap_frac=aux['overlap_frac'], **aux['diagnostics'])
     negatives = (aux['new_neg_feats'], aux['new_neg_labels'])
     return ce + cac.weight * dc, (batch_stats, metrics, negatives)
 

@@ -18,6 +18,11 @@ static shapes so it runs inside `tf.data`:
    frame, with the (h // s) * s term that keeps padding out of the overlap;
 5. independent horizontal flips (p = 0.5 each);
 6. independent photometric augmentation per view.
+
+Where the unlabeled image has a mask (for the DC diagnostics only,
+docs/method.md §4; never for a loss), it goes through the same scale, pad,
+crops and flips and is reduced to one true class per stride-s cell
+(`cell_labels`), the grid of the features the DC loss compares.
 """
 from collections.abc import Sequence
 
@@ -157,11 +162,47 @@ def pair_geometry(seed, height, width, *, crop_size: int, base_size: int,
   }
 
 
+def cell_labels(label, stride: int) -> tf.Tensor:
+  """The true class of each stride x stride cell: the most frequent pixel value.
+
+  The DC loss compares stride-8 features (the decoder output pooled 2x2 from
+  stride 4), each of which sees a whole 8x8 cell, so a cell's class is the
+  mode of its pixels, not the value of one sampled pixel. Ignore (255) is a
+  value like the others: a cell is ignored only if more of its pixels are 255
+  than belong to any one class (ties go to the smaller value, so a class beats
+  255). Counted with one bincount over (cell, value) pairs: O(pixels + cells
+  x 256), no one-hot array.
+
+  Args:
+    label: int [H, W], values in [0, 256), H and W multiples of `stride`.
+    stride: the cell side s.
+
+  Returns:
+    int32 [H / s, W / s].
+  """
+  label = tf.cast(tf.convert_to_tensor(label), tf.int32)
+  shape = tf.shape(label)
+  tf.debugging.assert_equal(shape % stride, 0,
+                            message='label sides must be multiples of the stride')
+  rows, cols = shape[0] // stride, shape[1] // stride
+  cell = ((tf.range(shape[0])[:, None] // stride) * cols
+          + tf.range(shape[1])[None, :] // stride)  # [H, W] flat cell index
+  counts = tf.math.bincount(tf.reshape(cell * 256 + label, [-1]),
+                            minlength=rows * cols * 256,
+                            maxlength=rows * cols * 256)
+  mode = tf.argmax(tf.reshape(counts, [rows * cols, 256]), axis=1,
+                   output_type=tf.int32)
+  out = tf.reshape(mode, [rows, cols])
+  if label.shape.rank == 2 and label.shape[0] is not None and label.shape[1] is not None:
+    out.set_shape([label.shape[0] // stride, label.shape[1] // stride])
+  return out
+
+
 def sample_pair(image, seed, *, crop_size: int, base_size: int,
                 scale_range: Sequence[float] = (0.8, 2.0),
                 iou_range: Sequence[float] = (0.1, 1.0), stride: int = 8,
                 photometric: bool = True,
-                same_crop: bool = False) -> dict[str, tf.Tensor]:
+                same_crop: bool = False, label=None) -> dict[str, tf.Tensor]:
   """Two overlapping, independently flipped and coloured crops of one image.
 
   Args:
@@ -175,12 +216,17 @@ def sample_pair(image, seed, *, crop_size: int, base_size: int,
     photometric: apply the per-view blur / jitter / grayscale.
     same_crop: ablation "no context change": crop 2 = crop 1 (flips and
       photometric augmentation stay independent).
+    label: optional int [H, W] mask of `image` (255 = ignore), for the DC
+      diagnostics only; it changes none of the other outputs.
 
   Returns:
     'image1', 'image2': float32 [C, C, 3] in [0, 255] (NOT normalised);
     'box1', 'box2': int32 [4] = (top, left, bottom, right) of the overlap in
       each view's unflipped frame, equal sizes, multiples of `stride`;
-    'flip1', 'flip2': bool scalars, True where the view was flipped.
+    'flip1', 'flip2': bool scalars, True where the view was flipped;
+    with `label`, 'truth1', 'truth2': int32 [C / s, C / s], the true class of
+      each stride-s cell of the view (`cell_labels`), flipped with it (the
+      frame of the view's feature maps); 255 in the padding.
   """
   image = tf.cast(tf.convert_to_tensor(image), tf.float32)
   shape = tf.shape(image)
@@ -190,6 +236,11 @@ def sample_pair(image, seed, *, crop_size: int, base_size: int,
   scaled = augment.resize_image(image, geo['scaled_height'],
                                 geo['scaled_width'])
   scaled = augment.pad_image(scaled, crop_size)
+  if label is not None:
+    label = tf.cast(tf.convert_to_tensor(label), tf.int32)
+    label = augment.pad_label(
+        augment.resize_label(label, geo['scaled_height'], geo['scaled_width']),
+        crop_size)
   view_seeds = augment.split_seed(geo['photometric_seed'], 2)
   out = {}
   for v, (y, x) in enumerate([(geo['y1'], geo['x1']), (geo['y2'], geo['x2'])],
@@ -202,4 +253,11 @@ def sample_pair(image, seed, *, crop_size: int, base_size: int,
     out[f'image{v}'] = view
     out[f'box{v}'] = geo[f'box{v}']
     out[f'flip{v}'] = flip
+    if label is not None:
+      # Flipped at pixel level, then reduced: C is a multiple of s, so this
+      # equals flipping the cell grid, as the model's feature maps are.
+      truth = augment.crop(label, y, x, crop_size)
+      truth = tf.cond(flip, lambda: augment.flip_left_right(truth),
+                      lambda: truth)
+      out[f'truth{v}'] = cell_labels(truth, stride)
   return out

@@ -155,7 +155,13 @@ def labeled_dataset(config, source, *, start_step: int, process_index: int,
 
 def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
                       process_count: int) -> tf.data.Dataset:
-  """Per-host batches of CAC pairs (keys as `train_iterator`'s 'unlabeled')."""
+  """Per-host batches of CAC pairs (keys as `train_iterator`'s 'unlabeled').
+
+  Where the source has masks (`source.labels`), each pair also carries the
+  true class of every stride-8 cell of each view ('truth1', 'truth2'), cut
+  with the pair's own geometry (`pairs.sample_pair`). They feed the DC
+  diagnostics only (docs/method.md §4); no loss reads them.
+  """
   data = config.data
   global_batch = int(data.unlabeled_batch_size)
   per_host = per_host_batch_size(global_batch, process_count,
@@ -172,11 +178,22 @@ def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
                         pair_kwargs['scale_range'], pair_kwargs['iou_range'],
                         FEATURE_STRIDE)
 
+  truth = source.labels is not None
+  if truth:
+    labels, names = _refs(source.labels, 'unlabeled'), _names(source, 'labels')
+
   def load(step, slot):
     idx = example_index(seed, UNLABELED_ORDER, step, slot, global_batch, n)
     image = sources.decode_image(tf.gather(images, idx), source.from_files)
+    label = None
+    if truth:  # checked like a labeled mask, the file named on error
+      label = sources.decode_label(
+          tf.gather(labels, idx), source.from_files, source.label_map,
+          num_classes=source.num_classes, name=tf.gather(names, idx),
+          image_shape=tf.shape(image))
     pair = pairs.sample_pair(
-        image, example_seed(seed, UNLABELED_AUG, step, slot), **pair_kwargs)
+        image, example_seed(seed, UNLABELED_AUG, step, slot), label=label,
+        **pair_kwargs)
     pair['image1'] = augment.normalize(pair['image1'])
     pair['image2'] = augment.normalize(pair['image2'])
     return pair
@@ -224,7 +241,10 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
                  'label': int32 [b_l, C, C]},
      'unlabeled': {'image1', 'image2': float32 [b_u, C, C, 3] normalised,
                    'box1', 'box2': int32 [b_u, 4] (top, left, bottom, right),
-                   'flip1', 'flip2': bool [b_u]}}
+                   'flip1', 'flip2': bool [b_u],
+                   and where the unlabeled source has masks (for the DC
+                   diagnostics only) 'truth1', 'truth2': int32
+                   [b_u, C/8, C/8], the true class of each stride-8 cell}}
     with b = global batch // process_count; no 'unlabeled' key without the
     unlabeled stream.
 
