@@ -209,6 +209,7 @@ def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, proc
   canvas (the padded sizes rounded up to 32), batches 4, 4, 3 in val order,
   each image at the top-left with its size in 'size' and blank beyond.
   """
+  config.eval.window = 0  # the whole-image protocol (configs/default.py uses windows)
   config.eval.canvas_multiple = canvas
   src = fake_sources['val']
   want_batches = 3
@@ -245,14 +246,7 @@ def test_eval_covers_every_image_once_at_its_own_size(config, fake_sources, proc
 
 
 def _plan(sizes, *args):
-  class FakeSource:  # eval_plan reads the sizes only
-    pass
-  original = pipeline.eval_sizes
-  try:
-    pipeline.eval_sizes = lambda s: sizes
-    return pipeline.eval_plan(FakeSource(), *args)
-  finally:
-    pipeline.eval_sizes = original
+  return pipeline.plan_batches(sizes, *args)
 
 
 def test_eval_plan_groups_by_padded_size_and_pads_to_the_device_multiple():

@@ -33,16 +33,16 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from cac_jax.constants import FEATURE_STRIDE, IGNORE_LABEL
 from cac_jax.data import augment
 from cac_jax.data import pairs
 from cac_jax.data import sources
 
 # Independent randomness streams (second word of the base seed).
 LABELED_AUG, LABELED_ORDER, UNLABELED_AUG, UNLABELED_ORDER = 0, 1, 2, 3
-EVAL_MULTIPLE = 8
-# Stride of the features the DC loss compares (docs/method.md §3): crop
-# offsets and overlap boxes are multiples of it.
-FEATURE_STRIDE = 8
+# Val images are reflect-padded to a multiple of the feature stride, as the
+# authors' evaluation does (crop offsets and overlap boxes are multiples too).
+EVAL_MULTIPLE = FEATURE_STRIDE
 
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -383,8 +383,8 @@ def canvas_multiple(eval_config) -> int:
   return int(eval_config.canvas_multiple) if default else 0
 
 
-def eval_plan(source, global_batch: int, multiple: int,
-              canvas: int = 0) -> list[tuple[tuple[int, int], list[int]]]:
+def plan_batches(sizes, global_batch: int, multiple: int,
+                 canvas: int = 0) -> list[tuple[tuple[int, int], list[int]]]:
   """The global eval batches: (canvas shape, val indices), -1 for a padding entry.
 
   Every image is padded to its own size rounded up to 8 (the shape the
@@ -399,8 +399,7 @@ def eval_plan(source, global_batch: int, multiple: int,
   `multiple` (the device count), not to a full batch, so a lone large image
   costs one forward pass per device, not `global_batch`.
   """
-  padded = [(_round_up(h, EVAL_MULTIPLE), _round_up(w, EVAL_MULTIPLE))
-            for h, w in eval_sizes(source)]
+  padded = [(_round_up(h, EVAL_MULTIPLE), _round_up(w, EVAL_MULTIPLE)) for h, w in sizes]
   groups: dict[tuple[int, int], list[int]] = {}
   for i, (h, w) in enumerate(padded):
     key = (h, w) if not canvas else (_round_up(h, canvas), _round_up(w, canvas))
@@ -413,6 +412,11 @@ def eval_plan(source, global_batch: int, multiple: int,
       batch = members[start:start + global_batch]
       plan.append((shape, batch + [-1] * (_round_up(len(batch), multiple) - len(batch))))
   return plan
+
+
+def eval_plan(source, global_batch: int, multiple: int, canvas: int = 0):
+  """`plan_batches` over the val images of `source` (sizes from their headers)."""
+  return plan_batches(eval_sizes(source), global_batch, multiple, canvas)
 
 
 def _eval_multiple(process_count: int, multiple) -> int:
@@ -487,7 +491,7 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
     pad_w = _round_up(w, EVAL_MULTIPLE) - w
     image = tf.pad(augment.normalize(image), [[0, pad_h], [0, pad_w], [0, 0]],
                    mode='REFLECT')
-    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=augment.IGNORE_LABEL)
+    label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_LABEL)
     return image, label
 
   ds = tf.data.Dataset.from_tensor_slices(tf.constant(flat, tf.int64))
@@ -495,7 +499,7 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
   examples = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
   for ((h8, w8), _), batch in zip(plan, mine):
     image = np.zeros((len(batch), h8, w8, 3), np.float32)
-    label = np.full((len(batch), h8, w8), augment.IGNORE_LABEL, np.int32)
+    label = np.full((len(batch), h8, w8), IGNORE_LABEL, np.int32)
     size = np.full((len(batch), 2), EVAL_MULTIPLE, np.int32)
     for k, g in enumerate(batch):
       if g < 0:
