@@ -183,7 +183,8 @@ def test_get_source_splits(cache, monkeypatch):
   assert len(labeled) == 3 and len(unlabeled) == 5 and len(val) == 4
   assert not set(labeled.ids) & set(unlabeled.ids)
   assert set(labeled.ids) | set(unlabeled.ids) == {f'train_{i:05d}' for i in range(8)}
-  assert unlabeled.labels is None and not labeled.from_files
+  # Unlabeled masks are kept for the DC diagnostics only (never a loss).
+  assert len(unlabeled.labels) == len(unlabeled.images) and not labeled.from_files
   assert labeled.class_names == embedded.CLASS_NAMES and labeled.palette.shape == (6, 3)
   assert sources.get_source(config, 'labeled').ids == labeled.ids  # same seed, same draw
   config.embedded.context_biased = True

@@ -292,7 +292,8 @@ def get_source(data_config, split: str, data_dir=None) -> sources.Source:
       keep = set(sources.split_ids(data_config, ids, split))
       rows = [r for r in zip(ids, images, labels) if r[0] in keep]
       ids, images, labels = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+  # The unlabeled split keeps its masks too: they feed the DC-loss
+  # diagnostics (pseudo-label accuracy, false negatives), never a loss.
   return sources.Source(
-      ids=tuple(ids), images=tuple(images),
-      labels=None if split == 'unlabeled' else tuple(labels),
+      ids=tuple(ids), images=tuple(images), labels=tuple(labels),
       from_files=False, num_classes=len(names), class_names=names, palette=palette)
