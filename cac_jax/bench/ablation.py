@@ -37,6 +37,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 ARMS = {
     'supervised': ['--config.cac.supervised_only=True'],
     'cac': [],
+    # The control: the unlabeled passes run (and feed BatchNorm's running
+    # statistics) but the DC loss adds no gradient. CAC minus this arm is the
+    # DC gradient's effect; this arm minus supervised is the statistics'.
+    'weight_0': ['--config.cac.weight=0'],
     'no_directional': ['--config.cac.directional=False'],
     'no_neg_filter': ['--config.cac.filter_negatives=False'],
     'vanilla': ['--config.cac.directional=False', '--config.cac.filter_negatives=False',
