@@ -6,6 +6,7 @@ same command with the same workdir continues from the latest checkpoint and,
 because the input stream is indexed by step, sees exactly the batches an
 uninterrupted run would.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -37,25 +38,127 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """SIGTERM (what a preemption sends) -> save at the current step and exit 0."""
+  """SIGTERM (what a preemption sends) -> every host saves at the same step, exit 0.
+
+  The loop asks `reached(n)` before its n-th step of this invocation (n = 1,
+  2, ...: the same count on every host) and `agree()` at its log points. How
+  the hosts agree, without a collective on every step:
+
+  * One process: a Python SIGTERM handler sets a flag, read before each step.
+  * Several processes (jax.distributed.initialize): the distributed runtime's
+    preemption sync manager. initialize() installs its SIGTERM handler (in
+    C++; no Python handler is installed here, as one would replace it); a
+    SIGTERM to any host is published through the coordination service, and
+    a background thread on every host then computes the sync point: one past
+    the largest n that any host has passed to reached_preemption_sync_point.
+    Every host keeps stepping until its own count reaches that point, so all
+    stop after the same step. Between notices, reached() is a mutex and an
+    integer compare on the host: no collective, no device->host fetch. The
+    count starts at 1 and each invocation restarts it: the manager's count
+    starts at 0, so a SIGTERM during start-up (restore, compilation) sets the
+    point at 1 and the loop stops before its first step, as on one process;
+    global step numbers would never meet a point computed from 0 after a
+    resume.
+  * Several processes without that manager (jax_enable_preemption_service
+    off, or no jax.distributed client): a Python handler, and the hosts'
+    flags all-gathered only at the log points (and once before the loop),
+    where the loop already waits for the device to summarise the metrics;
+    every host has the same log steps, so all see the same result and stop
+    at the same step, at most log_every steps after the SIGTERM instead of
+    ~1 s (the runtime's poll interval).
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._agreed = False
+    self._runtime = False
+    if jax.process_count() > 1 and jax.distributed.is_initialized():
+      try:  # 0 is the manager's own start value: a probe that changes nothing
+        multihost_utils.reached_preemption_sync_point(0)
+        self._runtime = True
+      except RuntimeError:  # the preemption service is disabled
+        pass
+    self._previous = (None if self._runtime
+                      else signal.signal(signal.SIGTERM, self._handler))
+
+  @property
+  def mechanism(self) -> str:
+    """How the stopping step is agreed, for the log."""
+    if jax.process_count() == 1:
+      return 'one process: its own SIGTERM handler'
+    if self._runtime:
+      return 'agreed at the distributed runtime\'s preemption sync point'
+    return 'agreed at a log step: the preemption service is disabled'
 
   def _handler(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def reached(self) -> bool:
-    if jax.process_count() > 1:
-      # All hosts must agree on the step at which they stop and save.
+  def agree(self):
+    """At a log point (all hosts alike): the fallback's only collective."""
+    if jax.process_count() > 1 and not self._runtime:
       flags = multihost_utils.process_allgather(np.int32(self.requested))
-      return bool(np.max(flags))
+      self._agreed = bool(np.max(flags))
+
+  def reached(self, n: int) -> bool:
+    """Stop before this invocation's n-th step? Host-only work (see the class)."""
+    if self._runtime:
+      return multihost_utils.reached_preemption_sync_point(n)
+    if jax.process_count() > 1:
+      return self._agreed
     return self.requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# Profiler annotations of the loop (jax.profiler traces show them by name):
+# the loop itself, and each point inside it where the host may wait for the
+# device (HOST_SYNC + 'log' | 'eval' | 'checkpoint' | 'preemption').
+TRAIN_LOOP = 'cac_jax/train_loop'
+HOST_SYNC = 'cac_jax/host_sync:'
+
+
+class _HostSync:
+  """The loop's only device->host points: log, eval, checkpoint (and preemption).
+
+  Between them the host dispatches steps (batch in, state and metrics out as
+  device arrays) and never waits for the device, so it runs up to log_every
+  steps ahead of it; the metrics are fetched in one go at the log points.
+  Each point where it may wait is a `point(kind)` block: a profiler
+  annotation (HOST_SYNC + kind), which places every fetch in a trace (the
+  test reads them there) and, with a guard level, the only place where
+  device->host transfers are allowed.
+
+  guard: None (no guard), or a jax transfer-guard level applied to the
+  device->host direction between the points: 'disallow_explicit' makes any
+  fetch in the hot path raise (a float(metrics[...]), a jax.device_get),
+  'log_explicit' logs each. From train_and_evaluate's `transfer_guard`, or
+  the CAC_TRANSFER_GUARD environment variable for the command line. jax
+  enforces it where device memory is separate (GPU, TPU); on the CPU backend
+  a replicated or single-device array is handed to NumPy without a copy and
+  passes unchecked, which is why the CPU test counts fetches in the trace.
+  """
+
+  def __init__(self, guard: str | None):
+    self.guard = guard or None
+
+  def hot(self):
+    """The whole loop: transfers to the host disallowed (with a guard)."""
+    if self.guard is None:
+      return contextlib.nullcontext()
+    return jax.transfer_guard_device_to_host(self.guard)
+
+  @contextlib.contextmanager
+  def point(self, kind: str):
+    """A point where the host may fetch from (and so wait for) the device."""
+    with jax.profiler.TraceAnnotation(HOST_SYNC + kind):
+      if self.guard is None:
+        yield
+      else:
+        with jax.transfer_guard_device_to_host('allow'):
+          yield
 
 
 def _write_config(config, workdir):
@@ -157,7 +260,8 @@ def _class_names(config):
   return names or tuple(sources.get_source(config.data, 'val').class_names)
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       transfer_guard: str | None = None) -> dict:
   """Trains (or resumes) and evaluates; returns the final eval scores.
 
   Args:
@@ -167,19 +271,26 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     stop_after: stop (with a checkpoint) after this many steps of this
       invocation; for time-sliced jobs and the resume tests. The schedule is
       unaffected: it always spans config.total_steps.
+    transfer_guard: a jax transfer-guard level for device->host transfers
+      outside the loop's log, eval and checkpoint points (see _HostSync);
+      default: the CAC_TRANSFER_GUARD environment variable, else none.
   """
   workdir = paths.resolve(str(workdir))
   paths.resolve_config(config)
   # Installed first, so that a SIGTERM during start-up (restore, compilation)
-  # also ends in a clean exit instead of the default kill.
+  # also ends in a clean exit instead of the default kill (on several
+  # processes the runtime's handler does this, from jax.distributed.initialize).
   preemption = _Preemption()
+  if transfer_guard is None:
+    transfer_guard = os.environ.get('CAC_TRANSFER_GUARD')
   try:
-    return _train_and_evaluate(config, workdir, stop_after, preemption)
+    return _train_and_evaluate(config, workdir, stop_after, preemption,
+                               _HostSync(transfer_guard))
   finally:
     preemption.restore()
 
 
-def _train_and_evaluate(config, workdir, stop_after, preemption):
+def _train_and_evaluate(config, workdir, stop_after, preemption, sync):
   """train_and_evaluate's body, run with the SIGTERM handler installed."""
   mesh = sharding.make_mesh()
   config_lib.validate(config, num_devices=mesh.devices.size,
@@ -217,7 +328,7 @@ def _train_and_evaluate(config, workdir, stop_after, preemption):
       if validate.check_before_training(config.data, workdir, write_cache=lead):
         logging.info('data checked: every image and mask of the splits is valid')
     _write_config(config, workdir)
-    return _train_loop(config, workdir, stop_after, preemption, mesh)
+    return _train_loop(config, workdir, stop_after, preemption, sync, mesh)
 
 
 def _history_path(workdir):
@@ -251,7 +362,7 @@ def _record_eval(workdir, step: int, miou: float, history: dict) -> None:
   _write_history(workdir, history)
 
 
-def _train_loop(config, workdir, stop_after, preemption, mesh):
+def _train_loop(config, workdir, stop_after, preemption, sync, mesh):
   """Model, state (restored or new), data, steps and the loop; returns final scores."""
   from cac_jax.data import pipeline  # TF only where data is needed
   from cac_jax.data import sources as sources_lib
@@ -326,25 +437,39 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
     return scores
 
   # --- Loop -------------------------------------------------------------------------
+  # Between the sync points (log, eval, checkpoint, preemption) the host only
+  # dispatches: no metric, step counter or flag is read back from the device
+  # there (tests/test_host_loop.py checks a profiler trace of the loop).
   pending, scores = [], None
   timer_images, timer_start, compiled = 0, None, set()
   step = start_step
+  logging.info('preemption: %s', preemption.mechanism)
+  preemption.agree()  # a SIGTERM during start-up, on any host
+  if jax.process_count() > 1:
+    # The hosts enter the loop together. They leave start-up at different
+    # times (a host that misses the compilation cache compiles for longer),
+    # and the first step's collectives would wait for the slowest: on CPU,
+    # gloo's rendezvous gives up after 30 s (the per-step all-gather of the
+    # preemption flag used to align them here).
+    multihost_utils.sync_global_devices('cac_jax: train loop')
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), jax.profiler.TraceAnnotation(TRAIN_LOOP), sync.hot():
       end_step = config.total_steps if stop_after is None else min(
           config.total_steps, start_step + stop_after)
       while step < end_step:
         # Checked before each step, so a SIGTERM that arrived while starting
-        # up stops before any work; after step k it saves step k.
-        if preemption.reached():
-          logging.warning('SIGTERM: saving at step %d and exiting; rerun the same '
-                          'command to resume', step)
-          if pending:
-            writer.write_scalars(step, {f'train/{k}': v for k, v in
-                                        _summarise(pending, step, schedule, manager).items()})
-          if step > start_step:  # else the latest checkpoint already is `step`
-            writer.flush()
-            ckpt_lib.save(manager, step, state, config)
+        # up stops before any work; after step k it saves step k. The count
+        # passed is this invocation's, the same on every host (_Preemption).
+        if preemption.reached(step - start_step + 1):
+          with sync.point('preemption'):
+            logging.warning('SIGTERM: saving at step %d and exiting (%s); rerun the '
+                            'same command to resume', step, preemption.mechanism)
+            if pending:
+              writer.write_scalars(step, {f'train/{k}': v for k, v in _summarise(
+                  pending, step, schedule, manager).items()})
+            if step > start_step:  # else the latest checkpoint already is `step`
+              writer.flush()
+              ckpt_lib.save(manager, step, state, config)
           break
         use_dc = dc_step is not None and step >= config.cac.unsup_start_step
         fn = dc_step if use_dc else sup_step
@@ -359,6 +484,7 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
         pending.append(metrics)
         if use_dc not in compiled:  # exclude compilation from throughput
           compiled.add(use_dc)
+          # A wait (no transfer), on the first step of each kind only.
           jax.block_until_ready(metrics)
           timer_start, timer_images = time.perf_counter(), 0
         else:
@@ -371,27 +497,32 @@ def _train_loop(config, workdir, stop_after, preemption, mesh):
         last = step == end_step
         save_now = step % config.checkpoint_every == 0 or last
         if step % config.log_every == 0 or save_now or last:
-          summary = _summarise(pending, step, schedule, manager)
-          pending = []
-          elapsed = time.perf_counter() - timer_start
-          if timer_images and elapsed > 0:
-            summary['images_per_sec'] = timer_images / elapsed
-            summary['images_per_sec_per_device'] = summary['images_per_sec'] / mesh.devices.size
-          writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+          with sync.point('log'):
+            summary = _summarise(pending, step, schedule, manager)
+            pending = []
+            elapsed = time.perf_counter() - timer_start
+            if timer_images and elapsed > 0:
+              summary['images_per_sec'] = timer_images / elapsed
+              summary['images_per_sec_per_device'] = (summary['images_per_sec']
+                                                      / mesh.devices.size)
+            writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+            preemption.agree()
         eval_metrics = None
         if step % config.eval_every == 0 or step == config.total_steps:
-          t0 = time.perf_counter()
-          scores = run_eval(step)
-          eval_metrics = {'miou': scores['miou']}
-          timer_start += time.perf_counter() - t0  # pause the clock during eval
+          with sync.point('eval'):
+            t0 = time.perf_counter()
+            scores = run_eval(step)
+            eval_metrics = {'miou': scores['miou']}
+            timer_start += time.perf_counter() - t0  # pause the clock during eval
         if save_now:
-          t0 = time.perf_counter()
-          # Metrics first: the TensorBoard writer buffers events (up to 2
-          # minutes), and a run killed after this save resumes AFTER `step`,
-          # so buffered metrics of steps <= `step` would be lost for good.
-          writer.flush()
-          ckpt_lib.save(manager, step, state, config, metrics=eval_metrics)
-          timer_start += time.perf_counter() - t0
+          with sync.point('checkpoint'):
+            t0 = time.perf_counter()
+            # Metrics first: the TensorBoard writer buffers events (up to 2
+            # minutes), and a run killed after this save resumes AFTER `step`,
+            # so buffered metrics of steps <= `step` would be lost for good.
+            writer.flush()
+            ckpt_lib.save(manager, step, state, config, metrics=eval_metrics)
+            timer_start += time.perf_counter() - t0
   finally:
     manager.wait_until_finished()
     writer.flush()

@@ -4,11 +4,16 @@ launch/local_multiprocess.sh runs `python -m cac_jax.main --multihost` in
 each, exactly as every host of a pod would, on a shared workdir. Both hosts
 must end with bit-identical parameter replicas, and match a single process
 with 8 devices training on the same global batches (tolerances derived in
-the test).
+the test). A SIGTERM to one host stops both at the same step, with a
+checkpoint that a later run resumes from.
 """
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -107,3 +112,76 @@ def test_two_processes_match_one(tmp_path):
     assert_updates_close(_restore_params(str(workdir), step),
                          _restore_params(str(tmp_path / 'single'), step), init,
                          steps=step, flip_frac=0.2, smooth_frac=smooth_frac)
+
+
+# Preemption on two hosts: a total far beyond what runs, so that only the
+# SIGTERM ends the run, and the DC loss never reached (one compiled program);
+# every step logged, which is how the test sees the hosts' progress.
+PREEMPT_OVERRIDES = {'total_steps': 1000, 'cac.unsup_start_step': 1000, 'log_every': 1,
+                     'checkpoint_every': 1000, 'eval_every': 1000}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _logged_steps(log: str) -> list[int]:
+  return [int(s) for s in re.findall(r'\] \[(\d+)\] train/', log)]
+
+
+def _preempt_two_hosts(workdir, target: int, after_step: int, timeout: float = 300):
+  """Trains on 2 hosts; SIGTERM to host `target` once both have logged a step
+  past `after_step`. Returns ([exit codes], [logs])."""
+  port, procs, paths = _free_port(), [], []
+  flags = ['--config=configs/tiny.py'] + [f'--config.{k}={v}'
+                                          for k, v in PREEMPT_OVERRIDES.items()]
+  try:
+    for i in range(2):
+      env = dict(os.environ, CAC_COORDINATOR=f'127.0.0.1:{port}', CAC_NUM_PROCESSES='2',
+                 CAC_PROCESS_ID=str(i), JAX_NUM_CPU_DEVICES='4', TF_CPP_MIN_LOG_LEVEL='3',
+                 CUDA_VISIBLE_DEVICES='',
+                 JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
+      paths.append(workdir.parent / f'process_{i}.log')
+      with open(paths[-1], 'w') as log:
+        procs.append(subprocess.Popen(
+            [sys.executable, '-m', 'cac_jax.main', '--multihost', f'--workdir={workdir}',
+             *flags], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    logs = lambda: [p.read_text(errors='replace') for p in paths]  # noqa: E731
+    deadline = time.monotonic() + timeout
+    while not all(max(_logged_steps(log), default=-1) > after_step for log in logs()):
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+          'a host ended (or the run stalled) before the SIGTERM:\n'
+          + '\n'.join(log[-3000:] for log in logs()))
+      time.sleep(0.05)
+    procs[target].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=max(deadline - time.monotonic(), 60)) for p in procs]
+    return codes, logs()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
+  """A SIGTERM to host 1 only: both hosts stop after the same step (the one
+  the runtime's preemption sync point agrees on), save it together and exit
+  0; a later run resumes from that checkpoint."""
+  workdir = tmp_path / 'run'
+  codes, logs = _preempt_two_hosts(workdir, target=1, after_step=1)
+  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  stopped = [re.findall(r'SIGTERM: saving at step (\d+)', log) for log in logs]
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
+  step = int(stopped[0][0])
+  # Agreed through the runtime, not a per-step collective; no host ran past
+  # the step (both had logged step 2 before the SIGTERM), and it was saved
+  # although no checkpoint was due (every 1000).
+  assert all('preemption sync point' in log for log in logs)
+  assert [max(_logged_steps(log)) for log in logs] == [step, step] and step >= 2
+  assert ckpt_lib.make_manager(str(workdir), 2).latest_step() == step
+  # The resume (here one process, 8 devices: the same global mesh and batches).
+  train.train_and_evaluate(tiny_config(**PREEMPT_OVERRIDES), str(workdir), stop_after=1)
+  assert ckpt_lib.make_manager(str(workdir), 2).latest_step() == step + 1
+  assert sorted(read_scalars(str(workdir))['train/loss'])[-2:] == [step, step + 1]
