@@ -115,16 +115,26 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
   return counts.reshape(num_classes, num_classes)
 
 
+def make_predict_fn(model, *, flip: bool = False, scales=(1.0,), window: int = 0):
+  """(variables, batch) -> class scores [B, H, W, K]: the one prediction of evaluation.
+
+  Scoring and the val images drawn in TensorBoard both call it, so what is
+  drawn is what is scored, with the same options. A batch with 'size' is a
+  shared canvas (see `predict_logits`).
+  """
+  def predict(variables, batch):
+    return predict_logits(model, variables, batch['image'], sizes=batch.get('size'),
+                          flip=flip, scales=scales, window=window)
+  return predict
+
+
 def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
                    window: int = 0):
-  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K].
+  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
+  predict = make_predict_fn(model, flip=flip, scales=scales, window=window)
 
-  A batch with 'size' is a shared canvas (see `predict_logits`).
-  """
   def step(variables, batch):
-    logits = predict_logits(model, variables, batch['image'], sizes=batch.get('size'),
-                            flip=flip, scales=scales, window=window)
-    pred = jnp.argmax(logits, axis=-1)
+    pred = jnp.argmax(predict(variables, batch), axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
 

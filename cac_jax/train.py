@@ -207,14 +207,17 @@ def _summarise(pending, step, schedule, manager):
 
 def _init_from(state, config, mesh):
   """Loads pretrained backbone weights (config.init_from) into a fresh state."""
-  from cac_jax.models import convert, weights
+  from cac_jax import backbones, registry
+  from cac_jax.models import convert
   path = config.init_from
   if path in ('imagenet', 'imagenet-if-present'):
-    found = weights.mobilenet_imagenet_path(fetch=path == 'imagenet')
-    if found is None or config.model.backbone != 'mobilenet_v2':
-      logging.warning('init_from=%r: no ImageNet weights for %s; random init '
-                      '(run `python -m cac_jax.models.weights fetch-mobilenet`)',
-                      path, config.model.backbone)
+    source = backbones.get(config.model.backbone).imagenet_path
+    found = registry.load(source)(fetch=path == 'imagenet') if source else None
+    if found is None:
+      hint = ('run `python -m cac_jax.models.weights fetch-mobilenet`' if source else
+              'convert torchvision weights with `python -m cac_jax.models.convert`')
+      logging.warning('init_from=%r: no ImageNet weights for %s here; random init (%s)',
+                      path, config.model.backbone, hint)
       return state
     path = str(found)
   if not path:
@@ -228,36 +231,52 @@ def _init_from(state, config, mesh):
                        batch_stats=variables['batch_stats'])
 
 
+def _eval_options(config) -> dict:
+  return dict(flip=config.eval.flip, scales=config.eval.scales, window=config.eval.window)
+
+
+def _val_predict_step(model, config, mesh):
+  """jit((variables, batch) -> class ids): the scored prediction, for the val images."""
+  predict = eval_lib.make_predict_fn(model, **_eval_options(config))
+  return jax.jit(lambda v, batch: jax.numpy.argmax(predict(v, batch), -1),
+                 out_shardings=sharding.data_sharded(mesh))
+
+
 def _write_val_images(writer, step, predict_step, variables, host_batch, config, mesh):
   """TensorBoard 'val/examples': input | ground truth | prediction, per image.
 
   All hosts run the (sharded) prediction on their first eval batch; process 0
-  draws its own first images.
+  draws its own first images, each cropped to its own size on a shared
+  canvas. `predict_step` is the scored prediction (same options).
   """
-  from cac_jax import visualize
-  from cac_jax.data import augment, sources
-  pred = predict_step(variables, sharding.to_global(host_batch['image'], mesh))
+  from cac_jax import constants, datasets, visualize
+  inputs = {k: host_batch[k] for k in ('image', 'size') if k in host_batch}
+  pred = predict_step(variables, sharding.to_global(inputs, mesh))
   # This host's rows of the global prediction, in order.
   shards = sorted(pred.addressable_shards, key=lambda sh: sh.index[0].start or 0)
   pred = np.concatenate([np.asarray(sh.data) for sh in shards])
   n = min(config.eval.num_images_logged, int(np.sum(host_batch['valid'])))
   if jax.process_index() != 0 or n == 0:
     return
-  palette = sources.get_source(config.data, 'val').palette
-  images = host_batch['image'][:n]
-  rgb = np.clip(images * np.asarray(augment.IMAGENET_STD) + np.asarray(augment.IMAGENET_MEAN),
-                0, 1)
-  panels = [visualize.side_by_side((255 * rgb[i]).astype(np.uint8),
-                                   visualize.colorize(host_batch['label'][i], palette),
-                                   visualize.colorize(pred[i], palette), gap=2)
-            for i in range(n)]
-  writer.write_images(step, {'val/examples': np.stack(panels)})
+  palette = datasets.palette(config.data)
+  panels = []
+  for i in range(n):
+    h, w = host_batch['size'][i] if 'size' in host_batch else host_batch['image'].shape[1:3]
+    pixels = host_batch['image'][i, :h, :w] * constants.PIXEL_STD + constants.PIXEL_MEAN
+    panels.append(visualize.side_by_side(
+        np.clip(np.round(pixels), 0, 255).astype(np.uint8),
+        visualize.colorize(host_batch['label'][i, :h, :w], palette),
+        visualize.colorize(pred[i, :h, :w], palette), gap=2))
+  # One image per panel size (TensorBoard stacks equal shapes only).
+  if len({p.shape for p in panels}) == 1:
+    writer.write_images(step, {'val/examples': np.stack(panels)})
+  else:
+    writer.write_images(step, {f'val/examples_{i}': p[None] for i, p in enumerate(panels)})
 
 
 def _class_names(config):
-  from cac_jax.data import sources  # TF only where data is needed
-  names = tuple(config.data.class_names)
-  return names or tuple(sources.get_source(config.data, 'val').class_names)
+  from cac_jax import datasets
+  return datasets.class_names(config.data)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
@@ -407,11 +426,8 @@ def _train_loop(config, workdir, stop_after, preemption, sync, mesh):
   sup_step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=False)
   dc_step = None if config.cac.supervised_only else step_lib.make_train_step(
       model, tx, config, state_shardings, with_dc=True)
-  predict_step = jax.jit(
-      lambda v, x: jax.numpy.argmax(eval_lib.predict_logits(model, v, x), -1),
-      out_shardings=sharding.data_sharded(mesh))
-  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
-                                      scales=config.eval.scales, window=config.eval.window)
+  predict_step = _val_predict_step(model, config, mesh)
+  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, **_eval_options(config))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
