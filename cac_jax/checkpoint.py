@@ -118,11 +118,22 @@ def save(manager, step: int, state, config, metrics=None) -> None:
 
 
 def restore(manager, abstract_state, step=None):
-  """Restores the state at `step` (default: latest) into `abstract_state`'s shardings."""
+  """Restores the state at `step` (default: latest) into `abstract_state`'s shardings.
+
+  `abstract_state` is a TrainState of ShapeDtypeStructs (everything is read),
+  or a dict of some of its fields, e.g. {'params': ..., 'batch_stats': ...}
+  for inference: then only those are read (orbax's partial restore), so a
+  checkpoint whose optimiser state or bank is absent or of another shape
+  still serves.
+  """
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored['state']
+  if isinstance(abstract_state, dict):
+    args = ocp.args.PyTreeRestore(
+        item=abstract_state, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+  else:
+    args = ocp.args.StandardRestore(abstract_state)
+  return manager.restore(step, args=ocp.args.Composite(state=args))['state']
 
 
 def _move_aside(manager, step: int, workdir) -> str:

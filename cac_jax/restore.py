@@ -2,8 +2,9 @@
 
 `load_run` reads the config saved beside a checkpoint (so the network is
 rebuilt exactly as it was trained, whatever the config files say today),
-restores the TrainState onto the current devices, replicated, and hands back
-only what inference needs: params and batch_stats.
+restores only what inference needs, params and batch_stats (orbax partial
+restore: the optimiser state and the bank are not read), onto the current
+devices, replicated.
 
 The checkpoint directory is opened read-only: a training job may be writing to
 the same workdir, and a read-write CheckpointManager cleans up temporary
@@ -19,7 +20,6 @@ from etils import epath
 
 from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
-from cac_jax import optim
 from cac_jax import paths
 from cac_jax import sharding
 from cac_jax import train_state as state_lib
@@ -93,11 +93,10 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
                    'the run directory is damaged')
   config = _with_new_fields(ml_collections.ConfigDict(saved))
   model = build_model(config.model, num_classes=config.data.num_classes)
-  # The full TrainState is restored (its tree is what was saved); the
-  # optimiser is rebuilt only to give opt_state its structure.
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  # Only what inference needs is read (orbax partial restore): the optimiser
+  # state and the bank stay on disk, whatever their shape.
   mesh = sharding.make_mesh()
-  abstract = state_lib.abstract_state(model, tx, config, mesh)
+  abstract = state_lib.abstract_variables(model, config, mesh)
   try:
     state = ckpt_lib.restore(manager, abstract, step)
   except Exception as e:  # orbax/TensorStore raise many types for bad files
@@ -112,8 +111,7 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
     state, step = ckpt_lib.restore_latest_intact(manager, abstract)
     config = _with_new_fields(
         ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved))
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  del state  # drop opt_state and the bank: inference never needs them
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   manager.close()
   return config, model, variables, step
 

@@ -95,6 +95,19 @@ def create_sharded_state(model, tx, config, mesh, key):
   return state, shardings
 
 
+def abstract_variables(model, config, mesh) -> dict:
+  """{'params', 'batch_stats'} as replicated ShapeDtypeStructs: what inference restores."""
+  crop = config.data.crop_size
+
+  def init(key):
+    x = jnp.zeros((1, crop, crop, 3), jnp.float32)
+    variables = model.init({'params': key, 'dropout': key}, x, train=False)
+    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                      jax.eval_shape(init, jax.random.key(0)))
+
+
 def abstract_state(model, tx, config, mesh):
   """ShapeDtypeStructs with shardings: the restore target for orbax."""
   init = make_init_fn(model, tx, config)

@@ -75,3 +75,30 @@ def test_command_line_user_errors_have_no_stack_trace(run, tmp_path):
     proc = _cli(*args)
     assert proc.returncode == 2
     assert 'error:' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('opt_state', ['absent', 'different'])
+def test_inference_reads_params_and_batch_stats_only(run, tmp_path, opt_state):
+  """evaluate (and so predict, which shares `restore.load_run`) works on a
+  checkpoint whose optimiser state is absent or has another structure, and
+  scores it exactly as the intact run: only params and batch_stats are read."""
+  import jax
+  import ml_collections
+  import numpy as np
+  from cac_jax import checkpoint as ckpt_lib, restore
+  workdir, train_scores = run
+  config, _, variables, step = restore.load_run(workdir, which='latest')
+  state = {'step': np.int32(step), 'params': variables['params'],
+           'batch_stats': variables['batch_stats']}
+  if opt_state == 'different':
+    state['opt_state'] = ({'momentum': np.zeros(3, np.float32)},)
+  manager = ckpt_lib.make_manager(str(tmp_path), keep=1)
+  ckpt_lib.save(manager, step, state, ml_collections.ConfigDict(config.to_dict()))
+  manager.wait_until_finished()
+  manager.close()
+  got, _, got_step, _ = evaluate.evaluate_run(str(tmp_path), which='latest')
+  assert got_step == step
+  assert got == {k: v for k, v in train_scores.items() if not k.startswith('best_')}
+  _, _, again, _ = restore.load_run(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
