@@ -1,6 +1,6 @@
 """What the extension-point tables share: registration, and code named lazily.
 
-Each extension point (backbones: `cac_jax.models.backbones`; datasets:
+Each extension point (backbones: `cac_jax.backbones`; datasets:
 `cac_jax.datasets`) is one dict from a config name to an entry holding the
 facts config validation needs and a reference to the code that builds it.
 That reference is either the callable itself or a 'package.module:attr'

@@ -56,6 +56,18 @@ def negatives_per_step(config, cells: int) -> int:
   return 2 * config.data.unlabeled_batch_size * min(per_view, cells)
 
 
+def _init_variables(model, crop: int, key) -> dict:
+  """{'params', 'batch_stats'} of a fresh network, initialised at the training crop."""
+  x = jnp.zeros((1, crop, crop, 3), jnp.float32)
+  variables = model.init({'params': key, 'dropout': key}, x, train=False)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def _replicated_shapes(tree, mesh):
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+
+
 def make_init_fn(model, tx, config):
   """Returns init(key) -> TrainState, pure and jittable."""
   crop = config.data.crop_size
@@ -66,13 +78,12 @@ def make_init_fn(model, tx, config):
                                       negatives_per_step(config, cells))
 
   def init(key):
-    x = jnp.zeros((1, crop, crop, 3), jnp.float32)
-    variables = model.init({'params': key, 'dropout': key}, x, train=False)
+    variables = _init_variables(model, crop, key)
     params = variables['params']
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get('batch_stats', {}),
+        batch_stats=variables['batch_stats'],
         opt_state=tx.init(params),
         bank=bank_lib.init_bank(capacity, dim) if capacity else None)
   return init
@@ -97,21 +108,12 @@ def create_sharded_state(model, tx, config, mesh, key):
 
 def abstract_variables(model, config, mesh) -> dict:
   """{'params', 'batch_stats'} as replicated ShapeDtypeStructs: what inference restores."""
-  crop = config.data.crop_size
-
-  def init(key):
-    x = jnp.zeros((1, crop, crop, 3), jnp.float32)
-    variables = model.init({'params': key, 'dropout': key}, x, train=False)
-    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                      jax.eval_shape(init, jax.random.key(0)))
+  abstract = jax.eval_shape(
+      lambda key: _init_variables(model, config.data.crop_size, key), jax.random.key(0))
+  return _replicated_shapes(abstract, mesh)
 
 
 def abstract_state(model, tx, config, mesh):
   """ShapeDtypeStructs with shardings: the restore target for orbax."""
   init = make_init_fn(model, tx, config)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+  return _replicated_shapes(jax.eval_shape(init, jax.random.key(0)), mesh)
