@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from cac_jax import backbones, datasets
+from cac_jax import backbones, datasets, paths
 from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.paths import SPECIAL_INIT
 
@@ -62,6 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
   # '' (random init) | path to a converted backbone (.msgpack) |
   # 'imagenet' (MobileNetV2 only; fetched if missing) | 'imagenet-if-present'.
   c.init_from = ''
+  # Start from another run's checkpoint: the workdir of that run ('' = no).
+  # Its step, parameters, BatchNorm statistics, optimiser state and bank are
+  # read (cac_jax/fork.py); this config's settings apply from there on. The
+  # model and optimiser must match the source; init_from is then unused.
+  # Used by the ablation's shared warm-up. fork_step: its step, -1 = latest.
+  c.fork_from = ''
+  c.fork_step = -1
 
   c.cac = u = ml_collections.ConfigDict()
   u.supervised_only = False       # the baseline: no unlabeled stream at all
@@ -141,6 +148,14 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
     problems.append(f'init_from={config.init_from!r} does not exist; convert torchvision '
                     'weights with `python -m cac_jax.models.convert` and pass the output')
+  if config.fork_from and not paths.is_remote(config.fork_from) and not os.path.isdir(
+      os.path.join(config.fork_from, 'checkpoints')):
+    problems.append(f'fork_from={config.fork_from!r} is not the workdir of a run with '
+                    'checkpoints (no checkpoints/ in it); pass such a workdir, or \'\' '
+                    'to start from scratch')
+  if config.fork_step < -1:
+    problems.append(f'fork_step={config.fork_step} must be a checkpoint step, or -1 '
+                    'for the latest')
   problems += _range_problems(config)
   if not 0.0 <= u.pos_threshold < 1.0:
     problems.append(f'cac.pos_threshold={u.pos_threshold} must be in [0, 1)')

@@ -13,7 +13,7 @@ import os
 SPECIAL_INIT = ('', 'imagenet-if-present', 'imagenet')
 # config fields that hold a path (dotted), resolved by `resolve_config`.
 CONFIG_PATH_FIELDS = ('data.root', 'data.labeled_split_file', 'data.unlabeled_split_file',
-                      'init_from')
+                      'init_from', 'fork_from')
 
 
 def is_remote(path: str) -> bool:
