@@ -426,17 +426,19 @@ def _eval_multiple(process_count: int, multiple) -> int:
   return math.lcm(int(multiple), process_count)
 
 
-def eval_num_batches(config, *, process_count=None, multiple=None) -> int:
+def eval_num_batches(config, *, split: str = 'val', process_count=None,
+                     multiple=None) -> int:
   """Batches per host of `eval_iterator` (the same on every host)."""
   if process_count is None:
     _, process_count = _resolve_process(None, None)
-  source = sources.get_source(config.data, 'val')
+  source = sources.get_source(config.data, split)
   return len(eval_plan(source, int(config.data.eval_batch_size),
                        _eval_multiple(process_count, multiple), canvas_multiple(config.eval)))
 
 
-def eval_iterator(config, *, process_index=None, process_count=None, multiple=None):
-  """Finite iterator of this host's evaluation batches.
+def eval_iterator(config, *, split: str = 'val', process_index=None, process_count=None,
+                  multiple=None, max_batches: int | None = None):
+  """Finite iterator of this host's evaluation batches of `split` (default val).
 
   Every val image is evaluated at its own size, as the authors' evaluation:
   reflect-padded bottom/right to a multiple of 8, nothing more (labels are
@@ -453,26 +455,31 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
   entries have valid False and size (8, 8)),
   where b is this host's share of the global batch: host p holds entries
   [p*b, (p+1)*b). `multiple` (default: the device count) is what each
-  global batch size is a multiple of.
+  global batch size is a multiple of. `split` is any split of
+  `sources.SPLITS` that has masks (evaluators score others than val);
+  `max_batches` yields only the first that many batches, decoding only
+  their images (the TensorBoard examples need the first batch alone).
 
   Raises:
     sources.DataError: a val image or mask is unreadable or invalid (named).
   """
   process_index, process_count = _resolve_process(process_index, process_count)
-  source = sources.get_source(config.data, 'val')
+  source = sources.get_source(config.data, split)
   if source.labels is None:
-    raise ValueError('the val source has no labels; evaluation needs masks.')
+    raise ValueError(f'the {split} source has no labels; evaluation needs masks.')
   global_batch = int(config.data.eval_batch_size)
   per_host_batch_size(global_batch, process_count, 'eval_batch_size')
   canvas = canvas_multiple(config.eval)
   plan = eval_plan(source, global_batch, _eval_multiple(process_count, multiple), canvas)
+  if max_batches is not None:
+    plan = plan[:max_batches]
   # This host's entries, batch by batch.
   mine = []
   for _, batch in plan:
     share = len(batch) // process_count
     mine.append(batch[process_index * share:(process_index + 1) * share])
   flat = [i for batch in mine for i in batch if i >= 0]  # padding is not decoded
-  images, labels = _refs(source.images, 'val'), _refs(source.labels, 'val')
+  images, labels = _refs(source.images, split), _refs(source.labels, split)
   names = _names(source, 'labels')
 
   def load(idx):
@@ -508,7 +515,7 @@ def eval_iterator(config, *, process_index=None, process_count=None, multiple=No
         example, example_label = next(examples)
       except tf.errors.OpError as e:
         raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
-                          'the val set') from None
+                          f'the {split} set') from None
       h, w = example_label.shape
       image[k, :h, :w], label[k, :h, :w], size[k] = example, example_label, (h, w)
     out = {'image': image, 'label': label,
