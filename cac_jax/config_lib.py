@@ -15,6 +15,11 @@ from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.paths import SPECIAL_INIT
 
 
+# config.bn.running_stats: where evaluation's BatchNorm statistics come from
+# (cac_jax/precise_bn.py).
+BN_RUNNING_STATS = ('all', 'labeled', 'precise')
+
+
 class ConfigError(ValueError):
   """A user error in the config; the message says what to change."""
 
@@ -103,6 +108,21 @@ def base_config() -> ml_collections.ConfigDict:
   e.canvas_multiple = 128
   e.num_images_logged = 3         # val images drawn in TensorBoard
 
+  # Where evaluation's BatchNorm running statistics come from
+  # (cac_jax/precise_bn.py, docs/method.md §5). 'all' (the authors): every
+  # train-mode pass of a step updates them, labeled -> view 1 -> view 2, so
+  # on DC steps 2/3 of the updates come from photometrically augmented
+  # unlabeled views. 'labeled': the labeled pass's update only (the views
+  # still normalise with their own batch statistics). 'precise': before each
+  # evaluation and each checkpoint save, re-estimated from `precise_batches`
+  # train-mode forward passes over un-augmented labeled training images
+  # (pycls/Detectron2 "precise BN"). Cost, per evaluation and per save:
+  # `precise_batches` forward passes of a labeled batch (no backward), where
+  # a DC step makes three forward and backward passes.
+  c.bn = b = ml_collections.ConfigDict()
+  b.running_stats = 'all'         # 'all' | 'labeled' | 'precise'
+  b.precise_batches = 8           # batches of data.labeled_batch_size ('precise' only)
+
   c.log_every = 50
   c.eval_every = 1157
   c.checkpoint_every = 1157
@@ -177,6 +197,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if not config.eval.scales or min(config.eval.scales) <= 0:
     problems.append(f'eval.scales={tuple(config.eval.scales)} must be positive factors, '
                     'e.g. (0.75, 1.0, 1.25)')
+  problems += _bn_problems(config.bn)
   if config.total_steps <= 0:
     problems.append(f'total_steps={config.total_steps} must be positive')
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
@@ -184,6 +205,22 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'{name}={config[name]} must be positive')
   if problems:
     raise ConfigError('\n  '.join(['invalid config:'] + problems))
+
+
+def _bn_problems(b) -> list[str]:
+  """`config.bn`: where the BatchNorm running statistics come from."""
+  problems = []
+  if b.running_stats not in BN_RUNNING_STATS:
+    problems.append(f'bn.running_stats={b.running_stats!r} is not one of '
+                    f"{', '.join(repr(m) for m in BN_RUNNING_STATS)} (all: every pass of a "
+                    'step, the authors; labeled: the labeled pass only; precise: '
+                    're-estimated on un-augmented labeled images before each evaluation '
+                    'and save)')
+  count = b.precise_batches
+  if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+    problems.append(f'bn.precise_batches={b.precise_batches!r} must be a positive integer '
+                    '(the batches each precise estimate runs)')
+  return problems
 
 
 def _dataset_problems(d) -> list[str]:
