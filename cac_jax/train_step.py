@@ -8,7 +8,11 @@
 
 The three passes are separate model calls, each normalising with its own
 batch statistics (global over the sharded batch, i.e. SyncBN), as the authors
-do. Running BN statistics are threaded through the passes in that order.
+do. What the running BN statistics keep is `config.bn.running_stats`
+(`cac_jax/precise_bn.py`): 'all' (the authors) threads them through the
+passes in that order; 'labeled' keeps the labeled pass's update only, the
+views' updates dropped; 'precise' threads them as 'all' here and the loop
+replaces them with a fresh estimate before evaluating or saving.
 """
 import functools
 
@@ -62,8 +66,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
     if not with_dc:
       return ce, (batch_stats, metrics, None)
     un = batch['unlabeled']
+    labeled_stats = batch_stats
     out1, batch_stats = _forward(model, params, batch_stats, un['image1'], k_v1, True)
     out2, batch_stats = _forward(model, params, batch_stats, un['image2'], k_v2, True)
+    if config.bn.running_stats == 'labeled':
+      # The views normalised with their own batch statistics (train mode);
+      # only their running-average updates are dropped.
+      batch_stats = labeled_stats
     bank = state.bank or bank_lib.init_bank(0, out1['proj8'].shape[-1])
     dc, aux = losses.dc_loss_from_views(
         out1['proj8'], out2['proj8'], out1['logits8'], out2['logits8'],

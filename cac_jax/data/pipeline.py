@@ -40,6 +40,9 @@ from cac_jax.data import sources
 
 # Independent randomness streams (second word of the base seed).
 LABELED_AUG, LABELED_ORDER, UNLABELED_AUG, UNLABELED_ORDER = 0, 1, 2, 3
+# The order of the labeled images that re-estimate BatchNorm statistics
+# (`bn_stats_iterator`); they are not augmented, so no augmentation stream.
+BN_STATS_ORDER = 4
 # Val images are reflect-padded to a multiple of the feature stride, as the
 # authors' evaluation does (crop offsets and overlap boxes are multiples too).
 EVAL_MULTIPLE = FEATURE_STRIDE
@@ -317,6 +320,69 @@ def _data_error(error, subsets, where: str) -> sources.DataError:
   return sources.DataError(
       f'reading the data of {where} failed ({first}); it reads {", ".join(files[:16])}'
       f'{" ..." if len(files) > 16 else ""}. Run with --validate_only to check every file')
+
+
+def bn_stats_example(image, crop_size: int) -> tf.Tensor:
+  """One un-augmented image for the BatchNorm estimation: float32 [C, C, 3] normalised.
+
+  At its own resolution (evaluation scores every val image at its own size;
+  no random scale), padded bottom/right with the mean colour to at least
+  C = crop_size on each side as training pads, then its centre C x C
+  window. No flip, no colour jitter.
+  """
+  image = augment.pad_image(image, crop_size)
+  shape = tf.shape(image)
+  top, left = (shape[0] - crop_size) // 2, (shape[1] - crop_size) // 2
+  return augment.normalize(augment.crop(image, top, left, crop_size))
+
+
+def bn_stats_iterator(config, *, num_batches: int, process_index=None,
+                      process_count=None):
+  """This host's share of the images that re-estimate BatchNorm statistics.
+
+  The labeled training images (the split the labeled pass trains on), in a
+  seeded random order of their own (`BN_STATS_ORDER`: batch i, global slot
+  j is position i * B + j of that endless sequence of epochs, as training's
+  order: N batches hold min(N * B, n) distinct images of the n, an image
+  repeating only once every other one has been used), each prepared by
+  `bn_stats_example`. B is the global labeled
+  batch size, so each batch's statistics are taken over as many images as
+  the labeled pass normalises with. The same `num_batches` batches every
+  call: the estimate is a function of the parameters alone.
+
+  Yields `num_batches` batches {'image': float32 [b, C, C, 3]}, b = B //
+  process_count: host p holds global slots [p*b, (p+1)*b), like training.
+
+  Raises:
+    sources.DataError: an image cannot be read (named).
+  """
+  if num_batches <= 0:
+    raise ValueError(f'num_batches must be positive, got {num_batches}.')
+  process_index, process_count = _resolve_process(process_index, process_count)
+  source = sources.get_source(config.data, 'labeled')
+  global_batch = int(config.data.labeled_batch_size)
+  per_host = per_host_batch_size(global_batch, process_count, 'labeled_batch_size')
+  images, n, seed = _refs(source.images, 'labeled'), len(source), int(config.seed)
+  crop_size = int(config.data.crop_size)
+
+  def load(step, slot):
+    idx = example_index(seed, BN_STATS_ORDER, step, slot, global_batch, n)
+    return bn_stats_example(sources.decode_image(tf.gather(images, idx), source.from_files),
+                            crop_size)
+
+  ds = _step_slots(0, per_host, process_index).take(num_batches * per_host)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = _finish(ds, per_host).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  for i in range(num_batches):
+    try:
+      image = next(batches)
+    except tf.errors.OpError as e:
+      slots = range(process_index * per_host, (process_index + 1) * per_host)
+      index = [int(example_index(seed, BN_STATS_ORDER, i, j, global_batch, n))
+               for j in slots]
+      raise _data_error(e, [_subset(source, index)],
+                        f'batch {i} of the BatchNorm statistics') from None
+    yield {'image': image}
 
 
 # ----------------------------------------------------------------------------
