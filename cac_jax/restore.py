@@ -116,18 +116,31 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   return config, model, variables, step
 
 
-def _with_new_fields(config):
-  """`config` with the eval fields added since it was saved, at their defaults.
+# Config blocks whose fields a run saved before they existed gets at their
+# defaults: the evaluation options (not part of the network, so they may
+# change after training) and `bn` (where the BatchNorm statistics came from;
+# its default, 'all', is what every run made before it did).
+NEW_FIELD_BLOCKS = ('eval', 'bn')
 
-  Evaluation options may change after training (they are not part of the
-  network), so a run saved before a field existed evaluates with its default.
+
+def _with_new_fields(config):
+  """`config` with the fields of NEW_FIELD_BLOCKS added since it was saved, at their defaults.
+
+  Inference reads a run's saved config (`load_run`), so a run saved before a
+  field existed evaluates, predicts and reports with its default. (Resuming
+  training reads the config of the command line instead, and
+  `run_dir.config_differences` counts a field missing from the saved config
+  as its default, so an old run resumes with the defaults too.)
   """
   from cac_jax import config_lib
-  defaults = config_lib.base_config().eval
+  base = config_lib.base_config()
   with config.unlocked():
-    for key in defaults.keys():
-      if key not in config.eval:
-        config.eval[key] = defaults[key]
+    for block in NEW_FIELD_BLOCKS:
+      if block not in config:
+        config[block] = ml_collections.ConfigDict()
+      for key in base[block].keys():
+        if key not in config[block]:
+          config[block][key] = base[block][key]
   return config
 
 
