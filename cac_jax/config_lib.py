@@ -107,6 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
   # result exactly its own (docs/method.md). 0: one canvas per padded size.
   e.canvas_multiple = 128
   e.num_images_logged = 3         # val images drawn in TensorBoard
+  # The fields above are the default evaluator (TensorBoard 'val/', the best
+  # checkpoint's criterion). More evaluators, each under its own prefix:
+  # {name: {'kind': 'miou' | 'images', 'split': 'labeled' | 'unlabeled' | 'val',
+  #         <any field above>: value}}, unset fields as above; e.g.
+  # {'labeled': {'split': 'labeled'}, 'val_flip': {'flip': True}}.
+  # See cac_jax/evaluators.py.
+  e.extra = ml_collections.ConfigDict()
 
   # Where evaluation's BatchNorm running statistics come from
   # (cac_jax/precise_bn.py, docs/method.md §5). 'all' (the authors): every
@@ -130,12 +137,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Dicts whose keys are names, not schema fields; their entries are checked
+# where they are read (eval.extra: cac_jax/evaluators.py).
+OPEN_KEYS = ('eval.extra',)
+
+
 def _unknown_keys(cfg, schema, prefix=''):
   out = []
   for key in cfg.keys():
     if key not in schema:
       out.append(prefix + key)
-    elif isinstance(schema[key], ml_collections.ConfigDict):
+    elif (isinstance(schema[key], ml_collections.ConfigDict)
+          and prefix + key not in OPEN_KEYS):
       out += _unknown_keys(cfg[key], schema[key], f'{prefix}{key}.')
   return out
 
@@ -188,15 +201,10 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
     problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
   if u.matmul_dtype not in ('float32', 'bfloat16'):
     problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'float32' or 'bfloat16'")
-  if config.eval.window < 0 or config.eval.window % FEATURE_STRIDE:
-    problems.append(f'eval.window={config.eval.window} must be 0 (whole image) or a '
-                    f'positive multiple of {FEATURE_STRIDE}')
-  if config.eval.canvas_multiple < 0 or config.eval.canvas_multiple % 32:
-    problems.append(f'eval.canvas_multiple={config.eval.canvas_multiple} must be 0 (one '
-                    'compiled shape per padded image size) or a positive multiple of 32')
-  if not config.eval.scales or min(config.eval.scales) <= 0:
-    problems.append(f'eval.scales={tuple(config.eval.scales)} must be positive factors, '
-                    'e.g. (0.75, 1.0, 1.25)')
+  problems += eval_option_problems(config.eval)
+  if config.eval.get('extra'):
+    from cac_jax import evaluators  # JAX; TensorFlow for the split names
+    problems += evaluators.config_problems(config)
   problems += _bn_problems(config.bn)
   if config.total_steps <= 0:
     problems.append(f'total_steps={config.total_steps} must be positive')
@@ -220,6 +228,21 @@ def _bn_problems(b) -> list[str]:
   if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
     problems.append(f'bn.precise_batches={b.precise_batches!r} must be a positive integer '
                     '(the batches each precise estimate runs)')
+  return problems
+
+
+def eval_option_problems(e, where: str = 'eval') -> list[str]:
+  """The options of one evaluator (config.eval, or an eval.extra entry merged into it)."""
+  problems = []
+  if e.window < 0 or e.window % FEATURE_STRIDE:
+    problems.append(f'{where}.window={e.window} must be 0 (whole image) or a '
+                    f'positive multiple of {FEATURE_STRIDE}')
+  if e.canvas_multiple < 0 or e.canvas_multiple % 32:
+    problems.append(f'{where}.canvas_multiple={e.canvas_multiple} must be 0 (one '
+                    'compiled shape per padded image size) or a positive multiple of 32')
+  if not e.scales or min(e.scales) <= 0:
+    problems.append(f'{where}.scales={tuple(e.scales)} must be positive factors, '
+                    'e.g. (0.75, 1.0, 1.25)')
   return problems
 
 

@@ -128,15 +128,23 @@ def make_predict_fn(model, *, flip: bool = False, scales=(1.0,), window: int = 0
   return predict
 
 
-def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
-                   window: int = 0):
-  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
-  predict = make_predict_fn(model, flip=flip, scales=scales, window=window)
+def make_confusion_step(predict, num_classes: int, mesh):
+  """jit(variables, batch) -> replicated confusion matrix [K, K] of `predict`'s argmax.
 
+  `predict` is a `make_predict_fn` function; the evaluators share one between
+  this step and the images they draw (`cac_jax.evaluators.Prediction`).
+  """
   def step(variables, batch):
     pred = jnp.argmax(predict(variables, batch), axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
+
+
+def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
+                   window: int = 0):
+  """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
+  return make_confusion_step(make_predict_fn(model, flip=flip, scales=scales, window=window),
+                             num_classes, mesh)
 
 
 def scores(confusion: np.ndarray, class_names=()) -> dict:
@@ -169,13 +177,16 @@ def evaluate(eval_step, variables, batches, mesh, num_classes: int) -> np.ndarra
 # ----------------------------------------------------------------------------
 # Command line:
 #   python -m cac_jax.evaluate --workdir=<run> [--which=best|latest] [--step=N]
+#       [--evaluator=NAME] [--split=labeled|unlabeled|val]
 #       [--config.eval.flip=True] [--config.data.eval_batch_size=N]
 #       [--config.data.root=DIR]
-# Evaluates one checkpoint over the whole val set with the config saved in
-# the run; only the fields below may be overridden, since the network and the
-# data were fixed by training. Flags are defined only when run as a program:
-# this module is also a library imported by the training loop, whose entry
-# point defines its own --config and --workdir.
+# Evaluates one checkpoint with the config saved in the run: the mIoU
+# evaluator NAME of that config (`cac_jax.evaluators`; default 'val', the one
+# training selects the best checkpoint by) on its split or on --split. Only
+# the fields below may be overridden, since the network and the data were
+# fixed by training. Flags are defined only when run as a program: this
+# module is also a library imported by the training loop, whose entry point
+# defines its own --config and --workdir.
 # ----------------------------------------------------------------------------
 
 EVAL_OVERRIDES = ('eval.*', 'data.eval_batch_size', 'data.root')
@@ -202,20 +213,26 @@ def apply_overrides(config, overrides: dict) -> None:
     target[last] = value
 
 
-def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
-                 overrides: dict | None = None):
-  """mIoU of one checkpoint of a run over its whole val set.
+def score_run(workdir: str, *, which: str = 'best', step: int | None = None,
+              overrides: dict | None = None, evaluator: str | None = None,
+              split: str | None = None):
+  """One checkpoint of a run, scored by one of its config's mIoU evaluators.
 
   Args:
     workdir: the training run's --workdir.
     which, step: which checkpoint (see `cac_jax.restore.load_run`).
-    overrides: flat {'eval.flip': True, ...} changes to the saved config.
+    overrides: flat {'eval.flip': True, ...} changes to the saved config
+      (an extra evaluator starts from config.eval, so they apply to it too
+      where it does not set the field itself).
+    evaluator: the name of the evaluator (`cac_jax.evaluators.entries`):
+      'val' (the default), or a name of the saved config's eval.extra.
+    split: score this split instead of the evaluator's own.
 
   Returns:
-    (scores, class_names, step, config): `scores` as `scores()` returns.
+    (scores, class_names, step, entry): `scores` as `scores()` returns,
+    `entry` the `cac_jax.evaluators.Entry` that was run.
   """
-  from cac_jax import config_lib, datasets, paths, restore
-  from cac_jax.data import pipeline  # TF only in the CLI path
+  from cac_jax import config_lib, datasets, evaluators, paths, restore
 
   config, model, variables, step = restore.load_run(workdir, step=step, which=which)
   apply_overrides(config, overrides or {})
@@ -226,14 +243,34 @@ def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
     raise config_lib.ConfigError(
         f'data.eval_batch_size={batch} must be a positive multiple of the '
         f'{mesh.devices.size} devices here; pass --config.data.eval_batch_size=N')
-  num_classes = config.data.num_classes
-  class_names = datasets.class_names(config.data)
+  entry = evaluators.find(config, evaluator or evaluators.DEFAULT, kind='miou', split=split)
   with jax.set_mesh(mesh):
-    eval_step = make_eval_step(model, num_classes, mesh, flip=config.eval.flip,
-                               scales=config.eval.scales, window=config.eval.window)
-    conf = evaluate(eval_step, variables, pipeline.eval_iterator(config), mesh,
-                    num_classes)
-  return scores(conf, class_names), class_names, step, config
+    (scorer,) = evaluators.build(config, model, mesh, [entry])
+    result = dict(scorer.run(variables))
+  return result, datasets.class_names(config.data), step, entry
+
+
+def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
+                 overrides: dict | None = None, evaluator: str | None = None,
+                 split: str | None = None):
+  """mIoU of one checkpoint of a run (default: over its whole val set).
+
+  `score_run`'s arguments; returns (scores, class_names, step, config),
+  `config` the saved one with the evaluator's eval options.
+  """
+  result, class_names, step, entry = score_run(
+      workdir, which=which, step=step, overrides=overrides, evaluator=evaluator, split=split)
+  return result, class_names, step, entry.config
+
+
+def describe(eval_config) -> str:
+  """', flip, scales 0.75/1.0, window 64': the non-default prediction options."""
+  parts = ['flip'] if eval_config.flip else []
+  if tuple(float(s) for s in eval_config.scales) != (1.0,):
+    parts.append('scales ' + '/'.join(f'{float(s):g}' for s in eval_config.scales))
+  if eval_config.window:
+    parts.append(f'window {int(eval_config.window)}')
+  return ''.join(f', {p}' for p in parts)
 
 
 def format_table(result: dict, class_names) -> str:
@@ -255,6 +292,10 @@ def _define_flags():
   flags.DEFINE_enum('which', 'best', restore.WHICH,
                     'best: the highest val mIoU checkpoint; latest: the last one.')
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
+  flags.DEFINE_string('evaluator', 'val', "An mIoU evaluator of the run's config: 'val' "
+                      '(config.eval.*) or a name of its eval.extra.')
+  flags.DEFINE_string('split', None, "Score this split (labeled, unlabeled, val) instead "
+                      "of the evaluator's own.")
   # Only the overrides given on the command line are applied, to the config
   # saved in the run; the defaults here are just the schema they parse against.
   config_flags.DEFINE_config_dict('config', config_lib.base_config(),
@@ -277,8 +318,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   overrides = config_flags.get_override_values(f['config'])
   try:
-    result, class_names, step, config = evaluate_run(
-        f.workdir, which=f.which, step=f.step, overrides=overrides)
+    result, class_names, step, entry = score_run(
+        f.workdir, which=f.which, step=f.step, overrides=overrides, evaluator=f.evaluator,
+        split=f.split)
   except config_lib.ConfigError as e:
     # User errors (no checkpoint, bad override, missing data): no stack trace.
     print(f'error: {e}', file=sys.stderr)
@@ -287,8 +329,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:
-    print(f'checkpoint: {f.workdir} step {step}; {config.data.name} val'
-          f'{", flip" if config.eval.flip else ""}')
+    print(f'checkpoint: {f.workdir} step {step}; {entry.config.data.name} {entry.split}'
+          f'{describe(entry.config.eval)}')
     print(format_table(result, class_names))
 
 
