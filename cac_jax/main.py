@@ -28,6 +28,9 @@ _MULTIHOST = flags.DEFINE_bool(
     'Call jax.distributed.initialize() (every host runs the same command).')
 _VALIDATE_ONLY = flags.DEFINE_bool(
     'validate_only', False, 'Check the config and every data file, then exit.')
+_STOP_AT_STEP = flags.DEFINE_integer(
+    'stop_at_step', None, 'Stop with a checkpoint once this global step is reached '
+    '(the schedule still spans total_steps); rerun without it to continue.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -114,7 +117,7 @@ def main(argv):
       validate.validate_config_data(config)
       print('config and data OK')
       return
-    scores = train.train_and_evaluate(config, workdir)
+    scores = train.train_and_evaluate(config, workdir, stop_at_step=_STOP_AT_STEP.value)
   except config_lib.ConfigError as e:
     # User errors (including DataError): a clear message, no stack trace.
     print(f'error: {e}', file=sys.stderr)

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
 from cac_jax import evaluate as eval_lib
+from cac_jax import fork
 from cac_jax import optim
 from cac_jax import paths
 from cac_jax import run_dir
@@ -280,6 +281,7 @@ def _class_names(config):
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       stop_at_step: int | None = None,
                        transfer_guard: str | None = None) -> dict:
   """Trains (or resumes) and evaluates; returns the final eval scores.
 
@@ -290,6 +292,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     stop_after: stop (with a checkpoint) after this many steps of this
       invocation; for time-sliced jobs and the resume tests. The schedule is
       unaffected: it always spans config.total_steps.
+    stop_at_step: stop (with a checkpoint) once the global step reaches this
+      (e.g. a warm-up that other runs fork from: config.fork_from); a rerun
+      without it continues. The schedule still spans config.total_steps.
     transfer_guard: a jax transfer-guard level for device->host transfers
       outside the loop's log, eval and checkpoint points (see _HostSync);
       default: the CAC_TRANSFER_GUARD environment variable, else none.
@@ -303,13 +308,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   if transfer_guard is None:
     transfer_guard = os.environ.get('CAC_TRANSFER_GUARD')
   try:
-    return _train_and_evaluate(config, workdir, stop_after, preemption,
-                               _HostSync(transfer_guard))
+    stop = (stop_after, stop_at_step)
+    return _train_and_evaluate(config, workdir, stop, preemption, _HostSync(transfer_guard))
   finally:
     preemption.restore()
 
 
-def _train_and_evaluate(config, workdir, stop_after, preemption, sync):
+def _train_and_evaluate(config, workdir, stop, preemption, sync):
   """train_and_evaluate's body, run with the SIGTERM handler installed."""
   mesh = sharding.make_mesh()
   config_lib.validate(config, num_devices=mesh.devices.size,
@@ -347,7 +352,7 @@ def _train_and_evaluate(config, workdir, stop_after, preemption, sync):
       if validate.check_before_training(config.data, workdir, write_cache=lead):
         logging.info('data checked: every image and mask of the splits is valid')
     _write_config(config, workdir)
-    return _train_loop(config, workdir, stop_after, preemption, sync, mesh)
+    return _train_loop(config, workdir, stop, preemption, sync, mesh)
 
 
 def _history_path(workdir):
@@ -381,7 +386,7 @@ def _record_eval(workdir, step: int, miou: float, history: dict) -> None:
   _write_history(workdir, history)
 
 
-def _train_loop(config, workdir, stop_after, preemption, sync, mesh):
+def _train_loop(config, workdir, stop, preemption, sync, mesh):
   """Model, state (restored or new), data, steps and the loop; returns final scores."""
   from cac_jax.data import pipeline  # TF only where data is needed
   from cac_jax.data import sources as sources_lib
@@ -402,7 +407,11 @@ def _train_loop(config, workdir, stop_after, preemption, sync, mesh):
     else:
       state, state_shardings = state_lib.create_sharded_state(
           model, tx, config, mesh, jax.random.key(config.seed))
-      state = _init_from(state, config, mesh)
+      if config.fork_from:  # another run's state, this run's settings from here on
+        abstract = state_lib.abstract_state(model, tx, config, mesh)
+        state, _ = fork.restore(state, abstract, config)
+      else:
+        state = _init_from(state, config, mesh)
   start_step = int(jax.device_get(state.step))
 
   # --- Data ---------------------------------------------------------------------
@@ -470,8 +479,12 @@ def _train_loop(config, workdir, stop_after, preemption, sync, mesh):
     multihost_utils.sync_global_devices('cac_jax: train loop')
   try:
     with jax.set_mesh(mesh), jax.profiler.TraceAnnotation(TRAIN_LOOP), sync.hot():
-      end_step = config.total_steps if stop_after is None else min(
-          config.total_steps, start_step + stop_after)
+      stop_after, stop_at_step = stop
+      end_step = config.total_steps
+      if stop_after is not None:
+        end_step = min(end_step, start_step + stop_after)
+      if stop_at_step is not None:
+        end_step = min(end_step, max(start_step, stop_at_step))
       while step < end_step:
         # Checked before each step, so a SIGTERM that arrived while starting
         # up stops before any work; after step k it saves step k. The count
