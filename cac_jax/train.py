@@ -7,7 +7,6 @@ because the input stream is indexed by step, sees exactly the batches an
 uninterrupted run would.
 """
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
-from cac_jax import evaluate as eval_lib
+from cac_jax import evaluators
 from cac_jax import fork
 from cac_jax import optim
 from cac_jax import paths
@@ -232,54 +231,6 @@ def _init_from(state, config, mesh):
                        batch_stats=variables['batch_stats'])
 
 
-def _eval_options(config) -> dict:
-  return dict(flip=config.eval.flip, scales=config.eval.scales, window=config.eval.window)
-
-
-def _val_predict_step(model, config, mesh):
-  """jit((variables, batch) -> class ids): the scored prediction, for the val images."""
-  predict = eval_lib.make_predict_fn(model, **_eval_options(config))
-  return jax.jit(lambda v, batch: jax.numpy.argmax(predict(v, batch), -1),
-                 out_shardings=sharding.data_sharded(mesh))
-
-
-def _write_val_images(writer, step, predict_step, variables, host_batch, config, mesh):
-  """TensorBoard 'val/examples': input | ground truth | prediction, per image.
-
-  All hosts run the (sharded) prediction on their first eval batch; process 0
-  draws its own first images, each cropped to its own size on a shared
-  canvas. `predict_step` is the scored prediction (same options).
-  """
-  from cac_jax import constants, datasets, visualize
-  inputs = {k: host_batch[k] for k in ('image', 'size') if k in host_batch}
-  pred = predict_step(variables, sharding.to_global(inputs, mesh))
-  # This host's rows of the global prediction, in order.
-  shards = sorted(pred.addressable_shards, key=lambda sh: sh.index[0].start or 0)
-  pred = np.concatenate([np.asarray(sh.data) for sh in shards])
-  n = min(config.eval.num_images_logged, int(np.sum(host_batch['valid'])))
-  if jax.process_index() != 0 or n == 0:
-    return
-  palette = datasets.palette(config.data)
-  panels = []
-  for i in range(n):
-    h, w = host_batch['size'][i] if 'size' in host_batch else host_batch['image'].shape[1:3]
-    pixels = host_batch['image'][i, :h, :w] * constants.PIXEL_STD + constants.PIXEL_MEAN
-    panels.append(visualize.side_by_side(
-        np.clip(np.round(pixels), 0, 255).astype(np.uint8),
-        visualize.colorize(host_batch['label'][i, :h, :w], palette),
-        visualize.colorize(pred[i, :h, :w], palette), gap=2))
-  # One image per panel size (TensorBoard stacks equal shapes only).
-  if len({p.shape for p in panels}) == 1:
-    writer.write_images(step, {'val/examples': np.stack(panels)})
-  else:
-    writer.write_images(step, {f'val/examples_{i}': p[None] for i, p in enumerate(panels)})
-
-
-def _class_names(config):
-  from cac_jax import datasets
-  return datasets.class_names(config.data)
-
-
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                        stop_at_step: int | None = None,
                        transfer_guard: str | None = None) -> dict:
@@ -429,14 +380,14 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
   # Evaluations after the resume point belong to a timeline that was lost
   # (no checkpoint kept them); they are measured again.
   history = {k: v for k, v in _read_history(workdir).items() if k <= start_step}
-  class_names = _class_names(config)
 
   # --- Steps ----------------------------------------------------------------------
   sup_step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=False)
   dc_step = None if config.cac.supervised_only else step_lib.make_train_step(
       model, tx, config, state_shardings, with_dc=True)
-  predict_step = _val_predict_step(model, config, mesh)
-  eval_step = eval_lib.make_eval_step(model, num_classes, mesh, **_eval_options(config))
+  # The default evaluator (val/: its mIoU makes the history and picks the best
+  # checkpoint) and config.eval.extra's; a split without masks fails here.
+  evals = evaluators.build(config, model, mesh)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -445,17 +396,14 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
 
   def run_eval(step):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    batches = pipeline.eval_iterator(config)
-    first = next(batches)
-    with report.timed('eval'):
-      conf = eval_lib.evaluate(eval_step, variables, itertools.chain([first], batches),
-                               mesh, num_classes)
-      if config.eval.num_images_logged:  # every host computes, process 0 writes
-        _write_val_images(writer, step, predict_step, variables, first, config, mesh)
-    scores = eval_lib.scores(conf, class_names)
-    writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
-    logging.info('step %d: val mIoU %.4f, pixel acc %.4f', step, scores['miou'],
-                 scores['pixel_acc'])
+    with report.timed('eval'):  # every host computes, process 0 writes
+      results = evaluators.run_all(evals, variables)
+    evaluators.write(writer, step, results)
+    for prefix, values in results.items():
+      if 'miou' in values and 'pixel_acc' in values:
+        logging.info('step %d: %s mIoU %.4f, pixel acc %.4f', step, prefix, values['miou'],
+                     values['pixel_acc'])
+    scores = {k: v for k, v in results[evaluators.DEFAULT].items() if evaluators.is_scalar(v)}
     _record_eval(workdir, step, scores['miou'], history)
     best_step = max(history, key=lambda k: (history[k], -k))
     scores['best_miou'], scores['best_step'] = history[best_step], best_step

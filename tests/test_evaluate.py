@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from cac_jax import evaluate
 from cac_jax.models import build_model
@@ -98,42 +97,3 @@ def test_sliding_window_matches_a_python_loop():
   np.testing.assert_allclose(
       evaluate.predict_logits(model, variables, small, window=32),
       jax.nn.softmax(model.apply(variables, small, train=False)['logits']), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize('options', [{'eval.flip': True}, {'eval.scales': (0.75, 1.0)}])
-def test_val_images_show_the_scored_prediction(tmp_path, options):
-  """The TensorBoard val panels are predicted with the scored options.
-
-  The prediction third of each panel must equal the labels of that image run
-  alone at its own size with the same options (no canvas, no batch),
-  drawn in the dataset palette; the canvas part beyond the image is not drawn.
-  Labels are compared exactly: the same network on the same pixels, where
-  only a tie within float rounding (never seen at these sizes) could differ.
-  """
-  from cac_jax import datasets, sharding, train, visualize
-  from cac_jax.data import pipeline
-  from cac_jax.models import build_model
-  from train_utils import tiny_config
-  config = tiny_config(**{'eval.num_images_logged': 2, **options})
-  model = build_model(config.model, num_classes=config.data.num_classes)
-  variables = model.init(jax.random.key(int(np.random.default_rng().integers(2**31))),
-                         jnp.zeros((1, 64, 64, 3)), train=False)
-  mesh = sharding.make_mesh()
-
-  class Writer:
-    def write_images(self, step, images):
-      self.images = images
-  writer = Writer()
-  batch = next(pipeline.eval_iterator(config))
-  with jax.set_mesh(mesh):
-    train._write_val_images(writer, 0, train._val_predict_step(model, config, mesh),
-                            variables, batch, config, mesh)
-  (panels,) = writer.images.values()
-  palette = datasets.palette(config.data)
-  for i, panel in enumerate(panels):
-    h, w = batch['size'][i] if 'size' in batch else batch['image'].shape[1:3]
-    alone = evaluate.predict_logits(model, variables, batch['image'][i:i + 1, :h, :w],
-                                    flip=config.eval.flip, scales=config.eval.scales)
-    want = visualize.colorize(np.asarray(jnp.argmax(alone[0], -1)), palette)
-    assert panel.shape[0] == h
-    np.testing.assert_array_equal(panel[:, -w:], want)
