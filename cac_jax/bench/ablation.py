@@ -54,6 +54,8 @@ SETTINGS = {
     # Same fraction, but the labeled images show fixed class pairs while the
     # unlabeled and val images do not: the situation CAC is designed for.
     'context_biased': ['--config.data.embedded.context_biased=True'],
+  # The config as given (e.g. a folder dataset: `sweep --config=...`).
+  'as_configured': [],
 }
 
 

@@ -1,0 +1,457 @@
+"""Does CAC beat supervised training, and at what budget? The paired, budget-swept protocol.
+
+  python -m cac_jax.bench.sweep --out=docs/sweep --dc_steps=160,640,2560 \
+      --settings=context_biased,frac_1_16 --arms=supervised,cac,weight_0 --seeds=3
+  python -m cac_jax.bench.sweep --out=docs/sweep --estimate_only   # cost, then exit
+  python -m cac_jax.bench.sweep --out=docs/sweep --summary_only    # report only
+
+For every budget (DC steps after `--unsup_start`), setting and seed:
+
+1. **Shared warm-up.** One run of the base config trains the supervised
+   steps up to `unsup_start` and stops there (`--stop_at_step`), with the
+   schedule of the full budget. Every arm of that (budget, setting, seed)
+   forks from its checkpoint (`config.fork_from`, cac_jax/fork.py): the
+   supervised arm continues it without the unlabeled stream, CAC adds the DC
+   loss, the controls change their one switch. The arms therefore share
+   initialisation, labeled split, data stream and warm-up exactly and differ
+   only after the fork; their curves are the warm-up's evaluations followed by
+   their own. Arms that change the network (no_projector) cannot fork and
+   train from scratch, with their own warm-up.
+2. **Report.** Per arm: final, best (and its step) and the mean of the last
+   `--last_k` evaluations of val mIoU, mean +- std over seeds, and the paired
+   difference to supervised (same seed) with a 95% t-interval over seeds;
+   "beats supervised" only where the interval excludes 0. Then the paired
+   difference against the number of DC steps (`<out>_delta.png`), val mIoU
+   over steps (`<out>.png`) and the DC diagnostics of the CAC arm over steps
+   (`<out>_diagnostics.png`). Written to `<out>.json` and `<out>.md`.
+3. **Cost first.** Every run's wall time goes to `<workdirs>/costs.json`.
+   Before training, a per-step cost (start-up + supervised steps + DC steps)
+   is fitted to the runs measured so far (the first warm-up, supervised and
+   CAC runs of the smallest budget are trained first for this) and the
+   remaining runs are priced. If the whole sweep exceeds `--max_hours`, the
+   priority runs go first: the context-biased setting at the longest budget
+   with the supervised, CAC and weight-0 arms; then the rest.
+
+Runs are resumable (a finished run is never trained again; an interrupted one
+continues from its checkpoint), so a sweep can be finished over several
+sessions; the report uses finished runs only and marks what is missing.
+`--config` points the protocol at any config (a folder dataset too: use
+`--settings=as_configured`).
+"""
+import argparse
+import concurrent.futures
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from cac_jax.bench import ablation
+
+REPO = ablation.REPO
+# Arms whose switch changes the network: they cannot fork from the warm-up.
+NOT_FORKABLE = ('no_projector',)
+PRIORITY_ARMS = ('supervised', 'cac', 'weight_0')
+DIAGNOSTICS = ('dc_loss_gap_12', 'dc_anchor_label_acc_12', 'dc_false_neg_rate_12',
+               'dc_cos_pos_12', 'active_frac_12')
+
+
+def eval_every_for(dc_steps: int, unsup_start: int) -> int:
+  """4-8 evaluations of the DC phase, at an interval that divides unsup_start
+  (so the warm-up evaluates the fork point) or is a multiple of it."""
+  if dc_steps >= 8 * unsup_start:
+    return unsup_start * (dc_steps // (8 * unsup_start))
+  every = unsup_start
+  while every % 2 == 0 and dc_steps // every < 4:
+    every //= 2
+  return every
+
+
+class Run:
+  """One training run of the sweep: its workdir, flags and the steps it ends at."""
+
+  def __init__(self, workdir, flags, end_step, kind, sup_steps, dc_steps, after=None):
+    self.workdir, self.flags, self.end_step = workdir, flags, end_step
+    self.kind = kind                  # 'warmup' | arm name
+    self.sup_steps, self.dc_steps = sup_steps, dc_steps  # what this run trains
+    self.after = after                # the warm-up it forks from (a Run) or None
+
+  @property
+  def key(self) -> str:
+    return str(self.workdir.relative_to(self.workdir.parents[3]))
+
+  def finished(self) -> bool:
+    return (self.workdir / 'checkpoints' / str(self.end_step)).is_dir()
+
+
+def plan(args) -> list[Run]:
+  """Every run of the sweep, warm-ups before the arms that fork from them."""
+  root = REPO / args.workdirs
+  runs = []
+  for dc in args.dc_steps:
+    total = args.unsup_start + dc
+    every = args.eval_every or eval_every_for(dc, args.unsup_start)
+    base = ['--config=' + args.config, f'--config.total_steps={total}',
+            f'--config.cac.unsup_start_step={args.unsup_start}',
+            f'--config.eval_every={every}', f'--config.checkpoint_every={every}',
+            f'--config.log_every={every}', '--config.keep_checkpoints=1', *args.extra]
+    for setting in args.settings:
+      for seed in args.seeds:
+        where = root / f'dc{dc}' / setting
+        common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
+        warm = Run(where / 'warmup' / f'seed{seed}',
+                   common + [f'--stop_at_step={args.unsup_start}'], args.unsup_start,
+                   'warmup', args.unsup_start, 0)
+        runs.append(warm)
+        for arm in args.arms:
+          flags = common + ablation.ARMS[arm]
+          sup = arm == 'supervised'
+          if arm in NOT_FORKABLE:
+            runs.append(Run(where / arm / f'seed{seed}', flags, total, arm,
+                            args.unsup_start, dc))
+            continue
+          flags += [f'--config.fork_from={warm.workdir}',
+                    f'--config.fork_step={args.unsup_start}']
+          runs.append(Run(where / arm / f'seed{seed}', flags, total, arm,
+                          dc if sup else 0, 0 if sup else dc, after=warm))
+  return runs
+
+
+# --- Cost -----------------------------------------------------------------------
+
+def _ledger_path(args) -> pathlib.Path:
+  return REPO / args.workdirs / 'costs.json'
+
+
+def read_ledger(args) -> dict:
+  path = _ledger_path(args)
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def fit_costs(ledger: dict):
+  """(start-up s, s per supervised step, s per DC step) by least squares over
+  the measured runs; None until runs of all three shapes are measured."""
+  rows = [(1.0, r['sup_steps'], r['dc_steps'], r['seconds']) for r in ledger.values()
+          if r.get('seconds')]
+  if len(rows) < 3:
+    return None
+  a = np.array([r[:3] for r in rows], np.float64)
+  if np.linalg.matrix_rank(a) < 3:
+    return None
+  coef, *_ = np.linalg.lstsq(a, np.array([r[3] for r in rows]), rcond=None)
+  return tuple(float(max(c, 0.0)) for c in coef)
+
+
+def price(run: Run, costs) -> float:
+  start, per_sup, per_dc = costs
+  return start + per_sup * run.sup_steps + per_dc * run.dc_steps
+
+
+def prioritise(runs: list[Run], args) -> list[Run]:
+  """The priority runs (context-biased, longest budget, core arms) first, each
+  warm-up just before the first run that needs it."""
+  longest = max(args.dc_steps)
+  first_setting = 'context_biased' if 'context_biased' in args.settings else args.settings[0]
+
+  def rank(run):
+    arm = run.kind
+    priority = (run.key.startswith(f'dc{longest}/{first_setting}/')
+                and arm in PRIORITY_ARMS + ('warmup',))
+    return 0 if priority else 1
+  return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
+
+
+# --- Training -------------------------------------------------------------------
+
+def train(run: Run, args) -> float:
+  """Trains one run (unless finished); records and returns its wall time."""
+  if run.finished():
+    return 0.0
+  seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
+  ledger = read_ledger(args)
+  ledger[run.key] = {'seconds': seconds, 'sup_steps': run.sup_steps,
+                     'dc_steps': run.dc_steps, 'parallel': args.parallel,
+                     'finished_at': time.strftime('%Y-%m-%d %H:%M:%S')}
+  _ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
+  _ledger_path(args).write_text(json.dumps(ledger, indent=1))
+  return seconds
+
+
+def train_all(runs: list[Run], args) -> None:
+  """Runs warm-ups before their forks, `--parallel` at a time."""
+  done = {r.key for r in runs if r.finished()}
+  pending = [r for r in runs if r.key not in done]
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    running = {}
+    while pending or running:
+      ready = [r for r in pending if r.after is None or r.after.key in done]
+      while ready and len(running) < args.parallel:
+        run = ready.pop(0)
+        pending.remove(run)
+        running[pool.submit(train, run, args)] = run
+      if not running:
+        raise RuntimeError('runs wait for warm-ups that are not planned: '
+                           + ', '.join(r.key for r in pending))
+      finished, _ = concurrent.futures.wait(running, return_when='FIRST_COMPLETED')
+      for fut in finished:
+        run = running.pop(fut)
+        print(f'{run.key}: {fut.result():.0f} s', flush=True)
+        done.add(run.key)
+
+
+def estimate(runs: list[Run], args) -> dict:
+  costs = fit_costs(read_ledger(args))
+  todo = [r for r in runs if not r.finished()]
+  if costs is None:
+    return {'costs': None, 'todo_runs': len(todo)}
+  seconds = sum(price(r, costs) for r in todo) / args.parallel
+  return {'costs': dict(zip(('startup_s', 'per_sup_step_s', 'per_dc_step_s'), costs)),
+          'todo_runs': len(todo), 'todo_hours': seconds / 3600}
+
+
+def calibration_runs(runs: list[Run], args) -> list[Run]:
+  """The first warm-up, supervised and CAC runs of the smallest budget: three
+  shapes of (sup steps, DC steps), enough to fit the cost model."""
+  smallest = f'dc{min(args.dc_steps)}/'
+  first = [r for r in runs if r.key.startswith(smallest)]
+  picked = []
+  for kind in ('warmup', 'supervised', 'cac'):
+    match = [r for r in first if r.kind == kind]
+    if match:
+      picked.append(match[0])
+  return picked
+
+
+# --- Report ---------------------------------------------------------------------
+
+def run_result(run: Run, seed: int, last_k: int) -> dict:
+  curves = ablation.read_curves(run.workdir)
+  if run.after is not None:  # the shared warm-up's evaluations come first
+    warm = ablation.read_curves(run.after.workdir).get('val/miou', [])
+    fork_step = run.after.end_step
+    curve = [p for p in warm if p[0] <= fork_step] + [
+        p for p in curves.get('val/miou', []) if p[0] > fork_step]
+  else:
+    curve = curves.get('val/miou', [])
+  diagnostics = {tag: curves.get(f'train/{tag}', []) for tag in DIAGNOSTICS}
+  return {'seed': seed, 'curve': curve, 'final_miou': curve[-1][1],
+          f'last{last_k}_miou': float(np.mean([v for _, v in curve[-last_k:]])),
+          'diagnostics': diagnostics, 'forked': run.after is not None}
+
+
+def summarise(runs: list[Run], args) -> dict:
+  """{budget: {setting: {arm: aggregate}}} over finished runs."""
+  results = {}
+  for run in runs:
+    if run.kind == 'warmup':
+      continue
+    dc, setting, arm, seed = run.key.split('/')
+    cell = results.setdefault(dc, {}).setdefault(setting, {}).setdefault(arm, [])
+    if run.finished():
+      cell.append(run_result(run, int(seed.removeprefix('seed')), args.last_k))
+  for dc in results:
+    for setting in results[dc]:
+      for arm, rs in results[dc][setting].items():
+        agg = ablation.aggregate(rs)
+        values = np.array([r[f'last{args.last_k}_miou'] for r in rs])
+        agg['last_mean'] = float(values.mean()) if rs else None
+        agg['last_std'] = float(values.std(ddof=1)) if len(rs) > 1 else 0.0
+        results[dc][setting][arm] = agg
+  return results
+
+
+def deltas(results, dc, setting, arm, key):
+  """Paired differences (points) of `arm` to supervised at `key`, per seed."""
+  base = {r['seed']: r for r in results[dc][setting].get('supervised', {}).get('runs', [])}
+  return [100 * (r[key] - base[r['seed']][key])
+          for r in results[dc][setting][arm]['runs'] if r['seed'] in base]
+
+
+def report(results, args, meta) -> str:
+  k = args.last_k
+  lines = [f'Command: `{meta["command"]}`', '']
+  if meta.get('partial'):
+    lines += [f'**Partial**: {meta["partial"]}', '']
+  lines += [f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
+            'evaluations, and the paired difference to supervised (same seed: same '
+            'initialisation, split, stream and warm-up) with its 95% t-interval. Every '
+            f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
+            '(not the arms marked *scratch*). "Beats supervised" only where an interval '
+            'excludes 0.', '']
+  for dc in results:
+    for setting in results[dc]:
+      lines += [f'### {setting}, {dc.removeprefix("dc")} DC steps', '',
+                '| arm | seeds | final | best (step) | last-k mean | Δ final [95% CI] | '
+                'Δ best [95% CI] | Δ last-k [95% CI] |', '|---|---|---|---|---|---|---|---|']
+      for arm, r in results[dc][setting].items():
+        if not r['runs']:
+          lines.append(f'| {arm} | 0 | not run | | | | | |')
+          continue
+        steps = ', '.join(str(x['best_step']) for x in r['runs'])
+        cells = [f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}',
+                 f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f} ({steps})',
+                 f'{100 * r["last_mean"]:.1f} ± {100 * r["last_std"]:.1f}']
+        for key in ('final_miou', 'best_miou', f'last{k}_miou'):
+          d = deltas(results, dc, setting, arm, key) if arm != 'supervised' else []
+          if not d:
+            cells.append('–')
+            continue
+          mean, low, high = ablation.paired_interval(d)
+          mark = ' **' if (low > 0 or high < 0) else ''
+          cells.append(f'{mark}{mean:+.1f} [{low:+.1f}, {high:+.1f}]{mark}')
+        name = arm + (' *scratch*' if not r['runs'][0]['forked'] else '')
+        lines.append(f'| {name} | {len(r["runs"])} | ' + ' | '.join(cells) + ' |')
+      lines.append('')
+  if meta.get('cost'):
+    c = meta['cost']
+    lines += [f'Cost: {c["measured_hours"]:.2f} h of training measured over '
+              f'{c["measured_runs"]} runs ({args.parallel} at a time)'
+              + (f'; {c["todo_runs"]} runs left, estimated {c["todo_hours"]:.1f} h'
+                 if c.get('todo_hours') is not None and c['todo_runs'] else '') + '.', '']
+  return '\n'.join(lines) + '\n'
+
+
+def plots(results, out: pathlib.Path, args) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  budgets, settings = list(results), sorted({s for dc in results for s in results[dc]})
+  # Paired Δ final vs DC steps, per setting and arm, with 95% CIs.
+  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+  for ax, setting in zip(axes[0], settings):
+    arms = sorted({a for dc in budgets for a in results[dc].get(setting, {})} - {'supervised'})
+    for i, arm in enumerate(arms):
+      xs, ys, lo, hi = [], [], [], []
+      for dc in budgets:
+        if arm not in results[dc].get(setting, {}):
+          continue
+        d = deltas(results, dc, setting, arm, 'final_miou')
+        if len(d) < 2:
+          continue
+        mean, low, high = ablation.paired_interval(d)
+        xs.append(int(dc.removeprefix('dc')) * (1 + 0.03 * i))
+        ys.append(mean), lo.append(mean - low), hi.append(high - mean)
+      if xs:
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker='o', capsize=3, label=arm)
+    ax.axhline(0, color='gray', lw=1)
+    ax.set_xscale('log')
+    ax.set_title(setting)
+    ax.set_xlabel('DC steps')
+    ax.set_ylabel('Δ final val mIoU vs supervised (points), 95% CI')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out.parent / f'{out.name}_delta.png', dpi=110)
+  plt.close(fig)
+  # Val mIoU over steps, and the CAC arm's diagnostics, per (budget, setting).
+  pairs = [(dc, s) for dc in budgets for s in results[dc]]
+  for suffix, draw in (('', _draw_curves), ('_diagnostics', _draw_diagnostics)):
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
+    for ax, (dc, setting) in zip(axes[0], pairs):
+      draw(ax, results[dc][setting], args)
+      ax.set_title(f'{setting}, {dc.removeprefix("dc")} DC steps')
+      ax.set_xlabel('step')
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f'{out.name}{suffix}.png', dpi=110)
+    plt.close(fig)
+
+
+def _draw_curves(ax, arms, args):
+  for arm, r in arms.items():
+    curves = [x['curve'] for x in r['runs']]
+    if not curves:
+      continue
+    steps = [s for s, _ in curves[0]]
+    values = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
+    ax.plot(steps, 100 * values.mean(0), label=arm)
+  ax.axvline(args.unsup_start, color='gray', ls=':', lw=1)
+  ax.set_ylabel('val mIoU (%), mean over seeds')
+
+
+def _draw_diagnostics(ax, arms, args):
+  runs = arms.get('cac', {}).get('runs', [])
+  for tag in DIAGNOSTICS:
+    series = [x['diagnostics'].get(tag) or [] for x in runs]
+    series = [s for s in series if s]
+    if not series:
+      continue
+    n = min(len(s) for s in series)
+    steps = [p[0] for p in series[0][:n]]
+    ax.plot(steps, np.mean([[v for _, v in s[:n]] for s in series], 0), label=tag)
+  ax.set_ylabel('CAC arm, mean over seeds')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='docs/sweep')
+  parser.add_argument('--workdirs', default='workdirs/sweep')
+  parser.add_argument('--config', default='configs/default.py')
+  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--dc_steps', default='160,640,2560')
+  parser.add_argument('--unsup_start', type=int, default=80)
+  parser.add_argument('--eval_every', type=int, default=0, help='0: from the budget')
+  parser.add_argument('--last_k', type=int, default=3)
+  parser.add_argument('--arms', default=','.join(PRIORITY_ARMS))
+  parser.add_argument('--settings', default='context_biased,frac_1_16')
+  parser.add_argument('--parallel', type=int, default=1)
+  parser.add_argument('--max_hours', type=float, default=6.0)
+  parser.add_argument('--extra', default='', help='more flags for every run, space-separated')
+  parser.add_argument('--estimate_only', action='store_true')
+  parser.add_argument('--summary_only', action='store_true')
+  args = parser.parse_args(argv)
+  args.dc_steps = [int(x) for x in args.dc_steps.split(',')]
+  args.arms, args.settings = args.arms.split(','), args.settings.split(',')
+  args.seeds, args.extra = list(range(args.seeds)), args.extra.split()
+  for name, table, given in (('arm', ablation.ARMS, args.arms),
+                             ('setting', ablation.SETTINGS, args.settings)):
+    bad = [g for g in given if g not in table]
+    if bad:
+      parser.error(f'unknown {name}(s) {bad}; choose from {sorted(table)}')
+  if 'supervised' not in args.arms:
+    parser.error('the arms must include supervised (every difference is paired with it)')
+  runs = plan(args)
+  if not (args.summary_only or args.estimate_only):
+    if fit_costs(read_ledger(args)) is None:
+      print('measuring the cost model on the first runs of the smallest budget', flush=True)
+      train_all(calibration_runs(runs, args), args)
+    cost = estimate(runs, args)
+    print(f'estimate: {json.dumps(cost)}', flush=True)
+    if cost.get('todo_hours', 0) > args.max_hours:
+      print(f'over {args.max_hours} h: priority runs first', flush=True)
+      runs_in_order = prioritise(runs, args)
+    else:
+      runs_in_order = runs
+    train_all(runs_in_order, args)
+  cost = estimate(runs, args)
+  if args.estimate_only:
+    print(json.dumps(cost, indent=1))
+    return cost
+  ledger = read_ledger(args)
+  measured = [r for r in runs if r.key in ledger]
+  cost.update(measured_runs=len(measured),
+              measured_hours=sum(ledger[r.key]['seconds'] for r in measured) / 3600)
+  missing = [r.key for r in runs if not r.finished()]
+  meta = {'command': 'python -m cac_jax.bench.sweep ' + ' '.join(
+      sys.argv[1:] if argv is None else argv), 'dc_steps': args.dc_steps,
+      'unsup_start': args.unsup_start, 'seeds': len(args.seeds), 'arms': args.arms,
+      'settings': args.settings, 'config': args.config, 'extra': args.extra, 'cost': cost,
+      'partial': (f'{len(missing)} of {len(runs)} runs not finished: '
+                  + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
+      if missing else ''}
+  results = summarise(runs, args)
+  out = REPO / args.out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix('.json').write_text(json.dumps({'meta': meta, 'results': results},
+                                                 indent=1))
+  text = report(results, args, meta)
+  out.with_suffix('.md').write_text(text)
+  plots(results, out, args)
+  print(text)
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,148 @@
+"""The budget-swept comparison (cac_jax.bench.sweep): plan, cost model, report.
+
+The fork it rests on (a warm-up forked with the same settings is the
+uninterrupted run) is tested in test_fork.py; here the runs are stand-ins:
+workdirs with a final checkpoint directory and TensorBoard scalars written
+by clu, as training writes them.
+"""
+import json
+
+import numpy as np
+import pytest
+from clu import metric_writers
+
+from cac_jax.bench import ablation, sweep
+
+
+def _args(tmp_path, **kw):
+  argv = [f'--workdirs={tmp_path / "w"}', f'--out={tmp_path / "out" / "sweep"}',
+          '--seeds=3', '--dc_steps=160,640', '--arms=supervised,cac,no_projector',
+          '--settings=context_biased']
+  return argv + [f'--{k}={v}' for k, v in kw.items()]
+
+
+def _parsed(tmp_path):
+  """The args object main() builds, through main's own parser (estimate_only
+  trains nothing and returns before any report)."""
+  captured = {}
+  real_plan = sweep.plan
+
+  def spy(args):
+    captured['args'] = args
+    return real_plan(args)
+  sweep.plan = spy
+  try:
+    sweep.main(_args(tmp_path) + ['--estimate_only'])
+  finally:
+    sweep.plan = real_plan
+  return captured['args']
+
+
+def test_eval_interval_evaluates_the_fork_point_and_4_to_8_times():
+  for dc, start in ((160, 80), (640, 80), (2560, 80), (100, 50), (24, 8)):
+    every = sweep.eval_every_for(dc, start)
+    assert start % every == 0 or every % start == 0, (dc, start, every)
+    assert 4 <= dc // every <= 8, (dc, start, every)
+
+
+def test_plan_forks_every_arm_from_its_own_seeds_warmup(tmp_path):
+  args = _parsed(tmp_path)
+  runs = sweep.plan(args)
+  warmups = [r for r in runs if r.kind == 'warmup']
+  assert len(warmups) == 2 * 3 and len(runs) == 2 * 3 * 4
+  for run in runs:
+    if run.kind == 'warmup':
+      assert '--stop_at_step=80' in run.flags and run.end_step == 80
+      continue
+    dc = int(run.key.split('/')[0].removeprefix('dc'))
+    assert run.end_step == 80 + dc
+    assert f'--config.total_steps={80 + dc}' in run.flags
+    if run.kind == 'no_projector':  # changes the network: trained from scratch
+      assert run.after is None and not any('fork_from' in f for f in run.flags)
+      assert (run.sup_steps, run.dc_steps) == (80, dc)
+      continue
+    warm = run.after
+    # Same budget (hence the same schedule), setting and seed as its warm-up.
+    assert warm.key.split('/')[:2] == run.key.split('/')[:2]
+    assert warm.key.split('/')[3] == run.key.split('/')[3]
+    assert f'--config.fork_from={warm.workdir}' in run.flags
+    shared = [f for f in warm.flags if not f.startswith('--stop_at_step')]
+    assert all(f in run.flags for f in shared)  # the arm only adds its switch
+    assert (run.sup_steps, run.dc_steps) == ((dc, 0) if run.kind == 'supervised' else (0, dc))
+  # Priority order: the longest budget's runs first, warm-ups before their forks.
+  ordered = sweep.prioritise(runs, args)
+  # (warm-up, supervised, CAC) x 3 seeds; no_projector is not a priority arm.
+  assert [r.key.split('/')[0] for r in ordered[:9]] == ['dc640'] * 9
+  assert {r.kind for r in ordered[:9]} == {'warmup', 'supervised', 'cac'}
+  position = {r.key: i for i, r in enumerate(ordered)}
+  assert all(position[r.after.key] < position[r.key] for r in runs if r.after)
+
+
+def test_cost_fit_recovers_the_per_step_costs():
+  rng = np.random.default_rng()
+  start, sup, dc = rng.uniform(20, 60), rng.uniform(0.2, 0.6), rng.uniform(0.8, 2.0)
+  shapes = [(80, 0), (160, 0), (0, 160), (0, 640), (640, 0)]
+  ledger = {str(i): {'seconds': start + sup * s + dc * d, 'sup_steps': s, 'dc_steps': d}
+            for i, (s, d) in enumerate(shapes)}
+  np.testing.assert_allclose(sweep.fit_costs(ledger), (start, sup, dc), rtol=1e-9)
+  assert sweep.fit_costs(dict(list(ledger.items())[:2])) is None  # too few shapes
+
+
+def _fake_run(run, curve, diag=None):
+  """A finished run: its final checkpoint directory and its scalars."""
+  (run.workdir / 'checkpoints' / str(run.end_step)).mkdir(parents=True)
+  writer = metric_writers.create_default_writer(str(run.workdir))
+  for step, value in curve:
+    writer.write_scalars(step, {'val/miou': value})
+  for step, value in (diag or []):
+    writer.write_scalars(step, {'train/dc_loss_gap_12': value})
+  writer.flush()
+  writer.close()
+
+
+def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  runs = sweep.plan(args)
+  rng = np.random.default_rng()
+  finals = {'supervised': rng.uniform(0.2, 0.3, 3)}
+  finals['cac'] = finals['supervised'] + np.array([0.01, 0.02, 0.03])
+  for run in runs:
+    seed = int(run.key.split('seed')[-1])
+    if run.kind == 'warmup':
+      _fake_run(run, [(40, 0.05), (80, 0.10 + seed / 100)])
+    elif run.kind in finals:
+      f = float(finals[run.kind][seed])
+      # Steps <= 80 in a fork's own events must be ignored (the warm-up's count).
+      _fake_run(run, [(80, 0.99), (120, f - 0.04), (160, f + 0.05), (200, f - 0.01), (240, f)],
+                diag=[(240, 1.5)])
+  results = sweep.summarise(runs, args)
+  cac = results['dc160']['context_biased']['cac']
+  run0 = cac['runs'][0]
+  assert [s for s, _ in run0['curve']] == [40, 80, 120, 160, 200, 240]
+  assert run0['curve'][1][1] == pytest.approx(0.10)
+  assert run0['last3_miou'] == pytest.approx(np.mean([finals['cac'][0] + d
+                                                      for d in (0.05, -0.01, 0)]), abs=1e-6)
+  assert run0['best_step'] == 160
+  assert run0['diagnostics']['dc_loss_gap_12'] == [(240, 1.5)]
+  assert results['dc160']['context_biased']['no_projector']['runs'] == []
+  meta = {'command': 'cmd', 'partial': '3 of 12 runs not finished'}
+  text = sweep.report(results, args, meta)
+  # Paired final deltas +1, +2, +3 points: mean 2, t-interval [-0.5, +4.5].
+  assert '| cac | 3 |' in text and '+2.0 [-0.5, +4.5]' in text
+  assert '| no_projector | 0 | not run |' in text and '**Partial**' in text
+  sweep.plots(results, tmp_path / 'sweep', args)
+  for name in ('sweep.png', 'sweep_delta.png', 'sweep_diagnostics.png'):
+    assert (tmp_path / name).stat().st_size > 0
+  mean, low, high = ablation.paired_interval([1.0, 2.0, 3.0])
+  assert f'{mean:+.1f} [{low:+.1f}, {high:+.1f}]' == '+2.0 [-0.5, +4.5]'
+
+
+def test_bad_arm_is_a_clear_error(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    sweep.main(_args(tmp_path) + ['--arms=supervised,cca', '--estimate_only'])
+  assert "unknown arm(s) ['cca']" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sweep.main(_args(tmp_path) + ['--arms=cac', '--estimate_only'])
+  assert 'must include supervised' in capsys.readouterr().err
+  assert json.dumps(sweep.estimate([], _parsed(tmp_path)))  # nothing measured: no costs
