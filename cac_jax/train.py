@@ -26,6 +26,7 @@ from cac_jax import evaluators
 from cac_jax import fork
 from cac_jax import optim
 from cac_jax import paths
+from cac_jax import precise_bn
 from cac_jax import run_dir
 from cac_jax import sharding
 from cac_jax import train_state as state_lib
@@ -388,6 +389,9 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
   # The default evaluator (val/: its mIoU makes the history and picks the best
   # checkpoint) and config.eval.extra's; a split without masks fails here.
   evals = evaluators.build(config, model, mesh)
+  # bn.running_stats='precise': the BN statistics are re-estimated before
+  # each evaluation and each save, so a checkpoint holds what was scored.
+  bn_stats = precise_bn.Reestimator(config, model, mesh)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -446,6 +450,7 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
                   pending, step, schedule, manager).items()})
             if step > start_step:  # else the latest checkpoint already is `step`
               writer.flush()
+              state = bn_stats.maybe_reestimate(state)
               ckpt_lib.save(manager, step, state, config)
           break
         use_dc = dc_step is not None and step >= config.cac.unsup_start_step
@@ -488,6 +493,7 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
         if step % config.eval_every == 0 or step == config.total_steps:
           with sync.point('eval'):
             t0 = time.perf_counter()
+            state = bn_stats.maybe_reestimate(state)
             scores = run_eval(step)
             eval_metrics = {'miou': scores['miou']}
             timer_start += time.perf_counter() - t0  # pause the clock during eval
@@ -498,12 +504,14 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
             # minutes), and a run killed after this save resumes AFTER `step`,
             # so buffered metrics of steps <= `step` would be lost for good.
             writer.flush()
+            state = bn_stats.maybe_reestimate(state)  # as scored, if it was
             ckpt_lib.save(manager, step, state, config, metrics=eval_metrics)
             timer_start += time.perf_counter() - t0
   finally:
     manager.wait_until_finished()
     writer.flush()
   if scores is None and step >= config.total_steps:
+    state = bn_stats.maybe_reestimate(state)
     scores = run_eval(step)
   # Each host reads the checksum from its OWN replica of the parameters, so
   # equal prints on all hosts show that the replicas did not drift apart.
