@@ -1,16 +1,21 @@
 """Segment a folder of images with a trained run: palette PNG masks + overlays.
 
   python -m cac_jax.predict --workdir=<run> --images=<folder or file> \
-      --out=<folder> [--which=best|latest] [--step=N] [--flip]
+      --out=<folder> [--which=best|latest] [--step=N] [--[no]flip] \
+      [--config.eval.scales=...] [--config.eval.window=N]
 
 For every image `<id>.<ext>` it writes `<out>/<id>.png`, a palette ('P') PNG
 whose pixel values are class ids and whose palette is the dataset's colours
 (so it opens as a colour picture and reads back as class ids), and
 `<out>/<id>_overlay.jpg`, the image beside the mask blended over it.
 
-Inference follows the evaluation protocol (docs/method.md §5): the full
-image, normalised, reflect-padded bottom/right to a multiple of 8, logits
-cropped back to the image. Images are decoded by the training pipeline's own
+Inference is the run's scored prediction (docs/method.md §5): the default
+evaluator's prediction function (`cac_jax.evaluators`,
+`evaluate.make_predict_fn`) with the eval options saved in the run (flip,
+scales, sliding window; `--flip` and `--config.eval.*` override them), on
+the full image, normalised, reflect-padded bottom/right to a multiple of 8,
+scores cropped back to the image. So a mask written here is what
+`cac_jax.evaluate` scores for that image. Images are decoded by the training pipeline's own
 decoder (`sources.decode_image`: 16-bit PNGs scaled to 8 bits, EXIF
 orientation ignored, as in training and evaluation), and processed one at a
 time because their sizes differ; jit compiles once per distinct padded size.
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 from PIL import Image
 
 from cac_jax import cli
@@ -33,6 +39,7 @@ from cac_jax import config_lib
 from cac_jax import constants
 from cac_jax import datasets
 from cac_jax import evaluate as eval_lib
+from cac_jax import evaluators
 from cac_jax import paths
 from cac_jax import restore
 from cac_jax import run_dir
@@ -137,13 +144,14 @@ class Predictor:
   variables are moved to the first device and the work runs there.
   """
 
-  def __init__(self, model, variables, *, flip: bool = False):
+  def __init__(self, model, variables, *, flip: bool = False, scales=(1.0,),
+               window: int = 0):
     self.device = jax.devices()[0]
     self.variables = jax.device_put(variables, self.device)
+    scores = eval_lib.make_predict_fn(model, flip=flip, scales=scales, window=window)
 
     def predict(variables, x):
-      logits = eval_lib.predict_logits(model, variables, x, flip=flip)
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      return jnp.argmax(scores(variables, {'image': x}), axis=-1).astype(jnp.int32)
     self._predict = jax.jit(predict)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -207,15 +215,24 @@ def predict_paths(predictor, paths: list[str], out_dir: str,
 
 
 def run(workdir: str, images: str, out: str, *, which: str = 'best',
-        step: int | None = None, flip: bool = False) -> int:
-  """The CLI's work; returns the exit status (0: at least one image predicted)."""
+        step: int | None = None, flip: bool | None = None,
+        overrides: dict | None = None) -> int:
+  """The CLI's work; returns the exit status (0: at least one image predicted).
+
+  The prediction options are the run's config.eval (the default evaluator's),
+  changed by `overrides` ({'eval.window': 0, ...}, as `cac_jax.evaluate`
+  takes them) and by `flip` where it is not None.
+  """
   workdir, images, out = paths.resolve(workdir), paths.resolve(images), paths.resolve(out)
   image_paths = list_images(images)
   check_out_dir(out)
   config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  eval_lib.apply_overrides(config, {**(overrides or {}),
+                                    **({} if flip is None else {'eval.flip': bool(flip)})})
+  options = evaluators.prediction_options(config.eval)
   print(f'checkpoint: {workdir} step {step} ({config.model.backbone}, '
-        f'{config.data.num_classes} classes){" + flip" if flip else ""}')
-  predictor = Predictor(model, variables, flip=flip)
+        f'{config.data.num_classes} classes){eval_lib.describe(config.eval)}')
+  predictor = Predictor(model, variables, **options)
   done, skipped = predict_paths(predictor, image_paths, out, dataset_palette(config))
   print(f'{done} predicted, {len(skipped)} skipped')
   return 0 if done else 1
@@ -234,7 +251,11 @@ def _define_flags():
   flags.DEFINE_enum('which', 'best', restore.WHICH,
                     'best: the highest val mIoU checkpoint; latest: the last one.')
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
-  flags.DEFINE_bool('flip', False, 'Average with the mirrored image.')
+  flags.DEFINE_bool('flip', None, 'Average with the mirrored image (default: as the run '
+                    'evaluates, its eval.flip).')
+  # The run's eval options are the defaults; only those given are applied.
+  config_flags.DEFINE_config_dict('config', config_lib.base_config(),
+                                  'Overrides of eval fields: --config.eval.window=0.')
   flags.mark_flags_as_required(['workdir', 'images', 'out'])
 
 
@@ -247,7 +268,8 @@ def main(argv):
     # Orbax logs every file it touches at INFO; the CLI's own output is print.
     logging.set_verbosity(logging.WARNING)
   try:
-    status = run(f.workdir, f.images, f.out, which=f.which, step=f.step, flip=f.flip)
+    status = run(f.workdir, f.images, f.out, which=f.which, step=f.step, flip=f.flip,
+                 overrides=config_flags.get_override_values(f['config']))
   except config_lib.ConfigError as e:
     # User errors (no checkpoint, bad path): the message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
