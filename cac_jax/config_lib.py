@@ -86,9 +86,14 @@ def base_config() -> ml_collections.ConfigDict:
   u.bank_steps = 1                # previous steps kept as negatives
   u.neg_per_image = 0             # 0 = all cells of both views
   u.chunk_size = 1024             # negatives per chunk: scratch memory ~ anchors x chunk
-  # DC-loss similarity matmul operands: 'float32' | 'bfloat16' (accumulation is
-  # float32 either way). bfloat16 halves the loss's matmul cost on GPU/TPU.
-  u.matmul_dtype = 'float32'
+  # DC-loss similarity matmul operands: 'auto' | 'float32' | 'bfloat16'
+  # (accumulation is float32 either way). 'auto' = bfloat16 on GPU/TPU (tensor
+  # cores; ~0.004/τ logit error) and float32 on CPU (no fast bf16 matmul there).
+  u.matmul_dtype = 'auto'
+  # Only anchors with DC weight w > 0 (15-25% of VOC overlap cells) are scored,
+  # in blocks of this fraction of a direction's anchors, while a block holds
+  # one (losses._active_rows); 0 scores every anchor. Same loss and gradient.
+  u.anchor_block = 0.125
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 0.01
@@ -199,8 +204,12 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
       problems.append(f'cac.{name}={u[name]} must be >= 0')
   if u.chunk_size <= 0:
     problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
-  if u.matmul_dtype not in ('float32', 'bfloat16'):
-    problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'float32' or 'bfloat16'")
+  if u.matmul_dtype not in ('auto', 'float32', 'bfloat16'):
+    problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'auto', 'float32' or "
+                    "'bfloat16'")
+  if not 0 <= u.anchor_block <= 1:
+    problems.append(f'cac.anchor_block={u.anchor_block} must be in [0, 1] (0 = score '
+                    'every anchor)')
   problems += eval_option_problems(config.eval)
   if config.eval.get('extra'):
     from cac_jax import evaluators  # JAX; TensorFlow for the split names

@@ -18,13 +18,29 @@ scan), and peak memory is O(N·chunk_size + (N + K)·D) for both passes; no
 all training needs.) On the 2-core dev CPU, chunks of ~1,024 were fastest
 (`python -m cac_jax.bench.dc_loss`); accelerators prefer larger ones.
 
+Only the anchors with weight w_k > 0 move the loss or its gradient (15-25%
+of the overlap cells in VOC steps), so by default only they are scored
+(`anchor_block`, `_active_rows`): gathered to the front and looped over in
+blocks while a block holds one, with no fixed capacity to overflow; the dense
+path (`anchor_block=0`) scores every anchor. Matmul operands are bfloat16 on
+accelerators by default (`matmul_dtype='auto'`; float32 at HIGHEST precision
+on CPU, where bfloat16 is slow); accumulation and the exponentials are
+float32 either way. The pseudo-label filter is a comparison fused into the
+exponential (no [N, K] mask is stored); a per-class-sum form
+Σ_j e_kj − Σ_{same class} e_kj could give the value but not the gradient's
+Σ_j m_kj e_kj n_j, and cancels when the anchor's own class holds the mass
+(tests/test_dc_fast.py), so it is not used.
+
 Stability. Logits are <a, n>/τ with unit-norm features, so every logit lies in
 [−1/τ, 1/τ]. Each anchor's log-sum-exp is shifted by its own positive logit:
 the positive term is then exactly 1 (the sum can never underflow to 0), and a
 negative term is at most exp(2/τ). For τ ≥ 1/30 that is ≤ e^60, far from
 float32 overflow, so the shift is exact-stable without a running max. For
 smaller τ a running (online) max over chunks is kept instead, which is stable
-for any logits at the price of one extra reduction per chunk.
+for any logits at the price of one extra reduction per chunk. `shift='static'`
+shifts by 1/τ instead, the largest logit: every term then lies in
+[e^{−2/τ}, 1], which neither overflows nor (for 2/τ ≤ 80) underflows in
+float32 or bfloat16; it costs the same as the positive shift.
 
 Diagnostics. `dc_direction` also returns means over the active anchors that
 tell whether the term learns (docs/method.md §4, "Diagnostics"). An anchor's
@@ -36,6 +52,7 @@ gradient are computed exactly as without them.
 Nothing here imports TensorFlow.
 """
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -48,6 +65,16 @@ from cac_jax import overlap as overlap_lib
 # Largest logit spread 2/τ for which the fixed per-anchor shift is used:
 # e^60 · (1e12 negatives) is still < float32 max (3.4e38).
 _MAX_FIXED_SHIFT_SPREAD = 60.0
+# Largest spread for the static shift 1/τ: its terms are >= e^{-2/τ}, and
+# e^-80 = 1.8e-35 is above the smallest normal float32 and bfloat16 (1.2e-38).
+_MAX_STATIC_SHIFT_SPREAD = 80.0
+# Shifts of the log-sum-exp (`dc_direction`); both are exact-stable where
+# they are used, and an online max takes over beyond their spread.
+SHIFTS = ('positive', 'static')
+# Default block of active anchors, as a fraction of a direction's anchors
+# (cac.anchor_block): VOC steps have 15-25% of the cells active, so one to
+# two blocks run.
+DEFAULT_ANCHOR_BLOCK = 0.125
 # Label of pixels and stride-8 cells without a (true) class.
 IGNORE_LABEL = constants.IGNORE_LABEL
 
@@ -84,8 +111,9 @@ class _LseConfig(NamedTuple):
   inv_temperature: float
   chunk_size: int
   filter_negatives: bool
-  online_max: bool
-  matmul_dtype: str
+  shift: str  # 'positive' | 'static' | 'online' (resolved by `_shift_mode`)
+  matmul_dtype: str  # 'float32' | 'bfloat16' (resolved by `resolve_matmul_dtype`)
+  anchor_block: int  # rows per block of active anchors; 0 = score every anchor
 
 
 def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
@@ -102,16 +130,20 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
   # float32 matmul is bf16/tf32, which at 1/τ = 10 is ~0.1 logit of error.
   precision = lax.Precision.HIGHEST if mm_dtype == jnp.float32 else None
   anchor_scaled = (anchor * cfg.inv_temperature).astype(mm_dtype)  # [N, D]
+  static = cfg.shift == 'static'
 
   def update(carry, feats_c, labels_c, valid_c):
     shift, acc, g = carry
     feats_c = feats_c.astype(mm_dtype)  # [C, D]
     s = jnp.dot(anchor_scaled, feats_c.T, precision=precision,
                 preferred_element_type=jnp.float32)  # [N, C]
+    # The label filter is a comparison inside the exponential's fusion: XLA
+    # never stores this [N, C] mask (see `_negative_sums` for why the class
+    # histogram trick of the diagnostics cannot replace it here).
     mask = valid_c[None, :]
     if cfg.filter_negatives:
       mask = mask & (labels_c[None, :] != anchor_label[:, None])  # [N, C]
-    if cfg.online_max:
+    if cfg.shift == 'online':
       new_shift = jnp.maximum(
           shift, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
       rescale = jnp.exp(shift - new_shift)
@@ -119,16 +151,25 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
       if g is not None:
         g = g * rescale[:, None]
       shift = new_shift
-    e = jnp.where(mask, jnp.exp(s - shift[:, None]), 0.0)  # [N, C]
+    offset = cfg.inv_temperature if static else shift[:, None]
+    e = jnp.where(mask, jnp.exp(s - offset), 0.0)  # [N, C]
     acc = acc + jnp.sum(e, axis=1)
     if g is not None:
       g = g + jnp.dot(e.astype(mm_dtype), feats_c, precision=precision,
                       preferred_element_type=jnp.float32)
     return shift, acc, g
 
-  # Start with the positive term alone: shift = pos makes it exactly 1.
-  carry = (pos, jnp.ones((n,), jnp.float32),
-           jnp.zeros((n, d), jnp.float32) if with_grad else None)
+  if static:
+    # Every logit is <= 1/τ (unit-norm features), so with the shift 1/τ each
+    # term exp(s − 1/τ) lies in [e^{−2/τ}, 1]: nothing overflows, and for
+    # 2/τ <= _MAX_STATIC_SHIFT_SPREAD nothing underflows either (the
+    # positive term included), so the sum keeps float32's relative precision.
+    shift = jnp.full((n,), cfg.inv_temperature, jnp.float32)
+    acc = jnp.exp(pos - cfg.inv_temperature)
+  else:
+    # Start with the positive term alone: shift = pos makes it exactly 1.
+    shift, acc = pos, jnp.ones((n,), jnp.float32)
+  carry = (shift, acc, jnp.zeros((n, d), jnp.float32) if with_grad else None)
   if k == 0:
     return carry
   chunk = min(cfg.chunk_size, k)
@@ -152,38 +193,145 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
   return lax.fori_loop(0, num_chunks, body, carry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lse_rows(anchor, pos, anchor_label, negatives, cfg, with_grad):
+  """(lse [N], positive weight [N], softmax-weighted negatives [N, D] or None).
+
+  lse_k = shift_k + log(acc_k); the positive's softmax weight
+  exp(pos_k − lse_k) and Σ_j q_kj n_j = g_k / acc_k are what the backward
+  pass needs (`_negative_lse_bwd`).
+  """
+  shift, acc, g = _lse_loop(anchor, pos, anchor_label, *negatives, cfg,
+                            with_grad=with_grad)
+  lse = shift + jnp.log(acc)
+  pos_weight = jnp.exp(pos - shift) / acc
+  return lse, pos_weight, None if g is None else g / acc[:, None]
+
+
+def _active_rows(anchor, pos, anchor_label, active, negatives, cfg, with_grad):
+  """`_lse_rows` of the active anchors only, in blocks of `cfg.anchor_block`.
+
+  Only anchors with weight w_k > 0 (`active`) move the loss or its gradient,
+  and at VOC scale they are 15-25% of the overlap cells. They are moved to
+  the front (a stable sort of the [N] mask, then one [N, D] gather), and a
+  while loop scores blocks of them against every negative, as long as a
+  block holds an active anchor: ceil(count / block) blocks instead of
+  N / block, with no fixed capacity to overflow. Each active row gets the
+  arithmetic of `_lse_rows` on its own; only XLA's matmul blocking, which
+  may depend on the number of rows, can change its last bits. Inactive rows
+  get lse = pos (l_k = 0), positive weight 1 and no negative term: exactly
+  the derivative of lse = pos, and weightless anyway. The loop runs inside
+  the custom VJP's forward pass, so it is never differentiated.
+  """
+  n, d = anchor.shape
+  block = cfg.anchor_block
+  order = jnp.argsort(jnp.logical_not(active), stable=True).astype(jnp.int32)
+  count = jnp.sum(active, dtype=jnp.int32)
+  anchor_c, pos_c, label_c = anchor[order], pos[order], anchor_label[order]
+  init = (jnp.int32(0), pos_c, jnp.ones((n,), jnp.float32),
+          jnp.zeros((n, d), jnp.float32) if with_grad else None)
+
+  def body(carry):
+    b, *outs = carry
+    # The last block ends at row N (it may redo rows of the one before it).
+    start = jnp.minimum(b * block, n - block)
+    rows = [lax.dynamic_slice_in_dim(x, start, block, 0)
+            for x in (anchor_c, pos_c, label_c)]
+    new = _lse_rows(*rows, negatives, cfg, with_grad)
+    outs = [None if o is None else lax.dynamic_update_slice_in_dim(o, x, start, 0)
+            for o, x in zip(outs, new)]
+    return (b + 1, *outs)
+
+  _, lse, pos_weight, neg_mean = lax.while_loop(
+      lambda carry: carry[0] * block < count, body, init)
+  # Back to the input order; rows past `count` of a last partial block are
+  # inactive anchors: reset them.
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  lse = jnp.where(active, lse[rank], pos)
+  pos_weight = jnp.where(active, pos_weight[rank], 1.0)
+  if neg_mean is not None:
+    neg_mean = jnp.where(active[:, None], neg_mean[rank], 0.0)
+  return lse, pos_weight, neg_mean
+
+
+def _lse_all(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
+             active, cfg, with_grad):
+  negatives = (neg_feats, neg_labels, neg_valid)
+  if cfg.anchor_block:
+    return _active_rows(anchor, pos, anchor_label, active, negatives, cfg,
+                        with_grad)
+  return _lse_rows(anchor, pos, anchor_label, negatives, cfg, with_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _negative_lse(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
-                  cfg):
+                  active, cfg):
   """lse_k = log(exp(pos_k) + Σ_j m_kj exp(<a_k, n_j>/τ)), float32 [N].
 
-  Differentiable in `anchor` [N, D] and `pos` [N] only; the negatives,
-  labels and masks get zero cotangents.
+  With `cfg.anchor_block`, only for the `active` anchors (bool [N]); the
+  others get lse_k = pos_k. Differentiable in `anchor` [N, D] and `pos` [N]
+  only; the negatives, labels and masks get zero cotangents.
   """
-  shift, acc, _ = _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels,
-                            neg_valid, cfg, with_grad=False)
-  return shift + jnp.log(acc)
+  lse, _, _ = _lse_all(anchor, pos, anchor_label, neg_feats, neg_labels,
+                       neg_valid, active, cfg, with_grad=False)
+  return lse
 
 
 def _negative_lse_fwd(anchor, pos, anchor_label, neg_feats, neg_labels,
-                      neg_valid, cfg):
-  shift, acc, g = _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels,
-                            neg_valid, cfg, with_grad=True)
-  lse = shift + jnp.log(acc)
+                      neg_valid, active, cfg):
   # d lse/d pos_k = softmax weight of the positive; d lse/d a_k =
   # (1/τ) Σ_j q_kj n_j with q_kj = m_kj exp(s_kj − lse_k).
-  pos_weight = jnp.exp(pos - shift) / acc  # [N]
-  neg_mean = g / acc[:, None]  # [N, D]
+  lse, pos_weight, neg_mean = _lse_all(anchor, pos, anchor_label, neg_feats,
+                                       neg_labels, neg_valid, active, cfg,
+                                       with_grad=True)
   return lse, (pos_weight, neg_mean)
 
 
 def _negative_lse_bwd(cfg, residuals, ct):
   pos_weight, neg_mean = residuals
   d_anchor = ct[:, None] * neg_mean * cfg.inv_temperature
-  return d_anchor, ct * pos_weight, None, None, None, None
+  return d_anchor, ct * pos_weight, None, None, None, None, None
 
 
 _negative_lse.defvjp(_negative_lse_fwd, _negative_lse_bwd)
+
+
+def resolve_matmul_dtype(matmul_dtype, backend=None) -> str:
+  """The DC loss's matmul operand dtype name; 'auto' depends on the backend.
+
+  'auto' is bfloat16 (float32 accumulation) on accelerators, whose tensor
+  cores run it at ~15x the rate of float32 at HIGHEST precision, and float32
+  on CPU, where XLA has no fast bfloat16 matmul. Any other value is a dtype
+  (name or jnp dtype), returned by name.
+  """
+  if isinstance(matmul_dtype, str) and matmul_dtype == 'auto':
+    backend = backend or jax.default_backend()
+    return 'float32' if backend == 'cpu' else 'bfloat16'
+  name = jnp.dtype(matmul_dtype).name
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"matmul_dtype must be 'auto', float32 or bfloat16; got "
+                     f'{matmul_dtype!r}.')
+  return name
+
+
+def _shift_mode(shift, inv_temperature) -> str:
+  """'positive' or 'static' where its terms stay in float32 range, else 'online'."""
+  if shift not in SHIFTS:
+    raise ValueError(f'shift must be one of {SHIFTS}; got {shift!r}.')
+  limit = (_MAX_STATIC_SHIFT_SPREAD if shift == 'static'
+           else _MAX_FIXED_SHIFT_SPREAD)
+  return 'online' if 2.0 * inv_temperature > limit else shift
+
+
+def anchor_block_rows(anchor_block, num_anchors) -> int:
+  """Rows per block of active anchors: `anchor_block` (a fraction of the
+  anchors) x N, rounded up to a multiple of 8, at most N; 0 = the dense path
+  (every anchor scored)."""
+  if not 0 <= anchor_block <= 1:
+    raise ValueError(f'anchor_block must be in [0, 1]; got {anchor_block}.')
+  if not anchor_block or not num_anchors:
+    return 0
+  rows = -(-math.ceil(anchor_block * num_anchors) // 8) * 8
+  return max(1, min(num_anchors, rows))
 
 
 def contrastive_weights(anchor_conf, target_conf, valid, *, pos_threshold,
@@ -291,7 +439,8 @@ def _false_negative_sums(anchor_label, anchor_true, neg_labels, neg_valid,
 def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
                  valid, neg_feats, neg_labels, neg_valid, *, temperature,
                  pos_threshold, directional, filter_negatives, chunk_size,
-                 matmul_dtype, num_classes=None, target_label=None,
+                 matmul_dtype, anchor_block=DEFAULT_ANCHOR_BLOCK,
+                 shift='positive', num_classes=None, target_label=None,
                  anchor_true=None, target_true=None, neg_true=None):
   """One direction of the DC loss with its weights and diagnostics.
 
@@ -324,7 +473,7 @@ def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
                       class is the anchor's (pooled over pairs)
 
   Args:
-    anchor ... matmul_dtype: as `directional_contrastive_loss`.
+    anchor ... shift: as `directional_contrastive_loss`.
     num_classes: static C; None: no diagnostics (`diag` is {}).
     target_label: int [N] the target's pseudo-label; with the true classes.
     anchor_true, target_true: int [N]; neg_true: int [K] true classes, or all
@@ -354,19 +503,20 @@ def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
   cfg = _LseConfig(
       inv_temperature=inv_t, chunk_size=int(chunk_size),
       filter_negatives=bool(filter_negatives),
-      online_max=2.0 * inv_t > _MAX_FIXED_SHIFT_SPREAD,
-      matmul_dtype=jnp.dtype(matmul_dtype).name)
+      shift=_shift_mode(shift, inv_t),
+      matmul_dtype=resolve_matmul_dtype(matmul_dtype),
+      anchor_block=anchor_block_rows(anchor_block, anchor.shape[0]))
   anchor = anchor.astype(jnp.float32)
   target = lax.stop_gradient(target.astype(jnp.float32))
   pos = jnp.sum(anchor * target, axis=-1) * inv_t  # [N]
   anchor_label = lax.stop_gradient(anchor_label).astype(jnp.int32)
   neg_feats = lax.stop_gradient(neg_feats.astype(jnp.float32))
   neg_valid = jnp.asarray(neg_valid, bool)
-  lse = _negative_lse(anchor, pos, anchor_label, neg_feats,
-                      neg_labels.astype(jnp.int32), neg_valid, cfg)
   w = lax.stop_gradient(contrastive_weights(
       anchor_conf, target_conf, valid, pos_threshold=pos_threshold,
       directional=directional))
+  lse = _negative_lse(anchor, pos, anchor_label, neg_feats,
+                      neg_labels.astype(jnp.int32), neg_valid, w > 0, cfg)
   per_anchor = lse - pos  # −log softmax of the positive, ≥ 0, finite
   loss = jnp.sum(w * per_anchor) / (jnp.sum(w) + 1e-12)
   if num_classes is None:
@@ -409,7 +559,9 @@ def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
                                  neg_valid, *, temperature=0.1,
                                  pos_threshold=0.75, directional=True,
                                  filter_negatives=True, chunk_size=8192,
-                                 matmul_dtype=jnp.float32):
+                                 matmul_dtype='auto',
+                                 anchor_block=DEFAULT_ANCHOR_BLOCK,
+                                 shift='positive'):
   """One direction of the DC loss on flat arrays (docs/method.md §4).
 
   loss = Σ_k w_k l_k / (Σ_k w_k + 1e-12) with
@@ -432,8 +584,17 @@ def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
     directional: keep only anchors less confident than their target.
     filter_negatives: drop negatives with the anchor's pseudo-label.
     chunk_size: negatives per loop step; peak memory ~ 2·N·chunk_size floats.
-    matmul_dtype: dtype of the matmul operands (accumulation is float32).
-      bfloat16 halves matmul cost on TPU/GPU at ~0.01·(1/τ) logit error.
+    matmul_dtype: dtype of the matmul operands (accumulation is float32):
+      'float32' (HIGHEST precision), 'bfloat16' (~15x the matmul rate of
+      that on TPU/GPU tensor cores, at ~0.004·(1/τ) logit error for
+      random unit vectors, tests/test_dc_fast.py), or 'auto' = bfloat16 on
+      accelerators and float32 on CPU (`resolve_matmul_dtype`).
+    anchor_block: score only the anchors with w_k > 0, in blocks of this
+      fraction of N (`_active_rows`); 0 scores every anchor (the dense path).
+      The same loss and gradient either way, up to float32 rounding.
+    shift: 'positive' (each anchor's log-sum-exp shifted by its positive
+      logit) or 'static' (by 1/τ, the largest logit of unit-norm features);
+      both exact-stable, an online max takes over for small τ.
 
   Returns:
     float32 scalar. Differentiable in `anchor` only.
@@ -443,7 +604,7 @@ def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
       neg_feats, neg_labels, neg_valid, temperature=temperature,
       pos_threshold=pos_threshold, directional=directional,
       filter_negatives=filter_negatives, chunk_size=chunk_size,
-      matmul_dtype=matmul_dtype)
+      matmul_dtype=matmul_dtype, anchor_block=anchor_block, shift=shift)
   return loss
 
 
@@ -467,7 +628,8 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
                        flip2, bank_feats, bank_labels, bank_valid, *, key,
                        temperature, pos_threshold, directional,
                        filter_negatives, neg_per_image=0, chunk_size=8192,
-                       matmul_dtype=jnp.float32, diagnostics=True, truth1=None,
+                       matmul_dtype='auto', anchor_block=DEFAULT_ANCHOR_BLOCK,
+                       shift='positive', diagnostics=True, truth1=None,
                        truth2=None):
   """The full DC loss L_1→2 + L_2→1 of a batch of unlabeled view pairs.
 
@@ -482,7 +644,7 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
       negatives of previous steps (C may be 0).
     key: PRNG key for `neg_per_image` sub-sampling (may be None when 0).
     temperature, pos_threshold, directional, filter_negatives, chunk_size,
-      matmul_dtype: see `directional_contrastive_loss`.
+      matmul_dtype, anchor_block, shift: see `directional_contrastive_loss`.
     neg_per_image: random cells per view per image used as negatives;
       0 = all h·w cells.
     diagnostics: also return the DC diagnostics (`dc_direction`: O((N + K) D)
@@ -576,6 +738,7 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
   kwargs = dict(temperature=temperature, pos_threshold=pos_threshold,
                 directional=directional, filter_negatives=filter_negatives,
                 chunk_size=chunk_size, matmul_dtype=matmul_dtype,
+                anchor_block=anchor_block, shift=shift,
                 num_classes=logits1.shape[-1] if diagnostics else None)
   truth_12 = truth_21 = {}
   if with_truth:

@@ -118,9 +118,10 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
 
 # Config blocks whose fields a run saved before they existed gets at their
 # defaults: the evaluation options (not part of the network, so they may
-# change after training) and `bn` (where the BatchNorm statistics came from;
-# its default, 'all', is what every run made before it did).
-NEW_FIELD_BLOCKS = ('eval', 'bn')
+# change after training), `bn` (where the BatchNorm statistics came from;
+# its default, 'all', is what every run made before it did) and `cac` (new
+# compute options of the DC loss, e.g. anchor_block, which change no result).
+NEW_FIELD_BLOCKS = ('eval', 'bn', 'cac')
 
 
 def _with_new_fields(config):

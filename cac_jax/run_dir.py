@@ -28,7 +28,8 @@ LOCK_NAME = '.lock'
 # Config fields that a resumed run may change (prefixes end with '.').
 RESUMABLE = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
              'keep_checkpoints', 'eval.', 'data.root', 'data.eval_batch_size',
-             'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size')
+             'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size',
+             'cac.matmul_dtype', 'cac.anchor_block')
 
 
 def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory') -> None:

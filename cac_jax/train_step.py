@@ -82,8 +82,8 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
         pos_threshold=cac.pos_threshold, directional=cac.directional,
         filter_negatives=cac.filter_negatives,
         neg_per_image=cac.neg_per_image, chunk_size=cac.chunk_size,
-        matmul_dtype=cac.matmul_dtype, truth1=un.get('truth1'),
-        truth2=un.get('truth2'))
+        matmul_dtype=cac.matmul_dtype, anchor_block=cac.anchor_block,
+        truth1=un.get('truth1'), truth2=un.get('truth2'))
     metrics.update(
         loss_dc=dc, loss_dc_12=aux['loss_12'], loss_dc_21=aux['loss_21'],
         active_frac_12=aux['active_frac_12'],

@@ -142,13 +142,17 @@ SWITCHES = [
 ]
 
 
+@pytest.mark.parametrize('anchor_block', [0.0, losses.DEFAULT_ANCHOR_BLOCK])
 @pytest.mark.parametrize('switches', SWITCHES)
-def test_dc_loss_matches_reference(switches):
-  # K = 300 with chunk 128: two full chunks and a remainder of 44.
+def test_dc_loss_matches_reference(switches, anchor_block):
+  # K = 300 with chunk 128: two full chunks and a remainder of 44. Both the
+  # dense path (every anchor scored) and the default, active anchors only
+  # (tests/test_dc_fast.py has the rest of the fast paths).
   problem = random_problem(seed=hash(tuple(switches.values())) % 1000)
   ref_loss, ref_grad = reference_dc(**problem, temperature=0.1, **switches)
   loss, (g_anchor, g_target, g_neg) = jax_value_and_grads(
-      problem, temperature=0.1, chunk_size=128, **switches)
+      problem, temperature=0.1, chunk_size=128, anchor_block=anchor_block,
+      **switches)
   assert ref_loss > 1.0  # a real, non-trivial loss
   # τ = 0.1, D = 16: a logit is off by ~sqrt(16) EPS / 0.1 = 2.4e-6, so
   # l_k = lse - pos by ~5e-6 of l ~ 9, and the weighted mean averages these:
