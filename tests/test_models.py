@@ -1,6 +1,7 @@
-"""Numerical tests of the network against PyTorch references built here.
+"""Numerical tests of the network against PyTorch references.
 
-The references use only ``torch.nn`` primitives (no torchvision) in the
+The references (`cac_jax.bench.torch_deeplab`, which the PyTorch benchmark
+baseline also trains) use only ``torch.nn`` primitives (no torchvision) in the
 torchvision layout, get random weights and random BatchNorm running
 statistics, and their ``state_dict`` goes through the real converter
 (:func:`cac_jax.models.convert.convert_state_dict`). Tolerances are relative
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cac_jax.bench.torch_deeplab import TorchDeepLab, TorchResNet
 from cac_jax.models import build_model, convert, deeplabv3plus, layers, resnet
 
 # Network outputs, float32 torch vs float32 XLA: each layer's sum of n <= 147
@@ -48,133 +50,6 @@ def _close(ours, ref, rtol=RTOL):
 
 
 # ---------------------------------------------------------------- references
-
-
-def _bn(c):
-  return torch.nn.BatchNorm2d(c, eps=1e-5)
-
-
-class TorchBottleneck(torch.nn.Module):
-  """torchvision Bottleneck v1.5 with an explicit dilation."""
-
-  def __init__(self, inplanes, planes, stride, dilation, downsample):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = _bn(planes)
-    self.conv2 = torch.nn.Conv2d(planes, planes, 3, stride, padding=dilation,
-                                 dilation=dilation, bias=False)
-    self.bn2 = _bn(planes)
-    self.conv3 = torch.nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = _bn(planes * 4)
-    self.downsample = torch.nn.Sequential(
-        torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-        _bn(planes * 4)) if downsample else None
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = F.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    identity = self.downsample(x) if self.downsample is not None else x
-    return F.relu(out + identity)
-
-
-class TorchResNet(torch.nn.Module):
-  """conv1 7x7/2 -> bn1 -> relu -> maxpool 3/2 -> layer1..4 (Bottleneck)."""
-
-  def __init__(self, stage_sizes, widths, stem, strides, stage_dilations):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(3, stem, 7, 2, 3, bias=False)
-    self.bn1 = _bn(stem)
-    inplanes = stem
-    for s, (n, planes) in enumerate(zip(stage_sizes, widths)):
-      blocks = []
-      for i in range(n):
-        blocks.append(TorchBottleneck(
-            inplanes, planes, strides[s] if i == 0 else 1, stage_dilations[s][i],
-            downsample=i == 0 and (strides[s] != 1 or inplanes != planes * 4)))
-        inplanes = planes * 4
-      setattr(self, f'layer{s + 1}', torch.nn.Sequential(*blocks))
-
-  def forward(self, x):
-    x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-    low = self.layer1(x)
-    return low, self.layer4(self.layer3(self.layer2(low)))
-
-
-class TorchConvBNReLU(torch.nn.Module):
-
-  def __init__(self, cin, cout, k, dilation=1):
-    super().__init__()
-    self.conv = torch.nn.Conv2d(cin, cout, k, padding=dilation * (k // 2),
-                                dilation=dilation, bias=False)
-    self.bn = _bn(cout)
-
-  def forward(self, x):
-    return F.relu(self.bn(self.conv(x)))
-
-
-class TorchASPP(torch.nn.Module):
-
-  def __init__(self, cin, rates):
-    super().__init__()
-    self.b0 = TorchConvBNReLU(cin, 256, 1)
-    self.b1, self.b2, self.b3 = (TorchConvBNReLU(cin, 256, 3, r) for r in rates)
-    self.pool = TorchConvBNReLU(cin, 256, 1)
-    self.project = TorchConvBNReLU(5 * 256, 256, 1)
-
-  def forward(self, x):
-    pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
-    pooled = F.interpolate(pooled, x.shape[2:], mode='bilinear', align_corners=True)
-    return self.project(torch.cat(
-        [self.b0(x), self.b1(x), self.b2(x), self.b3(x), pooled], 1))
-
-
-class TorchDecoder(torch.nn.Module):
-
-  def __init__(self, low_channels):
-    super().__init__()
-    self.low = TorchConvBNReLU(low_channels, 48, 1)
-    self.fuse1 = TorchConvBNReLU(304, 256, 3)
-    self.fuse2 = TorchConvBNReLU(256, 256, 3)
-
-  def forward(self, x, low):
-    low = self.low(low)
-    x = F.interpolate(x, low.shape[2:], mode='bilinear', align_corners=True)
-    return self.fuse2(self.fuse1(torch.cat([x, low], 1)))
-
-
-class TorchHead(torch.nn.Module):
-
-  def __init__(self, high_channels, low_channels, rates):
-    super().__init__()
-    self.aspp = TorchASPP(high_channels, rates)
-    self.decoder = TorchDecoder(low_channels)
-
-  def forward(self, high, low):
-    return self.decoder(self.aspp(high), low)
-
-
-class TorchDeepLab(torch.nn.Module):
-  """Eval-mode DeepLabv3+ with the CAC classifier and projector."""
-
-  def __init__(self, backbone, high_channels, low_channels, rates, k, proj_dim):
-    super().__init__()
-    self.backbone = backbone
-    self.head = TorchHead(high_channels, low_channels, rates)
-    self.classifier = torch.nn.Module()
-    self.classifier.conv = torch.nn.Conv2d(256, k, 1)
-    self.projector = torch.nn.Module()
-    self.projector.conv1 = torch.nn.Conv2d(256, 256, 1)
-    self.projector.conv2 = torch.nn.Conv2d(256, proj_dim, 1)
-
-  def forward(self, x):
-    low, high = self.backbone(x)
-    decoded = self.head(high, low)
-    logits = F.interpolate(self.classifier.conv(decoded), x.shape[2:],
-                           mode='bilinear', align_corners=True)
-    pooled = F.avg_pool2d(decoded, 2)
-    proj = self.projector.conv2(F.relu(self.projector.conv1(pooled)))
-    return logits, self.classifier.conv(pooled), F.normalize(proj, dim=1)
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:

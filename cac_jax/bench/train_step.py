@@ -46,9 +46,26 @@ Reported per configuration:
                      full bank), median time and its share of step_s.
 
 `dc_analytic_gflop` gives the DC loss's matmul FLOPs (fwd + bwd, both
-directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype` (the
-row's `dc_matmul_resolved` says what 'auto' chose) and `--dc-anchor-block`
-`cac.anchor_block` (0: every anchor scored, the loss's dense path).
+directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype`.
+
+`--torch` (CPU backend, float32 rows) also builds the authors' PyTorch step
+of the same shapes on the same batch (`cac_jax.bench.torch_step`: the same
+network from torch.nn primitives, NCHW float32, their DC loss, torch SGD)
+and times it INTERLEAVED with the JAX step, step for step in one process
+(torch's threads = the cores this process may use), so their ratio holds on
+the machine that runs it, busy or not. Extra fields: torch_step_s (median),
+torch_cpu_step_s, torch_over_jax (ratio of medians), torch_over_jax_pairs
+(median of the per-pair ratios: the robust figure on a shared machine),
+torch_over_jax_cpu, torch_dc_s (their DC loss alone, cac rows); the JSON
+also says whether the machine was already loaded when the run began
+(`under_load`: 1-minute load average above 0.5 before any work). The four
+CPU rows (docs/cpu_torch_ratio.json) are two runs, crop 160 with 4 (+ 4) and
+crop 320 with 2 (+ 2) images:
+
+  python -m cac_jax.bench.train_step --torch --crop=160 --labeled=4 \
+      --unlabeled=4 --steps=5 --warmup=1 --json=torch_160.json
+  python -m cac_jax.bench.train_step --torch --crop=320 --labeled=2 \
+      --unlabeled=2 --steps=5 --warmup=1 --json=torch_320.json
 
 CPU threads: XLA:CPU keeps both cores of the development machine busy in
 both steps (cpu_over_wall 1.9-2.0 on an idle machine); an earlier reading of
@@ -108,8 +125,7 @@ def _ns(**kw):
 def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
                  dtype='float32', output_stride=16, chunk_size=1024,
                  bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
-                 supervised_only=False, dc_matmul_dtype='auto',
-                 dc_anchor_block=0.125):
+                 supervised_only=False, dc_matmul_dtype='float32'):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
   Values are the paper's VOC settings (configs/voc_r50.py, docs/method.md §4-5)
@@ -126,8 +142,8 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
       cac=_ns(supervised_only=supervised_only, weight=0.1, temperature=0.1,
               pos_threshold=0.75, directional=True, filter_negatives=True,
               bank_steps=bank_steps, neg_per_image=neg_per_image,
-              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype,
-              anchor_block=dc_anchor_block),
+              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype),
+      bn=_ns(running_stats='all'),
       optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
                 weight_decay=1e-4, poly_power=0.9))
 
@@ -252,7 +268,7 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
         temperature=u.temperature, pos_threshold=u.pos_threshold,
         directional=u.directional, filter_negatives=u.filter_negatives,
         neg_per_image=u.neg_per_image, chunk_size=u.chunk_size,
-        matmul_dtype=u.matmul_dtype, anchor_block=u.anchor_block)
+        matmul_dtype=u.matmul_dtype)
     return value
 
   t0 = time.perf_counter()
@@ -276,7 +292,8 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
 
 
 def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
-              devices=None, precision: str = 'default', dc_share: bool = True) -> dict:
+              devices=None, precision: str = 'default', dc_share: bool = True,
+              torch_baseline: bool = False, torch_chunk: int | None = None) -> dict:
   """Compiles and times one train-step configuration.
 
   Args:
@@ -288,6 +305,9 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
     precision: 'default' | 'highest' matmul precision (selects the MFU peak;
       set jax_default_matmul_precision yourself to change what runs).
     dc_share: also time the DC loss alone (cac mode only).
+    torch_baseline: also build the PyTorch step on the same host batch and
+      time the two interleaved (module docstring; CPU, float32).
+    torch_chunk: the PyTorch DC loss's chunk (default the authors' 8,000).
 
   Returns:
     A flat dict of the fields listed in the module docstring.
@@ -313,7 +333,8 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
           feats=jax.random.normal(jax.random.key(3), bank.feats.shape) /
           np.sqrt(bank.feats.shape[1]),
           valid=jnp.ones_like(bank.valid)))
-    batch = sharding.to_global(synthetic_batch(config, with_dc), mesh)
+    host_batch = synthetic_batch(config, with_dc)
+    batch = sharding.to_global(host_batch, mesh)
     step = step_lib.make_train_step(model, tx, config, state_shardings,
                                     with_dc=with_dc)
     t0 = time.perf_counter()
@@ -336,16 +357,34 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       jax.block_until_ready((state, metrics))
       return metrics
 
+    baseline = None
+    if torch_baseline:
+      from cac_jax.bench import torch_step as torch_lib  # imports torch
+      baseline = torch_lib.TorchTrainStep(
+          config, host_batch, with_dc=with_dc,
+          chunk_size=torch_chunk or torch_lib.AUTHORS_CHUNK)
     for _ in range(warmup):
       metrics = run()
+      if baseline is not None:
+        baseline()
     load_before = os.getloadavg()
-    walls, cpu_s, wall_s = _timed(run, steps)
+    if baseline is None:
+      walls, cpu_s, wall_s = _timed(run, steps)
+    else:
+      timing = torch_lib.time_interleaved(run, baseline, steps)
+      walls, cpu_s, wall_s = (timing['jax_walls'], sum(timing['jax_cpu']),
+                              sum(timing['jax_walls']))
     load_after = os.getloadavg()
     metrics = jax.device_get(run())
     extra = {}
     if with_dc and dc_share:
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
       extra = dc_loss_share(model, variables, config, state.bank, max(3, steps // 2), 1)
+    if baseline is not None:
+      extra['torch_loss'] = baseline()
+      extra['torch_chunk_size'] = baseline.chunk_size
+      if with_dc and dc_share:
+        extra['torch_dc_s'] = torch_lib.time_dc_loss(baseline, max(3, steps // 2))
   step_s = statistics.median(walls)
   images = d.labeled_batch_size + (2 * d.unlabeled_batch_size if with_dc else 0)
   peak, peak_name = peak_flops(devices[0], config.model.dtype, precision)
@@ -369,9 +408,6 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       'peak_flops': peak, 'peak_name': peak_name,
       'mfu': flops_per_s / peak if peak else None,
       'dc_matmul_dtype': config.cac.matmul_dtype,
-      'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype,
-                                                        devices[0].platform),
-      'dc_anchor_block': config.cac.anchor_block,
       'device_peak_mib': _memory_mib(compiled),
       'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
       'host_rss_mib': _host_rss_mib(),
@@ -382,6 +418,8 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       'loadavg_before': load_before, 'loadavg_after': load_after,
       'loss': float(metrics['loss']),
   }
+  if baseline is not None:
+    result.update(torch_lib.summary(timing, images))
   result.update(extra)
   if 'dc_s' in result:
     result['dc_share'] = result['dc_s'] / step_s
@@ -405,6 +443,27 @@ def table_row(r: dict) -> str:
           f"| {mem:.0f} | {r['host_rss_mib']:.0f} | {r['cpu_over_wall']:.2f} "
           f"| {r['cpu_step_s']:.2f} "
           f"| {dc} | {r['loadavg_before'][0]:.2f} |")
+
+
+TORCH_HEADER = ('| mode | crop | batch | JAX step s | PyTorch step s | PyTorch / JAX '
+                '(medians) | PyTorch / JAX (per pair) | JAX CPU s/step '
+                '| PyTorch CPU s/step | JAX DC s | PyTorch DC s | load 1 min |\n'
+                '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+
+
+def torch_row(r: dict) -> str:
+  """A row of the interleaved PyTorch comparison (rows run with --torch)."""
+  batch = f"{r['labeled']}+{r['unlabeled']}" if r['mode'] == 'cac' else f"{r['labeled']}"
+  dc = lambda key: f'{r[key]:.3f}' if key in r else '–'
+  return (f"| {r['mode']} | {r['crop']} | {batch} | {r['step_s']:.3f} "
+          f"| {r['torch_step_s']:.3f} | {r['torch_over_jax']:.2f} "
+          f"| {r['torch_over_jax_pairs']:.2f} | {r['cpu_step_s']:.2f} "
+          f"| {r['torch_cpu_step_s']:.2f} | {dc('dc_s')} | {dc('torch_dc_s')} "
+          f"| {r['loadavg_before'][0]:.2f} |")
+
+
+# A 1-minute load average above this before the run means others share the CPU.
+BUSY_LOAD = 0.5
 
 
 def _csv(value: str, allowed, name: str, parser) -> list[str]:
@@ -434,14 +493,10 @@ def main(argv=None) -> int:
                       help='one the backbone supports (cac_jax/backbones.py)')
   parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
                       help='DC loss negatives per chunk')
-  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='auto',
-                      choices=('auto', 'float32', 'bfloat16', 'compute'),
+  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='float32',
+                      choices=('float32', 'bfloat16', 'compute'),
                       help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
-                           "the --dtype of each row; 'auto' = bfloat16 off CPU")
-  parser.add_argument('--dc-anchor-block', '--dc_anchor_block', type=float,
-                      default=0.125,
-                      help='cac.anchor_block: active anchors scored in blocks of this '
-                           'fraction of the anchors; 0 = every anchor (dense)')
+                           'the --dtype of each row')
   parser.add_argument('--convs', default='rewritten', choices=('rewritten', 'xla'),
                       help="'xla': plain XLA convolutions, without conv2d's rewrites "
                            '(cac_jax.models.layers.conv2d), to time the difference')
@@ -453,6 +508,13 @@ def main(argv=None) -> int:
                       help='matmul precision (also sets jax_default_matmul_precision)')
   parser.add_argument('--no-dc-share', action='store_true',
                       help='skip timing the DC loss alone')
+  parser.add_argument('--torch', action='store_true',
+                      help='also time the authors\' PyTorch step, interleaved with '
+                           'ours (CPU backend, float32 rows; cac_jax/bench/torch_step.py)')
+  parser.add_argument('--torch-chunk', '--torch_chunk', type=int, default=0,
+                      help='PyTorch DC-loss chunk of negatives (0: the authors\' 8000)')
+  parser.add_argument('--torch-threads', '--torch_threads', type=int, default=0,
+                      help='torch intra-op threads (0: the cores this process may use)')
   parser.add_argument('--json', default='', help='write all results here')
   args = parser.parse_args(argv)
   dtypes = _csv(args.dtype, DTYPES, 'dtype', parser)
@@ -476,6 +538,18 @@ def main(argv=None) -> int:
     if getattr(args, name) % args.devices:
       parser.error(f'--{name}={getattr(args, name)} must be a multiple of '
                    f'--devices={args.devices} (batch sizes are global)')
+  if args.torch:
+    if available[0].platform != 'cpu':
+      parser.error('--torch times PyTorch on the CPU beside JAX on the same cores; '
+                   'run it on a CPU backend (JAX_PLATFORMS=cpu)')
+    if args.backbone not in ('resnet50', 'resnet101', 'resnet_tiny'):
+      parser.error(f'--torch has a PyTorch network for resnet50, resnet101 and '
+                   f'resnet_tiny, not {args.backbone}')
+    if 'float32' not in dtypes:
+      parser.error('--torch compares float32 steps (the authors\' dtype); add float32 '
+                   'to --dtype')
+    if min(args.torch_chunk, args.torch_threads) < 0:
+      parser.error('--torch-chunk and --torch-threads must be >= 0')
   if args.precision == 'highest':
     jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -490,7 +564,23 @@ def main(argv=None) -> int:
             f'host {os.cpu_count()} CPUs ({cpu_model}); jax {jax.__version__}; '
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
             f'load average {os.getloadavg()[0]:.2f}')
+  start_load = os.getloadavg()
+  meta = {}
+  if args.torch:
+    from cac_jax.bench import torch_step as torch_lib  # imports torch
+    threads = torch_lib.configure_threads(args.torch_threads or None)
+    busy = start_load[0] > BUSY_LOAD
+    meta = {'torch_version': torch_lib.torch.__version__, 'torch_threads': threads,
+            'cpus': os.cpu_count(), 'load_at_start': start_load, 'under_load': busy,
+            'load_note': (
+                f'under load: 1-minute load average {start_load[0]:.2f} on '
+                f'{os.cpu_count()} CPUs before the run (other work shared the cores); '
+                'absolute times are inflated, the per-pair ratio is the robust figure'
+                if busy else f'idle at start (load average {start_load[0]:.2f})')}
+    header += f"; torch {meta['torch_version']} ({threads} threads)"
   print(header, flush=True)
+  if meta:
+    print(f"# {meta['load_note']}", flush=True)
   results = []
   for dtype in dtypes:
     for mode in modes:
@@ -499,21 +589,26 @@ def main(argv=None) -> int:
           unlabeled=args.unlabeled, dtype=dtype, output_stride=args.output_stride,
           chunk_size=args.chunk_size, bank_steps=args.bank_steps,
           supervised_only=mode == 'sup',
-          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype,
-          dc_anchor_block=args.dc_anchor_block)
+          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype)
       with (layers.xla_convolutions() if args.convs == 'xla'
             else contextlib.nullcontext()):
         r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
                       warmup=args.warmup, devices=available[:args.devices],
-                      precision=args.precision, dc_share=not args.no_dc_share)
+                      precision=args.precision, dc_share=not args.no_dc_share,
+                      torch_baseline=args.torch and dtype == 'float32',
+                      torch_chunk=args.torch_chunk or None)
       r['convs'] = args.convs
       results.append(r)
       print(f"{mode} {dtype}: compile {r['compile_s']:.1f} s, step "
             f"{r['step_s']:.3f} s, {r['images_per_s']:.1f} images/s", flush=True)
+      if 'torch_step_s' in r:
+        print(f"{mode} {dtype}: PyTorch step {r['torch_step_s']:.3f} s, PyTorch/JAX "
+              f"{r['torch_over_jax']:.2f} (per pair {r['torch_over_jax_pairs']:.2f})",
+              flush=True)
       if args.json:  # after every row, so a run cut short keeps what it measured
         with open(args.json, 'w') as f:
           json.dump({'header': header, 'argv': sys.argv[1:] if argv is None else argv,
-                     'results': results}, f, indent=1)
+                     **meta, 'results': results}, f, indent=1)
   peaks = sorted({r['peak_name'] for r in results if r['peak_flops']})
   print(f"\n{header}\nMFU peak: {', '.join(peaks) or 'none (not a known GPU)'}; "
         f"{args.steps} timed steps after {args.warmup} warm-up; synthetic batches; "
@@ -523,6 +618,14 @@ def main(argv=None) -> int:
   print(HEADER)
   for r in results:
     print(table_row(r))
+  compared = [r for r in results if 'torch_step_s' in r]
+  if compared:
+    print(f"\nPyTorch {meta['torch_version']} ({meta['torch_threads']} threads, NCHW "
+          'float32, the authors\' step) timed interleaved with the JAX float32 rows; '
+          f"{meta['load_note']}.\n")
+    print(TORCH_HEADER)
+    for r in compared:
+      print(torch_row(r))
   return 0
 
 
