@@ -146,3 +146,15 @@ def test_bad_arm_is_a_clear_error(tmp_path, capsys):
     sweep.main(_args(tmp_path) + ['--arms=cac', '--estimate_only'])
   assert 'must include supervised' in capsys.readouterr().err
   assert json.dumps(sweep.estimate([], _parsed(tmp_path)))  # nothing measured: no costs
+
+
+def test_scalars_picture_of_a_real_run_shows_the_dc_diagnostics(tiny_run, tmp_path):
+  from cac_jax.bench import tb_scalars
+  workdir, _ = tiny_run
+  drawn = tb_scalars.main([f'--workdir={workdir}', f'--out={tmp_path / "tb.png"}'])
+  for tag in ('train/loss_ce', 'train/dc_loss_gap_12', 'train/dc_valid_negatives_21',
+              'train/dc_anchor_label_acc_12', 'train/dc_false_neg_rate_12', 'val/miou'):
+    assert tag in drawn
+  assert (tmp_path / 'tb.png').stat().st_size > 10_000
+  with pytest.raises(SystemExit, match='holds no scalars'):
+    tb_scalars.main([f'--workdir={tmp_path}', f'--out={tmp_path / "none.png"}'])

@@ -41,6 +41,13 @@ ARMS = {
     # statistics) but the DC loss adds no gradient. CAC minus this arm is the
     # DC gradient's effect; this arm minus supervised is the statistics'.
     'weight_0': ['--config.cac.weight=0'],
+    # Where evaluation's BatchNorm running statistics come from (config.bn):
+    # CAC with the labeled pass's statistics only, CAC and supervised with
+    # statistics re-estimated on un-augmented labeled images ("precise BN").
+    'bn_labeled': ['--config.bn.running_stats=labeled'],
+    'bn_precise': ['--config.bn.running_stats=precise'],
+    'supervised_precise': ['--config.cac.supervised_only=True',
+                           '--config.bn.running_stats=precise'],
     'no_directional': ['--config.cac.directional=False'],
     'no_neg_filter': ['--config.cac.filter_negatives=False'],
     'vanilla': ['--config.cac.directional=False', '--config.cac.filter_negatives=False',

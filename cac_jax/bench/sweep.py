@@ -106,7 +106,7 @@ def plan(args) -> list[Run]:
         runs.append(warm)
         for arm in args.arms:
           flags = common + ablation.ARMS[arm]
-          sup = arm == 'supervised'
+          sup = '--config.cac.supervised_only=True' in ablation.ARMS[arm]
           if arm in NOT_FORKABLE:
             runs.append(Run(where / arm / f'seed{seed}', flags, total, arm,
                             args.unsup_start, dc))
