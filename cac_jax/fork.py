@@ -56,7 +56,7 @@ def _source_has_bank(config, step) -> bool:
   return bool(not cac.get('supervised_only', False) and cac.get('bank_steps', 1))
 
 
-def restore(fresh_state, abstract_state, config):
+def forked_state(fresh_state, abstract_state, config):
   """This run's first state: `fresh_state` with the source checkpoint's fields.
 
   Args:

@@ -361,7 +361,7 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
           model, tx, config, mesh, jax.random.key(config.seed))
       if config.fork_from:  # another run's state, this run's settings from here on
         abstract = state_lib.abstract_state(model, tx, config, mesh)
-        state, _ = fork.restore(state, abstract, config)
+        state, _ = fork.forked_state(state, abstract, config)
       else:
         state = _init_from(state, config, mesh)
   start_step = int(jax.device_get(state.step))
