@@ -46,7 +46,9 @@ Reported per configuration:
                      full bank), median time and its share of step_s.
 
 `dc_analytic_gflop` gives the DC loss's matmul FLOPs (fwd + bwd, both
-directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype`.
+directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype` (the
+row's `dc_matmul_resolved` says what 'auto' chose) and `--dc-anchor-block`
+`cac.anchor_block` (0: every anchor scored, the loss's dense path).
 
 `--torch` (CPU backend, float32 rows) also builds the authors' PyTorch step
 of the same shapes on the same batch (`cac_jax.bench.torch_step`: the same
@@ -125,7 +127,8 @@ def _ns(**kw):
 def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
                  dtype='float32', output_stride=16, chunk_size=1024,
                  bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
-                 supervised_only=False, dc_matmul_dtype='float32'):
+                 supervised_only=False, dc_matmul_dtype='auto',
+                 dc_anchor_block=0.125):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
   Values are the paper's VOC settings (configs/voc_r50.py, docs/method.md §4-5)
@@ -142,7 +145,8 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
       cac=_ns(supervised_only=supervised_only, weight=0.1, temperature=0.1,
               pos_threshold=0.75, directional=True, filter_negatives=True,
               bank_steps=bank_steps, neg_per_image=neg_per_image,
-              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype),
+              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype,
+              anchor_block=dc_anchor_block),
       bn=_ns(running_stats='all'),
       optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
                 weight_decay=1e-4, poly_power=0.9))
@@ -268,7 +272,7 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
         temperature=u.temperature, pos_threshold=u.pos_threshold,
         directional=u.directional, filter_negatives=u.filter_negatives,
         neg_per_image=u.neg_per_image, chunk_size=u.chunk_size,
-        matmul_dtype=u.matmul_dtype)
+        matmul_dtype=u.matmul_dtype, anchor_block=u.anchor_block)
     return value
 
   t0 = time.perf_counter()
@@ -408,6 +412,9 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       'peak_flops': peak, 'peak_name': peak_name,
       'mfu': flops_per_s / peak if peak else None,
       'dc_matmul_dtype': config.cac.matmul_dtype,
+      'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype,
+                                                        devices[0].platform),
+      'dc_anchor_block': config.cac.anchor_block,
       'device_peak_mib': _memory_mib(compiled),
       'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
       'host_rss_mib': _host_rss_mib(),
@@ -493,10 +500,14 @@ def main(argv=None) -> int:
                       help='one the backbone supports (cac_jax/backbones.py)')
   parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
                       help='DC loss negatives per chunk')
-  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='float32',
-                      choices=('float32', 'bfloat16', 'compute'),
+  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='auto',
+                      choices=('auto', 'float32', 'bfloat16', 'compute'),
                       help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
-                           'the --dtype of each row')
+                           "the --dtype of each row; 'auto' = bfloat16 off CPU")
+  parser.add_argument('--dc-anchor-block', '--dc_anchor_block', type=float,
+                      default=0.125,
+                      help='cac.anchor_block: active anchors scored in blocks of this '
+                           'fraction of the anchors; 0 = every anchor (dense)')
   parser.add_argument('--convs', default='rewritten', choices=('rewritten', 'xla'),
                       help="'xla': plain XLA convolutions, without conv2d's rewrites "
                            '(cac_jax.models.layers.conv2d), to time the difference')
@@ -589,7 +600,8 @@ def main(argv=None) -> int:
           unlabeled=args.unlabeled, dtype=dtype, output_stride=args.output_stride,
           chunk_size=args.chunk_size, bank_steps=args.bank_steps,
           supervised_only=mode == 'sup',
-          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype)
+          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype,
+          dc_anchor_block=args.dc_anchor_block)
       with (layers.xla_convolutions() if args.convs == 'xla'
             else contextlib.nullcontext()):
         r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
