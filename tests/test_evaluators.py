@@ -4,6 +4,7 @@ The val images are checked against each image predicted alone; the extra
 evaluator of a tiny run against `cac_jax.evaluate` (and `cac_jax.predict`)
 run on its checkpoint, and the images it logs against the split's own masks.
 """
+import functools
 import io
 import json
 import os
@@ -61,11 +62,12 @@ def test_val_images_show_the_scored_prediction(options):
                                                     sharding.to_global(batch, mesh)))
   (panels,) = results['val'].values()
   palette = datasets.palette(config.data)
+  alone_fn = jax.jit(functools.partial(evaluate.predict_logits, model, flip=config.eval.flip,
+                                       scales=config.eval.scales))
   want_conf = np.zeros((k, k), np.int64)
   for i in range(len(batch['image'])):
     h, w = batch['size'][i] if 'size' in batch else batch['image'].shape[1:3]
-    alone = evaluate.predict_logits(model, variables, batch['image'][i:i + 1, :h, :w],
-                                    flip=config.eval.flip, scales=config.eval.scales)
+    alone = alone_fn(variables, batch['image'][i:i + 1, :h, :w])
     labels = np.asarray(jnp.argmax(alone[0], -1))
     want_conf += _confusion(batch['label'][i, :h, :w], labels, k)
     if i < len(panels):
@@ -185,12 +187,12 @@ EXTRA = {'labeled': {'split': 'labeled', 'flip': False},
 
 @pytest.fixture(scope='module')
 def extra_run(tmp_path_factory):
-  """A 2-step supervised tiny run evaluating val with flip, and the labeled split."""
+  """The tiny run's first 2 (supervised) steps, evaluating val with flip, and the
+  labeled split. Its training steps are the tiny run's, compiled once."""
   from cac_jax import train
   workdir = str(tmp_path_factory.mktemp('extra_run'))
-  config = tiny_config(**{'cac.supervised_only': True, 'total_steps': 2, 'eval_every': 2,
-                          'checkpoint_every': 2, 'eval.flip': True, 'eval.extra': EXTRA})
-  return workdir, config, train.train_and_evaluate(config, workdir)
+  config = tiny_config(**{'eval_every': 2, 'eval.flip': True, 'eval.extra': EXTRA})
+  return workdir, config, train.train_and_evaluate(config, workdir, stop_after=2)
 
 
 def test_extra_evaluator_logs_what_evaluate_measures_on_that_split(extra_run):
