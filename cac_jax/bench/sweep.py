@@ -270,7 +270,7 @@ def deltas(results, dc, setting, arm, key):
 
 def report(results, args, meta) -> str:
   k = args.last_k
-  lines = [f'Command: `{meta["command"]}`', '']
+  lines = [f'Command: `{meta["command"]}` (code {meta.get("code", "?")})', '']
   if meta.get('partial'):
     lines += [f'**Partial**: {meta["partial"]}', '']
   lines += [f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
@@ -384,6 +384,15 @@ def _draw_diagnostics(ax, arms, args):
   ax.set_ylabel('CAC arm, mean over seeds')
 
 
+def _commit() -> str:
+  """The repository's commit (with '+changes' if the tree differs from it)."""
+  import subprocess
+  git = lambda *a: subprocess.run(['git', *a], cwd=REPO, capture_output=True,
+                                  text=True).stdout.strip()
+  head = git('rev-parse', '--short', 'HEAD') or 'unknown'
+  return head + ('+changes' if git('status', '--porcelain', '--untracked-files=no') else '')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='docs/sweep')
@@ -438,6 +447,7 @@ def main(argv=None):
       sys.argv[1:] if argv is None else argv), 'dc_steps': args.dc_steps,
       'unsup_start': args.unsup_start, 'seeds': len(args.seeds), 'arms': args.arms,
       'settings': args.settings, 'config': args.config, 'extra': args.extra, 'cost': cost,
+      'code': _commit(),
       'partial': (f'{len(missing)} of {len(runs)} runs not finished: '
                   + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
       if missing else ''}
