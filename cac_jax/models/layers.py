@@ -216,8 +216,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1,
   * 1x1 kernels (groups 1) become a matrix product over channels, after
     subsampling by the stride (a 1x1 window with padding 0 reads exactly
     x[:, ::s, ::s]): XLA:CPU runs a 1x1 convolution's weight gradient as a
-    convolution over the spatial window at 30-100 GFLOP/s, the matrix
-    product at 70-230;
+    convolution over the spatial window, several times slower than the
+    matrix product (figures in docs/benchmarks.md);
   * on a CPU backend, stride-1 dilated convolutions become one matrix
     product per tap over the pixels it really reads
     (:func:`_conv_shifted_taps`), and wide (>= TAP_GRAD_MIN_CHANNELS inputs)
@@ -264,8 +264,8 @@ def _conv_shifted_taps(x, kernel, dilation):
   to the output size. A dilated convolution spends most of XLA's FLOPs on
   padding (rate 18 on a 20x20 map: 16% of the window products are real), and
   XLA:CPU runs dilated windows slowly; here the forward pass and both
-  gradients are matrix products over real pixels only (rate 18, 2048->256,
-  20x20: fwd 108 -> 8 ms, bwd 165 -> 23 ms on the 2-core dev machine).
+  gradients are matrix products over real pixels only (measured per layer by
+  `python -m cac_jax.bench.conv`; docs/benchmarks.md).
   """
   _, h, w, _ = x.shape
   k_h, k_w = kernel.shape[:2]
