@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cac_jax import sharding
-from cac_jax.config_lib import BN_RUNNING_STATS as MODES  # noqa: F401
 from cac_jax.models import layers
 # Folded into config.seed for the estimation's dropout keys; training's keys
 # fold in the step, which never gets this far.
