@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
   # in blocks of this fraction of a direction's anchors, while a block holds
   # one (losses._active_rows); 0 scores every anchor. Same loss and gradient.
   u.anchor_block = 0.125
+  # The DC step's three network passes (labeled, view 1, view 2) as one call
+  # of 3B with group-wise BatchNorm statistics and per-pass dropout keys
+  # (train_step.fused_passes): 'auto' (on for GPU/TPU, off on CPU, where it
+  # measures no faster) | 'on' | 'off'. Same step up to float summation order.
+  u.fused_passes = 'auto'
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 0.01
@@ -207,6 +212,8 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if u.matmul_dtype not in ('auto', 'float32', 'bfloat16'):
     problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'auto', 'float32' or "
                     "'bfloat16'")
+  if u.fused_passes not in ('auto', 'on', 'off'):
+    problems.append(f"cac.fused_passes={u.fused_passes!r} must be 'auto', 'on' or 'off'")
   if not 0 <= u.anchor_block <= 1:
     problems.append(f'cac.anchor_block={u.anchor_block} must be in [0, 1] (0 = score '
                     'every anchor)')
