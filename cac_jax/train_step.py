@@ -13,6 +13,14 @@ do. What the running BN statistics keep is `config.bn.running_stats`
 passes in that order; 'labeled' keeps the labeled pass's update only, the
 views' updates dropped; 'precise' threads them as 'all' here and the loop
 replaces them with a fresh estimate before evaluating or saving.
+
+With `cac.fused_passes` (`fused_passes`) the three passes are one model call
+on the stacked batch [labeled; view 1; view 2] inside `layers.batch_groups`:
+each group is normalised with its own (global) batch statistics, the running
+statistics take the groups' updates in the same order (or the labeled one's
+alone), and each group's dropout masks come from its own key, the masks the
+separate calls draw. Same step up to float summation order; one call of 3B
+keeps an accelerator far busier than three of B.
 """
 import functools
 
@@ -22,6 +30,8 @@ import optax
 
 from cac_jax import bank as bank_lib
 from cac_jax import losses
+from cac_jax.models import layers
+from cac_jax.sharding import DATA_AXIS
 from cac_jax.train_state import TrainState
 
 
@@ -30,6 +40,43 @@ def _forward(model, params, batch_stats, images, key, dc_outputs):
       {'params': params, 'batch_stats': batch_stats}, images, train=True,
       dc_outputs=dc_outputs, rngs={'dropout': key}, mutable=['batch_stats'])
   return out, mutated['batch_stats']
+
+
+def fused_passes(cac_config) -> bool:
+  """Whether the DC step runs its three passes as one call (`cac.fused_passes`).
+
+  'auto': on GPU/TPU (one large call fills the chip), off on CPU, where the
+  step benchmark measures no gain (`python -m cac_jax.bench.train_step
+  --fused=both`).
+  """
+  value = cac_config.get('fused_passes', 'auto')
+  if value == 'auto':
+    return jax.default_backend() != 'cpu'
+  if value not in ('on', 'off'):
+    raise ValueError(f"cac.fused_passes={value!r} must be 'auto', 'on' or 'off'")
+  return value == 'on'
+
+
+def _data_shards(rows: int) -> int:
+  """Devices the batch's leading axis is split over (the mesh being traced under)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return 1
+  shards = mesh.shape[DATA_AXIS]
+  return shards if rows % shards == 0 else 1
+
+
+def _forward_fused(model, params, batch_stats, images, keys, stat_groups):
+  """The three passes as one call: per-group outputs and the threaded statistics."""
+  with layers.batch_groups(len(images), shards=_data_shards(images[0].shape[0]),
+                           stat_groups=stat_groups) as groups:
+    out, mutated = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, groups.merge(images),
+        train=True, dc_outputs=True, rngs=layers.group_rngs(keys),
+        mutable=['batch_stats'])
+  parts = {name: groups.split(value) for name, value in out.items()}
+  outs = [{name: parts[name][g] for name in parts} for g in range(len(images))]
+  return outs, mutated['batch_stats']
 
 
 def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
@@ -58,21 +105,33 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
   k_lab, k_v1, k_v2, k_neg = jax.random.split(key, 4)
   labeled = batch['labeled']
 
+  fused = with_dc and fused_passes(cac)
+
   def loss_fn(params):
-    out, batch_stats = _forward(model, params, state.batch_stats,
-                                labeled['image'], k_lab, dc_outputs=False)
+    if fused:
+      un = batch['unlabeled']
+      # 'labeled': the views normalise with their own batch statistics (train
+      # mode); only their running-average updates are dropped.
+      (out, out1, out2), batch_stats = _forward_fused(
+          model, params, state.batch_stats,
+          [labeled['image'], un['image1'], un['image2']], [k_lab, k_v1, k_v2],
+          stat_groups=1 if config.bn.running_stats == 'labeled' else 3)
+    else:
+      out, batch_stats = _forward(model, params, state.batch_stats,
+                                  labeled['image'], k_lab, dc_outputs=False)
     ce = losses.cross_entropy(out['logits'], labeled['label'])
     metrics = {'loss_ce': ce}
     if not with_dc:
       return ce, (batch_stats, metrics, None)
     un = batch['unlabeled']
-    labeled_stats = batch_stats
-    out1, batch_stats = _forward(model, params, batch_stats, un['image1'], k_v1, True)
-    out2, batch_stats = _forward(model, params, batch_stats, un['image2'], k_v2, True)
-    if config.bn.running_stats == 'labeled':
-      # The views normalised with their own batch statistics (train mode);
-      # only their running-average updates are dropped.
-      batch_stats = labeled_stats
+    if not fused:
+      labeled_stats = batch_stats
+      out1, batch_stats = _forward(model, params, batch_stats, un['image1'], k_v1, True)
+      out2, batch_stats = _forward(model, params, batch_stats, un['image2'], k_v2, True)
+      if config.bn.running_stats == 'labeled':
+        # The views normalised with their own batch statistics (train mode);
+        # only their running-average updates are dropped.
+        batch_stats = labeled_stats
     bank = state.bank or bank_lib.init_bank(0, out1['proj8'].shape[-1])
     dc, aux = losses.dc_loss_from_views(
         out1['proj8'], out2['proj8'], out1['logits8'], out2['logits8'],

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cac_jax.models.layers import (Conv, batch_norm, head_kernel_init, l2_normalize,
+from cac_jax.models.layers import (Conv, Dropout, batch_norm, head_kernel_init, l2_normalize,
                                    resize_bilinear_align_corners, spatial_mean,
                                    torch_default_kernel_init)
 
@@ -89,7 +89,7 @@ class ASPP(nn.Module):
     branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (HEAD_CHANNELS,)))
     x = jnp.concatenate(branches, axis=-1)
     x = ConvBNReLU(HEAD_CHANNELS, 1, dtype=self.dtype, name='project')(x, train)
-    return nn.Dropout(0.5, deterministic=not train)(x)
+    return Dropout(0.5, deterministic=not train)(x)
 
 
 class Decoder(nn.Module):
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
     up = resize_bilinear_align_corners(aspp_out, low.shape[1:3])
     x = jnp.concatenate([up.astype(low.dtype), low], axis=-1)
     x = ConvBNReLU(HEAD_CHANNELS, 3, dtype=self.dtype, name='fuse1')(x, train)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = Dropout(0.5, deterministic=not train)(x)
     return ConvBNReLU(HEAD_CHANNELS, 3, dtype=self.dtype, name='fuse2')(x, train)
 
 
@@ -130,7 +130,7 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.Dropout(0.1, deterministic=not train)(x)
+    x = Dropout(0.1, deterministic=not train)(x)
     x = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
              kernel_init=head_kernel_init, torch_bias_init=True, name='conv')(x)
     return x.astype(jnp.float32)

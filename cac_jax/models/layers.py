@@ -35,6 +35,15 @@ align-corners resizes map each image's region onto its own output region.
 Pointwise layers (1x1 convolutions, BatchNorm with running statistics, ReLU)
 need nothing.
 
+Groups in one batch (:func:`batch_groups`, training only): a batch that
+stacks several equal-size groups (the labeled batch and the two unlabeled
+views of a CAC step) runs as one call and computes what one call per group
+would, in order: every BatchNorm normalises each group with that group's own
+batch statistics and folds them into the running averages one group after
+the other, and every dropout layer draws each group's mask from that group's
+own rng collection (:func:`group_rngs`), i.e. the mask a call per group would
+draw with that key.
+
 Naming convention used by :mod:`cac_jax.models.convert`: a Flax module path
 joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
 state-dict key prefix (``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``),
@@ -159,6 +168,86 @@ def valid_region(sizes: jax.Array, canvas: Sequence[int]):
     yield
   finally:
     _REGION.pop()
+
+
+class _Groups:
+  """`count` equal groups stacked in one batch, shard-major (see `batch_groups`).
+
+  The batch is laid out as [shards, count, rows / shards] flattened: shard s
+  holds, contiguously, the s-th slice of every group. With the batch split
+  over `shards` devices along its leading axis, each device then holds its
+  own slices of all the groups, so stacking and splitting move no data
+  between devices.
+  """
+
+  def __init__(self, count: int, shards: int, stat_groups: int):
+    self.count, self.shards, self.stat_groups = count, shards, stat_groups
+
+  def view(self, x: jax.Array) -> jax.Array:
+    """[count * B, ...] -> [shards, count, B / shards, ...]."""
+    if x.shape[0] % (self.count * self.shards):
+      raise ValueError(
+          f'a batch of {x.shape[0]} rows is not {self.count} groups split over '
+          f'{self.shards} shards')
+    return x.reshape((self.shards, self.count, -1) + x.shape[1:])
+
+  def merge(self, parts: Sequence[jax.Array]) -> jax.Array:
+    """`count` arrays [B, ...] (group order) -> the stacked batch [count * B, ...]."""
+    if len(parts) != self.count:
+      raise ValueError(f'expected {self.count} groups, got {len(parts)}')
+    views = [p.reshape((self.shards, -1) + p.shape[1:]) for p in parts]
+    return jnp.stack(views, axis=1).reshape((-1,) + parts[0].shape[1:])
+
+  def split(self, x: jax.Array) -> list[jax.Array]:
+    """Inverse of `merge`: [count * B, ...] -> `count` arrays [B, ...]."""
+    v = self.view(x)
+    return [v[:, g].reshape((-1,) + x.shape[1:]) for g in range(self.count)]
+
+
+# The active group layout, or None (trace-time state, like _REGION).
+_GROUPS = [None]
+
+
+@contextlib.contextmanager
+def batch_groups(count: int, *, shards: int = 1, stat_groups: int | None = None):
+  """Within this block, a training batch is `count` groups, each normalised alone.
+
+  Model calls traced inside the block take a batch built by the yielded
+  object's `merge` (and give outputs that its `split` takes apart) and compute
+  what `count` calls would, one per group in order, each threading the
+  running statistics to the next: every BatchNorm in training normalises
+  group g with group g's batch statistics (global over the sharded batch)
+  and updates its running averages with groups 0 .. stat_groups - 1 in turn;
+  each dropout layer draws group g's mask with the rng collection
+  `group_rngs` names for g. Training only: `valid_region` is refused inside.
+
+  Args:
+    count: number of groups (equal sizes).
+    shards: the number of devices the batch is split over (its leading axis),
+      so that each device's rows are its own slices of every group; any value
+      that divides the group size is correct, others only move data.
+    stat_groups: how many leading groups update the running statistics
+      (default all; 1 keeps only the first group's update).
+  """
+  stat_groups = count if stat_groups is None else stat_groups
+  if not 1 <= stat_groups <= count:
+    raise ValueError(f'stat_groups={stat_groups} must be in [1, {count}]')
+  groups = _Groups(int(count), int(shards), int(stat_groups))
+  _GROUPS.append(groups)
+  try:
+    yield groups
+  finally:
+    _GROUPS.pop()
+
+
+def group_rngs(keys: Sequence[jax.Array], collection: str = 'dropout') -> dict:
+  """The `rngs` of a grouped call: group g's key under `group_rng_name(collection, g)`."""
+  return {group_rng_name(collection, g): k for g, k in enumerate(keys)}
+
+
+def group_rng_name(collection: str, group: int) -> str:
+  """Group 0 keeps the plain name, so an ungrouped call is group 0 of one."""
+  return collection if group == 0 else f'{collection}{group}'
 
 
 def region_mask(x: jax.Array, fill=0.0) -> jax.Array:
@@ -398,6 +487,9 @@ class BatchNorm(nn.Module):
   var * n / (n - 1), n = the number of values per channel (global batch x
   height x width), as torch does. That matters where n is small, e.g. the
   ASPP image-pooling branch, where n is the global batch.
+
+  Inside `batch_groups` (training), the statistics are per group and the
+  running averages take the groups' updates in order, each with its own n.
   """
   use_running_average: bool
   momentum: float = BN_MOMENTUM
@@ -413,8 +505,11 @@ class BatchNorm(nn.Module):
                             features)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
                            features)
+    groups = _GROUPS[-1]
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
+    elif groups is not None:
+      return self._grouped(x, groups, ra_mean, ra_var)
     else:
       mean, var = _flax_normalization._compute_stats(x, reduction_axes, dtype=self.dtype)
       if not self.is_initializing():
@@ -428,6 +523,26 @@ class BatchNorm(nn.Module):
         self.epsilon, True, True, nn.initializers.zeros, nn.initializers.ones)
 
 
+  def _grouped(self, x, groups, ra_mean, ra_var):
+    """Training on a `batch_groups` batch: statistics [count, C], one row per group."""
+    if _REGION[-1] is not None:
+      raise ValueError('batch_groups is for training; valid_region (evaluation) '
+                       'cannot be combined with it')
+    xg = groups.view(x)                              # [S, G, b, ..., C]
+    axes = (0,) + tuple(range(2, xg.ndim - 1))
+    mean, var = _flax_normalization._compute_stats(xg, axes, dtype=self.dtype)
+    if not self.is_initializing():
+      n = int(np.prod(x.shape[:-1])) // groups.count
+      unbiased = var * (n / (n - 1)) if n > 1 else var
+      for g in range(groups.stat_groups):          # the per-group calls' order
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean[g]
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased[g]
+    y = _flax_normalization._normalize(
+        self, xg, mean, var, axes, (xg.ndim - 1,), self.dtype, self.param_dtype,
+        self.epsilon, True, True, nn.initializers.zeros, nn.initializers.ones)
+    return y.reshape(x.shape)
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
   """BatchNorm with PyTorch semantics; statistics and parameters in float32.
 
@@ -438,6 +553,37 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
     name: module name in the torchvision layout (``bn1``, ``downsample_1``).
   """
   return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+
+
+class Dropout(nn.Module):
+  """``nn.Dropout`` (same masks, same rng path) that knows `batch_groups`.
+
+  Outside `batch_groups` it draws exactly Flax's mask: bernoulli(keep) of the
+  input's shape with the key ``make_rng('dropout')``. Inside, group g's mask
+  is that same draw, of one group's shape, with the key of the rng
+  collection `group_rng_name('dropout', g)`, so a grouped call masks each
+  group as the call with that group's key alone would. (The class keeps the
+  name Dropout: Flax names it Dropout_N and folds that name into the key.)
+  """
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep = 1.0 - self.rate
+    groups = _GROUPS[-1]
+    if groups is None:
+      mask = jax.random.bernoulli(self.make_rng('dropout'), keep, x.shape)
+    else:
+      shape = (x.shape[0] // groups.count,) + x.shape[1:]
+      mask = groups.merge([
+          jax.random.bernoulli(self.make_rng(group_rng_name('dropout', g)), keep, shape)
+          for g in range(groups.count)])
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
