@@ -158,3 +158,18 @@ def test_scalars_picture_of_a_real_run_shows_the_dc_diagnostics(tiny_run, tmp_pa
   assert (tmp_path / 'tb.png').stat().st_size > 10_000
   with pytest.raises(SystemExit, match='holds no scalars'):
     tb_scalars.main([f'--workdir={tmp_path}', f'--out={tmp_path / "none.png"}'])
+
+
+def test_report_of_one_seed_says_so_and_lists_what_has_not_run(tmp_path):
+  args = _parsed(tmp_path)
+  runs = sweep.plan(args)
+  for run in runs:  # seed 0 of the 160-step budget only
+    if run.key.startswith('dc160/') and run.key.endswith('seed0'):
+      if run.kind == 'warmup':
+        _fake_run(run, [(80, 0.1)])
+      elif run.kind in ('supervised', 'cac'):
+        _fake_run(run, [(240, 0.30 if run.kind == 'cac' else 0.25)])
+  text = sweep.report(sweep.summarise(runs, args), args, {'command': 'cmd'})
+  assert '+5.0 (1 seed: no interval)' in text and 'nan' not in text
+  assert '### context_biased, 640 DC steps' not in text
+  assert 'No finished run yet: context_biased at 640 DC steps.' in text

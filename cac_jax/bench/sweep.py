@@ -279,8 +279,13 @@ def report(results, args, meta) -> str:
             f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
             '(not the arms marked *scratch*). "Beats supervised" only where an interval '
             'excludes 0.', '']
+  empty = [f'{setting} at {dc.removeprefix("dc")} DC steps' for dc in results
+           for setting in results[dc]
+           if not any(r['runs'] for r in results[dc][setting].values())]
   for dc in results:
     for setting in results[dc]:
+      if f'{setting} at {dc.removeprefix("dc")} DC steps' in empty:
+        continue
       lines += [f'### {setting}, {dc.removeprefix("dc")} DC steps', '',
                 '| arm | seeds | final | best (step) | last-k mean | Δ final [95% CI] | '
                 'Δ best [95% CI] | Δ last-k [95% CI] |', '|---|---|---|---|---|---|---|---|']
@@ -298,11 +303,16 @@ def report(results, args, meta) -> str:
             cells.append('–')
             continue
           mean, low, high = ablation.paired_interval(d)
+          if len(d) < 2:
+            cells.append(f'{mean:+.1f} (1 seed: no interval)')
+            continue
           mark = ' **' if (low > 0 or high < 0) else ''
           cells.append(f'{mark}{mean:+.1f} [{low:+.1f}, {high:+.1f}]{mark}')
         name = arm + (' *scratch*' if not r['runs'][0]['forked'] else '')
         lines.append(f'| {name} | {len(r["runs"])} | ' + ' | '.join(cells) + ' |')
       lines.append('')
+  if empty:
+    lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('cost'):
     c = meta['cost']
     lines += [f'Cost: {c["measured_hours"]:.2f} h of training measured over '
@@ -340,12 +350,14 @@ def plots(results, out: pathlib.Path, args) -> None:
     ax.set_xlabel('DC steps')
     ax.set_ylabel('Δ final val mIoU vs supervised (points), 95% CI')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out.parent / f'{out.name}_delta.png', dpi=110)
   plt.close(fig)
   # Val mIoU over steps, and the CAC arm's diagnostics, per (budget, setting).
-  pairs = [(dc, s) for dc in budgets for s in results[dc]]
+  pairs = [(dc, s) for dc in budgets for s in results[dc]
+           if any(r['runs'] for r in results[dc][s].values())] or [(budgets[0], settings[0])]
   for suffix, draw in (('', _draw_curves), ('_diagnostics', _draw_diagnostics)):
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
     for ax, (dc, setting) in zip(axes[0], pairs):
@@ -353,7 +365,8 @@ def plots(results, out: pathlib.Path, args) -> None:
       ax.set_title(f'{setting}, {dc.removeprefix("dc")} DC steps')
       ax.set_xlabel('step')
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.parent / f'{out.name}{suffix}.png', dpi=110)
     plt.close(fig)
