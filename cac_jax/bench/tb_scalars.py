@@ -60,7 +60,7 @@ def draw(workdir: pathlib.Path, out: pathlib.Path) -> list[str]:
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
-  fig.suptitle(f'TensorBoard scalars of {workdir.name}', fontsize=10)
+  fig.suptitle(f'TensorBoard scalars of {"/".join(workdir.parts[-4:])}', fontsize=10)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=100)
