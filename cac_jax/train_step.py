@@ -49,7 +49,7 @@ def fused_passes(cac_config) -> bool:
   step benchmark measures no gain (`python -m cac_jax.bench.train_step
   --fused=both`).
   """
-  value = cac_config.get('fused_passes', 'auto')
+  value = getattr(cac_config, 'fused_passes', 'auto')  # a config from before it: auto
   if value == 'auto':
     return jax.default_backend() != 'cpu'
   if value not in ('on', 'off'):

@@ -48,7 +48,9 @@ Reported per configuration:
 `dc_analytic_gflop` gives the DC loss's matmul FLOPs (fwd + bwd, both
 directions) for comparison. `--dc-matmul-dtype` sets `cac.matmul_dtype` (the
 row's `dc_matmul_resolved` says what 'auto' chose) and `--dc-anchor-block`
-`cac.anchor_block` (0: every anchor scored, the loss's dense path).
+`cac.anchor_block` (0: every anchor scored, the loss's dense path), and
+`--fused-passes` `cac.fused_passes` (on/off/auto: the CAC step's three
+network passes as one call; the row's `fused_passes` says what ran).
 
 `--torch` (CPU backend, float32 rows) also builds the authors' PyTorch step
 of the same shapes on the same batch (`cac_jax.bench.torch_step`: the same
@@ -128,7 +130,7 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
                  dtype='float32', output_stride=16, chunk_size=1024,
                  bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
                  supervised_only=False, dc_matmul_dtype='auto',
-                 dc_anchor_block=0.125):
+                 dc_anchor_block=0.125, fused_passes='auto'):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
   Values are the paper's VOC settings (configs/voc_r50.py, docs/method.md §4-5)
@@ -146,7 +148,7 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
               pos_threshold=0.75, directional=True, filter_negatives=True,
               bank_steps=bank_steps, neg_per_image=neg_per_image,
               chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype,
-              anchor_block=dc_anchor_block),
+              anchor_block=dc_anchor_block, fused_passes=fused_passes),
       bn=_ns(running_stats='all'),
       optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
                 weight_decay=1e-4, poly_power=0.9))
@@ -415,6 +417,7 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype,
                                                         devices[0].platform),
       'dc_anchor_block': config.cac.anchor_block,
+      'fused_passes': step_lib.fused_passes(config.cac) if with_dc else None,
       'device_peak_mib': _memory_mib(compiled),
       'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
       'host_rss_mib': _host_rss_mib(),
@@ -526,6 +529,10 @@ def main(argv=None) -> int:
                       help='PyTorch DC-loss chunk of negatives (0: the authors\' 8000)')
   parser.add_argument('--torch-threads', '--torch_threads', type=int, default=0,
                       help='torch intra-op threads (0: the cores this process may use)')
+  parser.add_argument('--fused-passes', '--fused_passes', default='auto',
+                      choices=('auto', 'on', 'off'),
+                      help="cac.fused_passes: the CAC step's three passes as one call "
+                           "('auto': on GPU/TPU); the row's fused_passes says what ran")
   parser.add_argument('--json', default='', help='write all results here')
   args = parser.parse_args(argv)
   dtypes = _csv(args.dtype, DTYPES, 'dtype', parser)
@@ -601,7 +608,7 @@ def main(argv=None) -> int:
           chunk_size=args.chunk_size, bank_steps=args.bank_steps,
           supervised_only=mode == 'sup',
           dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype,
-          dc_anchor_block=args.dc_anchor_block)
+          dc_anchor_block=args.dc_anchor_block, fused_passes=args.fused_passes)
       with (layers.xla_convolutions() if args.convs == 'xla'
             else contextlib.nullcontext()):
         r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
