@@ -29,7 +29,7 @@ LOCK_NAME = '.lock'
 RESUMABLE = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
              'keep_checkpoints', 'eval.', 'data.root', 'data.eval_batch_size',
              'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size',
-             'cac.matmul_dtype', 'cac.anchor_block')
+             'cac.matmul_dtype', 'cac.anchor_block', 'cac.fused_passes')
 
 
 def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory') -> None:
