@@ -47,7 +47,8 @@ def fused_passes(cac_config) -> bool:
 
   'auto': on GPU/TPU (one large call fills the chip), off on CPU, where the
   step benchmark measures no gain (`python -m cac_jax.bench.train_step
-  --fused=both`).
+  --modes=cac --fused-passes=on`, against `=off`). The step also needs the
+  labeled and unlabeled batches to have one shape (`_fusable`).
   """
   value = getattr(cac_config, 'fused_passes', 'auto')  # a config from before it: auto
   if value == 'auto':
@@ -55,6 +56,24 @@ def fused_passes(cac_config) -> bool:
   if value not in ('on', 'off'):
     raise ValueError(f"cac.fused_passes={value!r} must be 'auto', 'on' or 'off'")
   return value == 'on'
+
+
+def _fusable(cac_config, labeled, unlabeled) -> bool:
+  """Fused passes if configured and the three batches have one shape.
+
+  'auto' falls back to three passes when the labeled and unlabeled batch
+  sizes differ; 'on' says why it cannot.
+  """
+  if not fused_passes(cac_config):
+    return False
+  shapes = {labeled['image'].shape, unlabeled['image1'].shape, unlabeled['image2'].shape}
+  if len(shapes) == 1:
+    return True
+  if getattr(cac_config, 'fused_passes', 'auto') == 'on':
+    raise ValueError(
+        f'cac.fused_passes=on stacks the labeled and unlabeled batches, which need one '
+        f'shape; got {sorted(shapes)}: use equal batch sizes or cac.fused_passes=auto/off')
+  return False
 
 
 def _data_shards(rows: int) -> int:
@@ -105,7 +124,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
   k_lab, k_v1, k_v2, k_neg = jax.random.split(key, 4)
   labeled = batch['labeled']
 
-  fused = with_dc and fused_passes(cac)
+  fused = with_dc and _fusable(cac, labeled, batch['unlabeled'])
 
   def loss_fn(params):
     if fused:

@@ -170,3 +170,12 @@ def test_fused_step_equals_three_passes(setup, n_devices, mode):
       scale = max(abs(float(w[name])), 1e-3)
       tol = 1e-4 if k == 0 else 5e-2
       assert abs(float(g[name]) - float(w[name])) <= tol * scale, (k, name, g[name], w[name])
+
+
+def test_fused_passes_need_one_batch_shape():
+  """'on' with labeled and unlabeled batches of different sizes is a clear error."""
+  cac = tiny_config(**{'cac.fused_passes': 'on'}).cac
+  image = lambda n: jax.ShapeDtypeStruct((n, 64, 64, 3), jnp.float32)
+  assert train_step._fusable(cac, {'image': image(8)}, {'image1': image(8), 'image2': image(8)})
+  with pytest.raises(ValueError, match='one shape'):
+    train_step._fusable(cac, {'image': image(8)}, {'image1': image(4), 'image2': image(4)})
