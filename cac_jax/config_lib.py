@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from cac_jax import backbones, datasets, paths
+from cac_jax import backbones, datasets
 from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.paths import SPECIAL_INIT
 
@@ -191,11 +191,6 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
     problems.append(f'init_from={config.init_from!r} does not exist; convert torchvision '
                     'weights with `python -m cac_jax.models.convert` and pass the output')
-  if config.fork_from and not paths.is_remote(config.fork_from) and not os.path.isdir(
-      os.path.join(config.fork_from, 'checkpoints')):
-    problems.append(f'fork_from={config.fork_from!r} is not the workdir of a run with '
-                    'checkpoints (no checkpoints/ in it); pass such a workdir, or \'\' '
-                    'to start from scratch')
   if config.fork_step < -1:
     problems.append(f'fork_step={config.fork_step} must be a checkpoint step, or -1 '
                     'for the latest')

@@ -17,7 +17,8 @@ heads, widths) and the optimiser. The bank is restored when both runs have
 one of the same shape; a fork without a bank (supervised-only) skips it, and
 a fork with a bank from a source without one starts with an empty bank, as a
 run does at `unsup_start_step`. The source's evaluations are not copied: the
-fork's own history starts after the fork step.
+fork's own history starts after the fork step. Only a run's start reads `fork_from`: a fork that holds checkpoints of
+its own resumes from them, whether or not its source is still there.
 """
 import os
 
@@ -68,9 +69,11 @@ def forked_state(fresh_state, abstract_state, config):
   Returns:
     (state, step): the forked state and the source step.
   """
-  if not paths.is_remote(config.fork_from) and not os.path.isdir(config.fork_from):
+  if not paths.is_remote(config.fork_from) and not os.path.isdir(
+      os.path.join(config.fork_from, 'checkpoints')):
     raise config_lib.ConfigError(
-        f'fork_from={config.fork_from!r} is not a directory; pass the workdir of a run')
+        f'fork_from={config.fork_from!r} is not the workdir of a run with checkpoints (no '
+        "checkpoints/ in it); pass such a workdir, or '' to start from scratch")
   step = source_step(config)
   fields = ['step', 'params', 'batch_stats', 'opt_state']
   with_bank = abstract_state.bank is not None and _source_has_bank(config, step)

@@ -78,3 +78,18 @@ def test_fork_step_that_does_not_exist_names_the_steps(warmup, tmp_path):
   config = tiny_config(fork_from=warmup, fork_step=3)
   with pytest.raises(config_lib.ConfigError, match=r'its steps are \[2\]'):
     train.train_and_evaluate(config, str(tmp_path / 'fork'))
+
+
+def test_missing_source_is_a_clear_error_and_only_a_start_reads_it(warmup, tmp_path):
+  config = tiny_config(fork_from=str(tmp_path / 'nowhere'))
+  with pytest.raises(config_lib.ConfigError, match='not the workdir of a run with checkpoints'):
+    train.train_and_evaluate(config, str(tmp_path / 'fork'))
+  # A fork that has checkpoints of its own resumes without its source.
+  import shutil
+  source = tmp_path / 'source'
+  shutil.copytree(warmup, source)
+  config = tiny_config(fork_from=str(source))
+  train.train_and_evaluate(config, str(tmp_path / 'fork2'), stop_after=1)
+  shutil.rmtree(source)
+  train.train_and_evaluate(config, str(tmp_path / 'fork2'))
+  assert ckpt_lib.make_manager(str(tmp_path / 'fork2'), 2).latest_step() == 4
