@@ -29,7 +29,8 @@ LOCK_NAME = '.lock'
 RESUMABLE = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
              'keep_checkpoints', 'eval.', 'data.root', 'data.eval_batch_size',
              'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size',
-             'cac.matmul_dtype', 'cac.anchor_block', 'cac.fused_passes')
+             'cac.matmul_dtype', 'cac.anchor_block', 'cac.fused_passes',
+             'fork_from', 'fork_step')  # read only where a run starts
 
 
 def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory') -> None:
