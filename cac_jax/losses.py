@@ -624,6 +624,12 @@ def _sample_cells(key, maps, num):
       x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2) for x in maps]
 
 
+# Name scope of every op of `dc_loss_from_views`, forward and backward (the
+# HLO op_name then holds 'dc_loss'): a profile attributes them to the loss.
+DC_SCOPE = 'dc_loss'
+
+
+@jax.named_scope(DC_SCOPE)
 def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
                        flip2, bank_feats, bank_labels, bank_valid, *, key,
                        temperature, pos_threshold, directional,

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Train-step benchmark on one GPU (H100/H200): ResNet-50 DeepLabv3+, crop 320,
-# 8 labeled + 8 unlabeled images, float32 and bfloat16, supervised-only and
-# full CAC (4 configurations, 10 timed steps each). Prints the table last and,
-# if $OUT is set, writes $OUT/train_step_bench.json. Budget: under 4 minutes.
+# Train-step report on one GPU (H100/H200): ResNet-50 DeepLabv3+ OS16, crop
+# 320, 8 labeled + 8 unlabeled images, bfloat16. Per step kind (supervised;
+# CAC with the DC loss before and after active-anchor compaction and bf16
+# matmuls): time, images/s, MFU by every-tap and real-pixel-tap FLOPs, the DC
+# loss's share (alone, and in the step from a profile); the profile's top
+# ops; the DC loss alone at VOC size for several variants. The table comes
+# last; with $OUT set, also $OUT/gpu_report.json. (cac_jax/bench/gpu_report.py.)
+# Budget: about 4-5 minutes (3 step compiles of ~40 s, 10 timed steps each).
 #
 #   launch/gpu_benchmark.sh            # on the GPU machine, from anywhere
 #   TINY=1 launch/gpu_benchmark.sh     # resnet_tiny, crop 64, 2+2, 2 steps,
-#                                      # float32 only: a CPU check of the script
+#                                      # float32: a CPU check of the script
+#   launch/gpu_benchmark.sh --after-anchor-block=0.25 --after-chunk-size=51200
+#                                      # other "after" settings (see --help)
 #
 # Needs only jax (with CUDA), flax, optax and numpy: the benchmark imports no
 # TensorFlow, clu or ml_collections and feeds synthetic batches. PYTHON picks
@@ -21,24 +27,16 @@ if ! "$PY" -c 'import jax, flax, optax, numpy' 2>/dev/null; then
   exit 2
 fi
 
+ARGS=()
 if [[ "${TINY:-0}" == 1 ]]; then
-  ARGS=(--backbone=resnet_tiny --crop=64 --labeled=2 --unlabeled=2
-        --dtype=float32 --steps=2 --warmup=1)
-else
-  # One compile per configuration (plus the DC-loss-alone timing in CAC
-  # mode); the persistent cache makes a rerun on the same machine start fast.
-  # DC loss on accelerators: 8192 negatives per chunk (7 loop steps per
-  # direction instead of 50: the loop's per-step overhead dominated at 1024,
-  # docs/benchmarks.md) and matmuls in the row's compute dtype.
-  ARGS=(--backbone=resnet50 --crop=320 --labeled=8 --unlabeled=8
-        "--dtype=float32,bfloat16" --steps=10 --warmup=2
-        --chunk-size=8192 --dc-matmul-dtype=compute)
-  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/cac_jax/jax}"
+  ARGS=(--tiny)
 fi
-JSON=()
+# The persistent cache makes a rerun on the same machine start fast, and the
+# profiled step a cache hit of the timed one.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/cac_jax/jax}"
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
-  JSON=(--json="$OUT/train_step_bench.json")
+  ARGS+=(--json="$OUT/gpu_report.json")
 fi
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'
-exec "$PY" -m cac_jax.bench.train_step "${ARGS[@]}" --modes=sup,cac "${JSON[@]}"
+exec "$PY" -m cac_jax.bench.gpu_report "${ARGS[@]}" "$@"

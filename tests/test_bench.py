@@ -131,14 +131,25 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
   out = subprocess.run(['bash', 'launch/gpu_benchmark.sh'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  # The table comes last: its two rows are the final lines.
+  # The table comes last: its rows (sup, cac before, cac after) are the
+  # final lines; the profile and the DC-alone table come before it.
   lines = out.stdout.strip().splitlines()
   rows = [l for l in lines if l.startswith('| sup ') or l.startswith('| cac ')]
-  assert len(rows) == 2 and lines[-2:] == rows
+  assert len(rows) == 3 and lines[-3:] == rows
+  assert '| cac | before: dense' in rows[1] and '| cac | after: block 0.125' in rows[2]
   assert any(l.startswith('wrote ') for l in lines)
-  results = json.loads((tmp_path / 'train_step_bench.json').read_text())['results']
-  assert [r['mode'] for r in results] == ['sup', 'cac']
-  assert all(r['backbone'] == 'resnet_tiny' and r['step_s'] > 0 for r in results)
+  assert '| op kind | ms/step |' in out.stdout and '| alone | compact/bf16 |' in out.stdout
+  results = json.loads((tmp_path / 'gpu_report.json').read_text())['results']
+  steps, dc_alone = results[:3], results[3]['dc_alone']
+  assert [r['mode'] for r in steps] == ['sup', 'cac', 'cac']
+  assert [r['dc_anchor_block'] for r in steps[1:]] == [0.0, 0.125]
+  assert all(r['backbone'] == 'resnet_tiny' and r['step_s'] > 0 for r in steps)
+  # Padded 3x3 convolutions: fewer real-pixel taps than window taps.
+  assert all(0 < r['gflop_real_per_step'] < r['gflop_per_step'] for r in steps)
+  assert 0 < steps[2]['profile_dc_ms'] < steps[2]['profile_total_ms']
+  # Every DC variant's loss agrees with the dense float32 one (bf16: ~1e-6
+  # relative at this size, float32 rounding otherwise).
+  assert all(r['loss_rel_diff'] < 1e-4 for r in dc_alone), dc_alone
 
 
 def test_jaxpr_flop_count_by_hand():
@@ -158,6 +169,31 @@ def test_jaxpr_flop_count_by_hand():
   loop = jax.jit(lambda m: jax.lax.fori_loop(0, 5, lambda i, c: c @ m, m))
   assert flops.traced_flops(loop, jnp.ones((4, 4))) == {'flops': 5 * 2 * 4 * 4 * 4,
                                                         'while_loops': 0}
+
+
+@pytest.mark.parametrize('stride,dilation,padding,k', [
+    (1, 1, 'SAME', 3), (2, 1, 'SAME', 3), (2, 1, ((3, 3), (3, 3)), 7),
+    (1, 6, ((6, 6), (6, 6)), 3), (2, 1, 'SAME', 1)])
+def test_real_tap_flop_count_is_xla_cpu_count(stride, dilation, padding, k):
+  """The real-pixel convention (taps over zero padding or between the pixels
+  of a strided layer's input gradient not counted) is XLA:CPU's own count:
+  equal on a convolution and on both of its gradients, whose zeros it skips
+  too. (The traced vjp also holds the forward, which XLA removes.)"""
+  from cac_jax.bench import flops
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation),
+      dimension_numbers=dn)
+  x, w = jnp.ones((2, 17, 13, 3)), jnp.ones((k, k, 3, 5))
+  ct = jnp.ones(jax.eval_shape(conv, x, w).shape)
+  fwd = jax.jit(conv)
+  vjp = jax.jit(lambda x, w, ct: jax.vjp(conv, x, w)[1](ct))
+  xla = lambda f, *a: bench._cost_flops(f.lower(*a).compile())
+  real = flops.traced_flops(fwd, x, w, real_taps=True)['flops']
+  assert real == xla(fwd, x, w)
+  assert flops.traced_flops(vjp, x, w, ct, real_taps=True)['flops'] - real == xla(vjp, x, w, ct)
+  if k > 1:
+    assert real < flops.traced_flops(fwd, x, w)['flops']  # padding taps left out
 
 
 def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):

@@ -44,6 +44,41 @@ def _eqn_flops(eqn) -> int:
   return 0
 
 
+def _real_pairs(size, taps, out, stride, pad_low, lhs_dilation, rhs_dilation) -> int:
+  """(output position, kernel tap) pairs of one spatial dim whose input is real.
+
+  In the padded, lhs-dilated input, output o's tap t reads position
+  o·stride + t·rhs_dilation; real pixels sit at pad_low + i·lhs_dilation,
+  0 <= i < size. Everything else is zero padding or an inserted zero.
+  """
+  pos = (np.arange(out)[:, None] * stride + np.arange(taps)[None, :] * rhs_dilation
+         - pad_low)
+  real = (pos >= 0) & (pos % lhs_dilation == 0) & (pos // lhs_dilation < size)
+  return int(real.sum())
+
+
+def _eqn_real_flops(eqn) -> int:
+  """As `_eqn_flops`, but a convolution counts only taps over real input.
+
+  2 FLOPs per multiply-accumulate whose input pixel is neither zero padding
+  nor a zero inserted between pixels (the input gradient of a strided
+  layer). Per spatial dimension the real (output, tap) pairs are counted;
+  the dimensions are independent, so the count is their product.
+  """
+  if eqn.primitive.name != 'conv_general_dilated':
+    return _eqn_flops(eqn)
+  p = eqn.params
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  out = eqn.outvars[0].aval.shape
+  dn = p['dimension_numbers']
+  pairs, out_spatial = 1, 1
+  for i, (l, r, o) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+    pairs *= _real_pairs(lhs[l], rhs[r], out[o], p['window_strides'][i],
+                         p['padding'][i][0], p['lhs_dilation'][i], p['rhs_dilation'][i])
+    out_spatial *= out[o]
+  return 2 * (_size(out) // out_spatial) * pairs * rhs[dn.rhs_spec[1]]
+
+
 def _sub_jaxprs(eqn):
   """(jaxpr, multiplier) pairs of the sub-programs an equation runs."""
   params = eqn.params
@@ -61,26 +96,32 @@ def _sub_jaxprs(eqn):
   return subs
 
 
-def count(jaxpr: Any) -> dict:
-  """{'flops': int, 'while_loops': int} of a (Closed)Jaxpr."""
+def count(jaxpr: Any, *, real_taps: bool = False) -> dict:
+  """{'flops': int, 'while_loops': int} of a (Closed)Jaxpr.
+
+  real_taps: count a convolution's taps over real input pixels only
+  (`_eqn_real_flops`), the convention of XLA's own cost analysis on CPU;
+  by default every window tap.
+  """
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  eqn_flops = _eqn_real_flops if real_taps else _eqn_flops
   total, loops = 0, 0
   for eqn in jaxpr.eqns:
-    total += _eqn_flops(eqn)
+    total += eqn_flops(eqn)
     if eqn.primitive.name == 'while':
       loops += 1
     for sub, mult in _sub_jaxprs(eqn):
       if sub == 'max':
-        counts = [count(b) for b in mult]
+        counts = [count(b, real_taps=real_taps) for b in mult]
         total += max(c['flops'] for c in counts)
         loops += max(c['while_loops'] for c in counts)
         continue
-      c = count(sub)
+      c = count(sub, real_taps=real_taps)
       total += mult * c['flops']
       loops += c['while_loops']
   return {'flops': total, 'while_loops': loops}
 
 
-def traced_flops(jitted_fn, *args) -> dict:
+def traced_flops(jitted_fn, *args, real_taps: bool = False) -> dict:
   """`count` of `jitted_fn.trace(*args)` (a `jax.jit`-wrapped function)."""
-  return count(jitted_fn.trace(*args).jaxpr)
+  return count(jitted_fn.trace(*args).jaxpr, real_taps=real_taps)

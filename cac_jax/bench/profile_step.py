@@ -65,11 +65,23 @@ def profile(config, *, with_dc: bool, steps: int = 2, warmup: int = 2):
         events = json.load(f)['traceEvents']
   hlo = compiled.as_text()
   ops = set(_op_index(hlo))
+  return op_times(events, ops, steps), hlo
+
+
+def op_times(events, ops, steps: int) -> collections.Counter:
+  """{HLO op: ms per step} from trace events of `steps` steps.
+
+  On CPU an op's event is named by the op; on GPU a kernel's event is named
+  by the kernel (e.g. a cuBLAS gemm) and names its op in args['hlo_op'].
+  """
   per_op = collections.Counter()
   for e in events:
-    if e.get('ph') == 'X' and e.get('name') in ops:
-      per_op[e['name']] += e['dur'] / 1e3 / steps
-  return per_op, hlo
+    if e.get('ph') != 'X':
+      continue
+    name = (e.get('args') or {}).get('hlo_op', e.get('name'))
+    if name in ops:
+      per_op[name] += e['dur'] / 1e3 / steps
+  return per_op
 
 
 def main(argv=None) -> int:
