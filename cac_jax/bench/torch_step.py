@@ -40,12 +40,21 @@ Importing this module imports torch (the rest of the package never does).
 """
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
+
+# torch.utils.checkpoint imports torch._dynamo, which imports triton when it
+# is installed (torch's CUDA wheels bring it), and importing triton crashes
+# (SIGSEGV) a process that already holds XLA's and TensorFlow's LLVM, as the
+# test suite's workers do. This baseline runs on CPU only and needs no
+# triton: hide it (torch then reports that triton is absent).
+sys.modules.setdefault('triton', None)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torch.utils.checkpoint  # noqa: E402
 
 from cac_jax.bench import torch_deeplab
 from cac_jax.constants import FEATURE_STRIDE
