@@ -11,23 +11,8 @@ import pytest
 
 from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib
-from cac_jax import optim
-from cac_jax import sharding
 from cac_jax import train
-from cac_jax import train_state as state_lib
-from cac_jax.models import build_model
-from train_utils import tiny_config
-
-
-def _state(workdir, config):
-  model = build_model(config.model, num_classes=config.data.num_classes)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  manager = ckpt_lib.make_manager(workdir, 2)
-  mesh = sharding.make_mesh()
-  with jax.set_mesh(mesh):
-    state = ckpt_lib.restore(manager, state_lib.abstract_state(model, tx, config, mesh))
-  manager.close()
-  return state
+from train_utils import restored_state, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +29,8 @@ def test_fork_of_the_warmup_is_the_uninterrupted_run(warmup, tiny_run, tmp_path)
   full_dir, _ = tiny_run  # tiny_config() trained from scratch to step 4
   config = tiny_config(fork_from=warmup)
   scores = train.train_and_evaluate(config, str(tmp_path / 'fork'))
-  full, forked = _state(full_dir, tiny_config()), _state(str(tmp_path / 'fork'), config)
+  full = restored_state(full_dir, tiny_config())
+  forked = restored_state(tmp_path / 'fork', config)
   assert int(forked.step) == config.total_steps
   # Exact on CPU: the fork resumes the same state with the same stream and keys.
   jax.tree.map(np.testing.assert_array_equal, full.params, forked.params)
@@ -60,7 +46,8 @@ def test_supervised_fork_equals_the_supervised_run(warmup, tmp_path):
   train.train_and_evaluate(sup, str(tmp_path / 'scratch'))
   fork = tiny_config(**{'cac.supervised_only': True, 'fork_from': warmup})
   train.train_and_evaluate(fork, str(tmp_path / 'fork'))
-  scratch, forked = _state(str(tmp_path / 'scratch'), sup), _state(str(tmp_path / 'fork'), fork)
+  scratch = restored_state(tmp_path / 'scratch', sup)
+  forked = restored_state(tmp_path / 'fork', fork)
   assert forked.bank is None
   jax.tree.map(np.testing.assert_array_equal, scratch.params, forked.params)
   jax.tree.map(np.testing.assert_array_equal, scratch.batch_stats, forked.batch_stats)

@@ -80,3 +80,18 @@ def write_image(path, array, palette=None, **kwargs):
     image = Image.frombytes('P', array.shape[::-1], array.tobytes())
     image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
   image.save(path, **kwargs)
+
+
+def restored_state(workdir, config, step=None):
+  """The TrainState a run of `config` saved in `workdir` (latest, or `step`), on the host."""
+  from cac_jax import checkpoint as ckpt_lib
+  from cac_jax import optim, sharding, train_state
+  from cac_jax.models import build_model
+  model = build_model(config.model, num_classes=config.data.num_classes)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  mesh = sharding.make_mesh()
+  manager = ckpt_lib.make_manager(str(workdir), config.keep_checkpoints)
+  with jax.set_mesh(mesh):
+    state = ckpt_lib.restore(manager, train_state.abstract_state(model, tx, config, mesh), step)
+  manager.close()
+  return jax.device_get(state)
