@@ -4,4 +4,4 @@ Importing the package imports neither TensorFlow nor torch: only
 `cac_jax.data` (and the entry points that build pipelines) needs TensorFlow.
 """
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

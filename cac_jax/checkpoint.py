@@ -13,6 +13,7 @@ the cause is the storage or the program.
 damaged newer one (truncated data file, missing metadata) is named in a
 warning and, in training, moved aside to `<workdir>/damaged_checkpoints/`.
 """
+
 import json
 import os
 import re
@@ -20,10 +21,10 @@ import shutil
 import sys
 import time
 
-from absl import logging
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as cm
+from absl import logging
 from etils import epath
+from orbax.checkpoint import checkpoint_managers as cm
 
 from cac_jax import paths
 
@@ -38,9 +39,18 @@ class CheckpointRestoreError(RuntimeError):
 
 # Storage failures as orbax/TensorStore report them when they do not raise an
 # OSError (their C++ errors arrive as ValueError with the status text).
-_STORAGE_PHRASES = ('no space left', 'disk quota', 'permission denied', 'read-only file system',
-                    'not a directory', 'no such file or directory', 'resource_exhausted',
-                    'permission_denied', 'input/output error', 'unavailable')
+_STORAGE_PHRASES = (
+  'no space left',
+  'disk quota',
+  'permission denied',
+  'read-only file system',
+  'not a directory',
+  'no such file or directory',
+  'resource_exhausted',
+  'permission_denied',
+  'input/output error',
+  'unavailable',
+)
 
 
 def describe(error: BaseException, limit: int | None = None) -> str:
@@ -64,19 +74,24 @@ def is_storage_error(error: BaseException) -> bool:
 
 def make_manager(workdir, keep: int) -> ocp.CheckpointManager:
   """CheckpointManager under <workdir>/checkpoints keeping `keep` latest + best mIoU."""
-  policy = cm.AnyPreservationPolicy([
+  policy = cm.AnyPreservationPolicy(
+    [
       cm.LatestN(n=keep),
-      cm.BestN(get_metric_fn=lambda m: m['miou'], n=1,
-               keep_checkpoints_without_metrics=False),
-  ])
+      cm.BestN(get_metric_fn=lambda m: m['miou'], n=1, keep_checkpoints_without_metrics=False),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=True, cleanup_tmp_directories=True,
-      # Saves block until written: a step counted as saved is on disk, which
-      # is what preemption and the kill tests rely on. A save costs far less
-      # than the interval between saves.
-      enable_async_checkpointing=False)
-  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
-                               options=options, item_names=('state', 'config'))
+    preservation_policy=policy,
+    create=True,
+    cleanup_tmp_directories=True,
+    # Saves block until written: a step counted as saved is on disk, which
+    # is what preemption and the kill tests rely on. A save costs far less
+    # than the interval between saves.
+    enable_async_checkpointing=False,
+  )
+  return ocp.CheckpointManager(
+    epath.Path(workdir) / 'checkpoints', options=options, item_names=('state', 'config')
+  )
 
 
 def save(manager, step: int, state, config, metrics=None) -> None:
@@ -93,28 +108,41 @@ def save(manager, step: int, state, config, metrics=None) -> None:
   try:
     if step in manager.all_steps():
       return
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config.to_dict())), metrics=metrics, force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())
+      ),
+      metrics=metrics,
+      force=True,
+    )
   except Exception as e:  # any storage error: ENOSPC, ENOTDIR, EACCES, GCS...
-    kept = (f'the latest complete checkpoint (step {latest}) is intact'
-            if latest is not None else 'no earlier checkpoint exists')
+    kept = (
+      f'the latest complete checkpoint (step {latest}) is intact'
+      if latest is not None
+      else 'no earlier checkpoint exists'
+    )
     cause = describe(e)
     if len(cause) > 300:
       # TensorStore's messages are long; keep the start and the OS's reason.
-      reason = re.search(r'(no space left on device|disk quota exceeded|permission denied|'
-                         r'read-only file system|not a directory|input/output error)',
-                         cause, flags=re.I)
+      reason = re.search(
+        r'(no space left on device|disk quota exceeded|permission denied|'
+        r'read-only file system|not a directory|input/output error)',
+        cause,
+        flags=re.I,
+      )
       cause = cause[:200] + ' ... ' + (reason.group(1) if reason else cause[-80:])
     if is_storage_error(e):
       raise CheckpointWriteError(
-          f'could not write the checkpoint of step {step} to {manager.directory} '
-          f'({cause}); {kept}. Fix the checkpoint directory (free space, permissions, '
-          'mount) and rerun the same command to resume.') from e
+        f'could not write the checkpoint of step {step} to {manager.directory} '
+        f'({cause}); {kept}. Fix the checkpoint directory (free space, permissions, '
+        'mount) and rerun the same command to resume.'
+      ) from e
     raise CheckpointWriteError(
-        f'could not write the checkpoint of step {step} to {manager.directory}: an '
-        f'error in cac_jax or its configuration, not in the storage ({cause}); {kept}. '
-        'Please report it with this message.') from e
+      f'could not write the checkpoint of step {step} to {manager.directory}: an '
+      f'error in cac_jax or its configuration, not in the storage ({cause}); {kept}. '
+      'Please report it with this message.'
+    ) from e
 
 
 def restore(manager, abstract_state, step=None):
@@ -129,8 +157,10 @@ def restore(manager, abstract_state, step=None):
   step = manager.latest_step() if step is None else step
   if isinstance(abstract_state, dict):
     args = ocp.args.PyTreeRestore(
-        item=abstract_state, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+      item=abstract_state,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+    )
   else:
     args = ocp.args.StandardRestore(abstract_state)
   return manager.restore(step, args=ocp.args.Composite(state=args))['state']
@@ -149,10 +179,12 @@ def _move_aside(manager, step: int, workdir) -> str:
 def _all_processes(ok: bool) -> bool:
   """True if `ok` holds on every process (one allgather; free on one process)."""
   import jax
+
   if jax.process_count() == 1:
     return ok
   import numpy as np
   from jax.experimental import multihost_utils
+
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -173,6 +205,7 @@ def restore_latest_intact(manager, abstract_state, *, workdir=None):
       damaged one.
   """
   import jax
+
   steps = sorted(manager.all_steps(), reverse=True)
   failures = []
   for step in steps:
@@ -186,30 +219,36 @@ def restore_latest_intact(manager, abstract_state, *, workdir=None):
       continue
     if failures and workdir is not None and paths.is_remote(str(workdir)):
       raise CheckpointRestoreError(
-          f'checkpoint(s) {[s for s, _ in failures]} in {manager.directory} cannot be '
-          f'read ({failures[0][1]}); the newest intact one is step {step}. Delete the '
-          'damaged step directories and rerun to resume from it')
+        f'checkpoint(s) {[s for s, _ in failures]} in {manager.directory} cannot be '
+        f'read ({failures[0][1]}); the newest intact one is step {step}. Delete the '
+        'damaged step directories and rerun to resume from it'
+      )
     lead = jax.process_index() == 0
     for bad, why in failures:
       where = ''
       if workdir is not None and lead:
         where = f'; moved to {_move_aside(manager, bad, workdir)}'
-      logging.warning('checkpoint %d is damaged and was skipped (%s)%s; using step %d',
-                      bad, why, where, step)
+      logging.warning(
+        'checkpoint %d is damaged and was skipped (%s)%s; using step %d', bad, why, where, step
+      )
       if lead:
-        print(f'warning: checkpoint {bad} is damaged and was skipped ({why}){where}; '
-              f'using step {step}', file=sys.stderr)
+        print(
+          f'warning: checkpoint {bad} is damaged and was skipped ({why}){where}; using step {step}',
+          file=sys.stderr,
+        )
     if failures and workdir is not None:
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices('cac_jax: damaged checkpoints moved aside')
       manager.reload()
     return state, step
   first = failures[0] if failures else (None, 'no checkpoint')
   raise CheckpointRestoreError(
-      f'no checkpoint in {manager.directory} could be restored (steps '
-      f'{[s for s, _ in failures]}; newest: {first[1]}). Nothing was changed; if the '
-      'files are damaged, move them away to start again')
+    f'no checkpoint in {manager.directory} could be restored (steps '
+    f'{[s for s, _ in failures]}; newest: {first[1]}). Nothing was changed; if the '
+    'files are damaged, move them away to start again'
+  )
 
 
 def saved_config(workdir, step=None) -> dict | None:
@@ -237,8 +276,7 @@ def saved_config(workdir, step=None) -> dict | None:
 
 def restore_config(manager, step=None) -> dict:
   step = manager.latest_step() if step is None else step
-  return manager.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore()))['config']
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
 
 def best_step(manager):

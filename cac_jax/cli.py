@@ -7,6 +7,7 @@ hundreds of them, burying the one `error:` line that explains the failure.
 `quiet_library_noise` drops exactly those, and keeps orbax's and TFDS's own
 log records to warnings and one line each.
 """
+
 import logging as std_logging
 import sys
 

@@ -5,6 +5,7 @@ and loss, the NumPy tools for prediction and drawing) reads the same values
 without importing another layer. The class names and colours of each dataset
 are in the dataset table, `cac_jax.datasets`.
 """
+
 import numpy as np
 
 # Label of pixels (and stride-8 cells) without a class: unlabelled regions of

@@ -12,6 +12,7 @@ sources.Source` (the `data/voc.py`, `data/cityscapes.py` pattern, taking its
 classes from `sources.classes`), then add one `Dataset` entry below (or
 `register` it from your own code).
 """
+
 import dataclasses
 from typing import Callable
 
@@ -49,6 +50,7 @@ class Dataset:
     root_help: the README section that says where `data.root` points; None
       when the dataset needs no `data.root`.
   """
+
   name: str
   source: str | Callable
   num_classes: int | None = None
@@ -59,10 +61,12 @@ class Dataset:
   def __post_init__(self):
     k = self.num_classes
     if self.class_names is not None and len(self.class_names) != k:
-      raise ValueError(f'dataset {self.name!r}: {len(self.class_names)} class names for '
-                       f'num_classes={k}')
-    if self.palette is not None and (k is None or self.palette.shape != (k, 3)
-                                     or self.palette.dtype != np.uint8):
+      raise ValueError(
+        f'dataset {self.name!r}: {len(self.class_names)} class names for num_classes={k}'
+      )
+    if self.palette is not None and (
+      k is None or self.palette.shape != (k, 3) or self.palette.dtype != np.uint8
+    ):
       raise ValueError(f'dataset {self.name!r}: palette must be uint8 [{k}, 3]')
     if self.palette is not None:
       self.palette.flags.writeable = False  # shared by every Source of the dataset
@@ -71,18 +75,24 @@ class Dataset:
     """What is wrong with `data.num_classes` and `data.class_names` for this dataset."""
     k = int(data_config.num_classes)
     if self.num_classes is not None and k != self.num_classes:
-      return [f'data.num_classes={k} but the {self.name} dataset has {self.num_classes} '
-              f'classes; set data.num_classes={self.num_classes}']
+      return [
+        f'data.num_classes={k} but the {self.name} dataset has {self.num_classes} '
+        f'classes; set data.num_classes={self.num_classes}'
+      ]
     names = self.names_for(data_config)
     if len(names) != k:
-      return [f'data.num_classes={k} but there are {len(names)} class names {names}; '
-              'make them agree']
+      return [
+        f'data.num_classes={k} but there are {len(names)} class names {names}; make them agree'
+      ]
     return []
 
   def names_for(self, data_config) -> tuple[str, ...]:
     """`data.class_names` if set, else the dataset's (or class_0 ... class_{K-1})."""
-    return (tuple(data_config.class_names) or self.class_names
-            or tuple(f'class_{i}' for i in range(int(data_config.num_classes))))
+    return (
+      tuple(data_config.class_names)
+      or self.class_names
+      or tuple(f'class_{i}' for i in range(int(data_config.num_classes)))
+    )
 
   def palette_for(self, num_classes: int) -> np.ndarray:
     """uint8 [num_classes, 3]: the dataset's colours, or the VOC colour map."""
@@ -132,27 +142,108 @@ def palette(data_config) -> np.ndarray:
 
 _README_VOC_CITYSCAPES = 'Training on PASCAL VOC and Cityscapes'
 
-register(Dataset(
-    'embedded', 'cac_jax.data.embedded:get_source', num_classes=6,
+register(
+  Dataset(
+    'embedded',
+    'cac_jax.data.embedded:get_source',
+    num_classes=6,
     class_names=('brick', 'grass', 'gravel', 'stripes', 'checker', 'dots'),
-    palette=np.array([[178, 34, 34], [34, 139, 34], [128, 128, 128],
-                      [255, 215, 0], [65, 105, 225], [238, 130, 238]], np.uint8)))
-register(Dataset(
-    'voc', 'cac_jax.data.voc:get_source', num_classes=21,
-    class_names=('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus',
-                 'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
-                 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor'),
-    palette=voc_palette(21), root_help=_README_VOC_CITYSCAPES))
-register(Dataset(
-    'cityscapes', 'cac_jax.data.cityscapes:get_source', num_classes=19,
-    class_names=('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
-                 'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car',
-                 'truck', 'bus', 'train', 'motorcycle', 'bicycle'),
-    palette=np.array([
-        [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-        [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-        [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
-        [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.uint8),
-    root_help=_README_VOC_CITYSCAPES))
-register(Dataset('folder', 'cac_jax.data.folder:get_source',
-                 root_help='Your own data set'))
+    palette=np.array(
+      [
+        [178, 34, 34],
+        [34, 139, 34],
+        [128, 128, 128],
+        [255, 215, 0],
+        [65, 105, 225],
+        [238, 130, 238],
+      ],
+      np.uint8,
+    ),
+  )
+)
+register(
+  Dataset(
+    'voc',
+    'cac_jax.data.voc:get_source',
+    num_classes=21,
+    class_names=(
+      'background',
+      'aeroplane',
+      'bicycle',
+      'bird',
+      'boat',
+      'bottle',
+      'bus',
+      'car',
+      'cat',
+      'chair',
+      'cow',
+      'diningtable',
+      'dog',
+      'horse',
+      'motorbike',
+      'person',
+      'pottedplant',
+      'sheep',
+      'sofa',
+      'train',
+      'tvmonitor',
+    ),
+    palette=voc_palette(21),
+    root_help=_README_VOC_CITYSCAPES,
+  )
+)
+register(
+  Dataset(
+    'cityscapes',
+    'cac_jax.data.cityscapes:get_source',
+    num_classes=19,
+    class_names=(
+      'road',
+      'sidewalk',
+      'building',
+      'wall',
+      'fence',
+      'pole',
+      'traffic light',
+      'traffic sign',
+      'vegetation',
+      'terrain',
+      'sky',
+      'person',
+      'rider',
+      'car',
+      'truck',
+      'bus',
+      'train',
+      'motorcycle',
+      'bicycle',
+    ),
+    palette=np.array(
+      [
+        [128, 64, 128],
+        [244, 35, 232],
+        [70, 70, 70],
+        [102, 102, 156],
+        [190, 153, 153],
+        [153, 153, 153],
+        [250, 170, 30],
+        [220, 220, 0],
+        [107, 142, 35],
+        [152, 251, 152],
+        [70, 130, 180],
+        [220, 20, 60],
+        [255, 0, 0],
+        [0, 0, 142],
+        [0, 0, 70],
+        [0, 60, 100],
+        [0, 80, 100],
+        [0, 0, 230],
+        [119, 11, 32],
+      ],
+      np.uint8,
+    ),
+    root_help=_README_VOC_CITYSCAPES,
+  )
+)
+register(Dataset('folder', 'cac_jax.data.folder:get_source', root_help='Your own data set'))

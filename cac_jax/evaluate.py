@@ -9,6 +9,7 @@ with invalid entries so that every host runs the same batches; invalid
 entries and ignore pixels add nothing to the confusion matrix, so each val
 pixel is counted exactly once.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +36,12 @@ def sliding_window_scores(model, variables, images, window: int):
       return [0]
     last = size - window
     return sorted(set(list(range(0, last, stride)) + [last]))
+
   total, count = 0.0, jnp.zeros((1, h, w, 1))
   for y in starts(h):
     for x in starts(w):
       wh, ww = min(window, h), min(window, w)
-      crop = images[:, y:y + wh, x:x + ww]
+      crop = images[:, y : y + wh, x : x + ww]
       probs = jax.nn.softmax(model.apply(variables, crop, train=False)['logits'])
       pad = ((0, 0), (y, h - y - wh), (x, w - x - ww), (0, 0))
       total = total + jnp.pad(probs, pad)
@@ -55,8 +57,9 @@ def _flip_regions(x: jax.Array, sizes: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
 
 
-def predict_logits(model, variables, images, *, sizes=None, flip: bool = False,
-                   scales=(1.0,), window: int = 0):
+def predict_logits(
+  model, variables, images, *, sizes=None, flip: bool = False, scales=(1.0,), window: int = 0
+):
   """Full-image class scores [B,H,W,K] float32.
 
   The default (one scale, no flip) is the authors' protocol and returns raw
@@ -72,8 +75,10 @@ def predict_logits(model, variables, images, *, sizes=None, flip: bool = False,
   """
   if sizes is not None:
     if tuple(float(s) for s in scales) != (1.0,) or window:
-      raise ValueError('multi-scale and sliding-window evaluation need batches of one '
-                       'image size; a shared canvas holds whole images at scale 1 only')
+      raise ValueError(
+        'multi-scale and sliding-window evaluation need batches of one '
+        'image size; a shared canvas holds whole images at scale 1 only'
+      )
     with layers.valid_region(sizes, images.shape[1:3]):
       logits = model.apply(variables, images, train=False)['logits']
       if not flip:
@@ -110,8 +115,11 @@ def confusion_matrix(pred, label, valid_image, num_classes: int):
   """
   keep = (label != IGNORE_LABEL) & valid_image[:, None, None]
   index = jnp.where(keep, label * num_classes + pred, 0)
-  counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[
-      index.reshape(-1)].add(keep.reshape(-1).astype(jnp.int32))
+  counts = (
+    jnp.zeros((num_classes * num_classes,), jnp.int32)
+    .at[index.reshape(-1)]
+    .add(keep.reshape(-1).astype(jnp.int32))
+  )
   return counts.reshape(num_classes, num_classes)
 
 
@@ -122,9 +130,18 @@ def make_predict_fn(model, *, flip: bool = False, scales=(1.0,), window: int = 0
   drawn is what is scored, with the same options. A batch with 'size' is a
   shared canvas (see `predict_logits`).
   """
+
   def predict(variables, batch):
-    return predict_logits(model, variables, batch['image'], sizes=batch.get('size'),
-                          flip=flip, scales=scales, window=window)
+    return predict_logits(
+      model,
+      variables,
+      batch['image'],
+      sizes=batch.get('size'),
+      flip=flip,
+      scales=scales,
+      window=window,
+    )
+
   return predict
 
 
@@ -134,17 +151,21 @@ def make_confusion_step(predict, num_classes: int, mesh):
   `predict` is a `make_predict_fn` function; the evaluators share one between
   this step and the images they draw (`cac_jax.evaluators.Prediction`).
   """
+
   def step(variables, batch):
     pred = jnp.argmax(predict(variables, batch), axis=-1)
     return confusion_matrix(pred, batch['label'], batch['valid'], num_classes)
+
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
-def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,),
-                   window: int = 0):
+def make_eval_step(
+  model, num_classes: int, mesh, *, flip: bool = False, scales=(1.0,), window: int = 0
+):
   """jit((params, batch_stats), batch) -> replicated confusion matrix [K, K]."""
-  return make_confusion_step(make_predict_fn(model, flip=flip, scales=scales, window=window),
-                             num_classes, mesh)
+  return make_confusion_step(
+    make_predict_fn(model, flip=flip, scales=scales, window=window), num_classes, mesh
+  )
 
 
 def scores(confusion: np.ndarray, class_names=()) -> dict:
@@ -158,8 +179,7 @@ def scores(confusion: np.ndarray, class_names=()) -> dict:
   inter = np.diag(conf)
   union = conf.sum(0) + conf.sum(1) - inter
   iou = inter / (union + np.spacing(1))
-  out = {'miou': float(iou.mean()),
-         'pixel_acc': float(inter.sum() / max(conf.sum(), 1.0))}
+  out = {'miou': float(iou.mean()), 'pixel_acc': float(inter.sum() / max(conf.sum(), 1.0))}
   names = list(class_names) or [str(i) for i in range(len(iou))]
   out.update({f'iou/{n}': float(v) for n, v in zip(names, iou)})
   return out
@@ -199,12 +219,13 @@ def apply_overrides(config, overrides: dict) -> None:
     ConfigError: a field outside EVAL_OVERRIDES.
   """
   from cac_jax import config_lib
-  bad = [k for k in overrides
-         if not (k.startswith('eval.') or k in EVAL_OVERRIDES)]
+
+  bad = [k for k in overrides if not (k.startswith('eval.') or k in EVAL_OVERRIDES)]
   if bad:
     raise config_lib.ConfigError(
-        f'--config.{bad[0]} cannot be changed at evaluation (the network and '
-        f'data were fixed by training); allowed: {", ".join(EVAL_OVERRIDES)}')
+      f'--config.{bad[0]} cannot be changed at evaluation (the network and '
+      f'data were fixed by training); allowed: {", ".join(EVAL_OVERRIDES)}'
+    )
   for key, value in overrides.items():
     *path, last = key.split('.')
     target = config
@@ -213,9 +234,15 @@ def apply_overrides(config, overrides: dict) -> None:
     target[last] = value
 
 
-def score_run(workdir: str, *, which: str = 'best', step: int | None = None,
-              overrides: dict | None = None, evaluator: str | None = None,
-              split: str | None = None):
+def score_run(
+  workdir: str,
+  *,
+  which: str = 'best',
+  step: int | None = None,
+  overrides: dict | None = None,
+  evaluator: str | None = None,
+  split: str | None = None,
+):
   """One checkpoint of a run, scored by one of its config's mIoU evaluators.
 
   Args:
@@ -241,8 +268,9 @@ def score_run(workdir: str, *, which: str = 'best', step: int | None = None,
   batch = int(config.data.eval_batch_size)
   if batch <= 0 or batch % mesh.devices.size or batch % jax.process_count():
     raise config_lib.ConfigError(
-        f'data.eval_batch_size={batch} must be a positive multiple of the '
-        f'{mesh.devices.size} devices here; pass --config.data.eval_batch_size=N')
+      f'data.eval_batch_size={batch} must be a positive multiple of the '
+      f'{mesh.devices.size} devices here; pass --config.data.eval_batch_size=N'
+    )
   entry = evaluators.find(config, evaluator or evaluators.DEFAULT, kind='miou', split=split)
   with jax.set_mesh(mesh):
     (scorer,) = evaluators.build(config, model, mesh, [entry])
@@ -250,16 +278,23 @@ def score_run(workdir: str, *, which: str = 'best', step: int | None = None,
   return result, datasets.class_names(config.data), step, entry
 
 
-def evaluate_run(workdir: str, *, which: str = 'best', step: int | None = None,
-                 overrides: dict | None = None, evaluator: str | None = None,
-                 split: str | None = None):
+def evaluate_run(
+  workdir: str,
+  *,
+  which: str = 'best',
+  step: int | None = None,
+  overrides: dict | None = None,
+  evaluator: str | None = None,
+  split: str | None = None,
+):
   """mIoU of one checkpoint of a run (default: over its whole val set).
 
   `score_run`'s arguments; returns (scores, class_names, step, config),
   `config` the saved one with the evaluator's eval options.
   """
   result, class_names, step, entry = score_run(
-      workdir, which=which, step=step, overrides=overrides, evaluator=evaluator, split=split)
+    workdir, which=which, step=step, overrides=overrides, evaluator=evaluator, split=split
+  )
   return result, class_names, step, entry.config
 
 
@@ -287,30 +322,43 @@ def format_table(result: dict, class_names) -> str:
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+
   from cac_jax import config_lib, restore
+
   flags.DEFINE_string('workdir', None, 'The training run (holds checkpoints/).')
-  flags.DEFINE_enum('which', 'best', restore.WHICH,
-                    'best: the highest val mIoU checkpoint; latest: the last one.')
+  flags.DEFINE_enum(
+    'which', 'best', restore.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
+  )
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
-  flags.DEFINE_string('evaluator', 'val', "An mIoU evaluator of the run's config: 'val' "
-                      '(config.eval.*) or a name of its eval.extra.')
-  flags.DEFINE_string('split', None, "Score this split (labeled, unlabeled, val) instead "
-                      "of the evaluator's own.")
+  flags.DEFINE_string(
+    'evaluator',
+    'val',
+    "An mIoU evaluator of the run's config: 'val' (config.eval.*) or a name of its eval.extra.",
+  )
+  flags.DEFINE_string(
+    'split', None, "Score this split (labeled, unlabeled, val) instead of the evaluator's own."
+  )
   # Only the overrides given on the command line are applied, to the config
   # saved in the run; the defaults here are just the schema they parse against.
-  config_flags.DEFINE_config_dict('config', config_lib.base_config(),
-                                  'Overrides of eval fields: --config.eval.flip=True.')
+  config_flags.DEFINE_config_dict(
+    'config', config_lib.base_config(), 'Overrides of eval fields: --config.eval.flip=True.'
+  )
   flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   import sys
+
   from absl import app, flags, logging
   from ml_collections import config_flags
+
   from cac_jax import config_lib
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cac_jax import checkpoint as ckpt_lib, cli
+  from cac_jax import checkpoint as ckpt_lib
+  from cac_jax import cli
+
   f = flags.FLAGS
   cli.quiet_library_noise()
   if not f['verbosity'].present:
@@ -319,8 +367,13 @@ def main(argv):
   overrides = config_flags.get_override_values(f['config'])
   try:
     result, class_names, step, entry = score_run(
-        f.workdir, which=f.which, step=f.step, overrides=overrides, evaluator=f.evaluator,
-        split=f.split)
+      f.workdir,
+      which=f.which,
+      step=f.step,
+      overrides=overrides,
+      evaluator=f.evaluator,
+      split=f.split,
+    )
   except config_lib.ConfigError as e:
     # User errors (no checkpoint, bad override, missing data): no stack trace.
     print(f'error: {e}', file=sys.stderr)
@@ -329,12 +382,15 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:
-    print(f'checkpoint: {f.workdir} step {step}; {entry.config.data.name} {entry.split}'
-          f'{describe(entry.config.eval)}')
+    print(
+      f'checkpoint: {f.workdir} step {step}; {entry.config.data.name} {entry.split}'
+      f'{describe(entry.config.eval)}'
+    )
     print(format_table(result, class_names))
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

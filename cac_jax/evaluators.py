@@ -32,6 +32,7 @@ Adding an evaluation mode: a subclass of `Evaluator` whose `run` yields its
 pairs, in a module of its own, named by a config entry's kind as
 'package.module:Class' (or added to KINDS under a short name).
 """
+
 import abc
 import dataclasses
 import re
@@ -43,17 +44,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cac_jax import config_lib
-from cac_jax import constants
-from cac_jax import datasets
-from cac_jax import evaluate
-from cac_jax import registry
-from cac_jax import sharding
+from cac_jax import config_lib, constants, datasets, evaluate, registry, sharding
 
 DEFAULT = 'val'  # the default evaluator's name and TensorBoard prefix
 # Prefixes an extra evaluator cannot take, and what already writes there.
-RESERVED = {DEFAULT: 'the default evaluator (config.eval.*)',
-            'train': 'the training metrics'}
+RESERVED = {DEFAULT: 'the default evaluator (config.eval.*)', 'train': 'the training metrics'}
 NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
 
 
@@ -68,8 +63,11 @@ def entry_keys() -> tuple[str, ...]:
 
 def prediction_options(eval_config) -> dict:
   """The options of the prediction function (`evaluate.make_predict_fn`)."""
-  return dict(flip=bool(eval_config.flip), scales=tuple(float(s) for s in eval_config.scales),
-              window=int(eval_config.window))
+  return dict(
+    flip=bool(eval_config.flip),
+    scales=tuple(float(s) for s in eval_config.scales),
+    window=int(eval_config.window),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -88,6 +86,7 @@ class Entry:
     config: the run's config with this entry's eval options in config.eval
       (and no eval.extra): what the pipeline and the prediction read.
   """
+
   prefix: str
   kind: str
   split: str
@@ -129,8 +128,7 @@ def entries(config) -> list[Entry]:
   return out
 
 
-def find(config, name: str = DEFAULT, *, kind: str = 'miou',
-         split: str | None = None) -> Entry:
+def find(config, name: str = DEFAULT, *, kind: str = 'miou', split: str | None = None) -> Entry:
   """The configured `kind` evaluator `name`, scoring `split` if given.
 
   Raises:
@@ -141,8 +139,9 @@ def find(config, name: str = DEFAULT, *, kind: str = 'miou',
   if not found:
     names = sorted({e.prefix for e in entries(config) if e.kind == kind})
     raise config_lib.ConfigError(
-        f'this run has no {kind} evaluator named {name!r}; its {kind} evaluators: '
-        f'{", ".join(names)} ({DEFAULT!r} is config.eval.*, the others eval.extra)')
+      f'this run has no {kind} evaluator named {name!r}; its {kind} evaluators: '
+      f'{", ".join(names)} ({DEFAULT!r} is config.eval.*, the others eval.extra)'
+    )
   entry = found[0]
   if split is None:
     return entry
@@ -154,6 +153,7 @@ def find(config, name: str = DEFAULT, *, kind: str = 'miou',
 
 def _splits() -> tuple[str, ...]:
   from cac_jax.data import sources  # TensorFlow: only where a split is named
+
   return tuple(sources.SPLITS)
 
 
@@ -167,13 +167,17 @@ def kind_class(kind: str) -> type:
   if kind in KINDS:
     return KINDS[kind]
   if not isinstance(kind, str) or ':' not in kind:
-    raise ValueError(f'kind={kind!r} is not one of {", ".join(KINDS)} (or a '
-                     "'package.module:Class' Evaluator subclass)")
+    raise ValueError(
+      f'kind={kind!r} is not one of {", ".join(KINDS)} (or a '
+      "'package.module:Class' Evaluator subclass)"
+    )
   try:
     cls = registry.load(kind)
   except (ImportError, AttributeError, ValueError) as e:
-    raise ValueError(f'kind={kind!r} cannot be loaded ({type(e).__name__}: {e}); '
-                     f'use one of {", ".join(KINDS)} or a module:Class that exists') from None
+    raise ValueError(
+      f'kind={kind!r} cannot be loaded ({type(e).__name__}: {e}); '
+      f'use one of {", ".join(KINDS)} or a module:Class that exists'
+    ) from None
   if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
     raise ValueError(f'kind={kind!r} is not a subclass of cac_jax.evaluators.Evaluator')
   return cls
@@ -195,19 +199,23 @@ def config_problems(config) -> list[str]:
   for name in sorted(extra.keys()):
     where, spec = f'eval.extra.{name}', extra[name]
     if not NAME.fullmatch(name):
-      problems.append(f'{where}: the name is the TensorBoard prefix: letters, digits and '
-                      '_, starting with a letter')
+      problems.append(
+        f'{where}: the name is the TensorBoard prefix: letters, digits and '
+        '_, starting with a letter'
+      )
     if name in RESERVED:
-      problems.append(f'{where}: the prefix {name!r} is taken by {RESERVED[name]}; '
-                      'choose another name')
+      problems.append(
+        f'{where}: the prefix {name!r} is taken by {RESERVED[name]}; choose another name'
+      )
     if not hasattr(spec, 'items'):
       problems.append(f'{where}={spec!r} must be a dict of {", ".join(allowed_keys)}')
       continue
     spec = _as_dict(spec)
     unknown = sorted(set(spec) - set(allowed_keys))
     if unknown:
-      problems.append(f'{where}: unknown key(s) {", ".join(unknown)}; an entry takes '
-                      f'{", ".join(allowed_keys)}')
+      problems.append(
+        f'{where}: unknown key(s) {", ".join(unknown)}; an entry takes {", ".join(allowed_keys)}'
+      )
     kind = spec.get('kind', 'miou')
     try:
       kind_class(kind)
@@ -223,8 +231,9 @@ def config_problems(config) -> list[str]:
       continue
     problems += config_lib.eval_option_problems(merged.eval, where)
     if kind == 'images' and merged.eval.num_images_logged <= 0:
-      problems.append(f'{where}: an images evaluator draws num_images_logged images; '
-                      'set it to at least 1')
+      problems.append(
+        f'{where}: an images evaluator draws num_images_logged images; set it to at least 1'
+      )
   return problems
 
 
@@ -245,13 +254,15 @@ class Prediction:
     confusion: jit((variables, batch) -> replicated confusion matrix [K, K]).
   """
 
-  def __init__(self, model, mesh, num_classes: int, *, flip: bool = False,
-               scales=(1.0,), window: int = 0):
-    self.options = dict(flip=bool(flip), scales=tuple(float(s) for s in scales),
-                        window=int(window))
+  def __init__(
+    self, model, mesh, num_classes: int, *, flip: bool = False, scales=(1.0,), window: int = 0
+  ):
+    self.options = dict(flip=bool(flip), scales=tuple(float(s) for s in scales), window=int(window))
     self.predict = evaluate.make_predict_fn(model, **self.options)
-    self.labels = jax.jit(lambda v, batch: jnp.argmax(self.predict(v, batch), -1),
-                          out_shardings=sharding.data_sharded(mesh))
+    self.labels = jax.jit(
+      lambda v, batch: jnp.argmax(self.predict(v, batch), -1),
+      out_shardings=sharding.data_sharded(mesh),
+    )
     self.confusion = evaluate.make_confusion_step(self.predict, num_classes, mesh)
 
 
@@ -271,6 +282,7 @@ class Evaluator(abc.ABC):
   def batches(self, max_batches: int | None = None):
     """This host's eval batches of the split (`pipeline.eval_iterator`)."""
     from cac_jax.data import pipeline  # TensorFlow only where data is read
+
     return pipeline.eval_iterator(self.config, split=self.split, max_batches=max_batches)
 
   @abc.abstractmethod
@@ -281,10 +293,12 @@ class Evaluator(abc.ABC):
 def _check_masks(data_config, split: str, prefix: str) -> None:
   """Raises ConfigError if `split` has no masks to score (e.g. VOC's unlabeled)."""
   from cac_jax.data import sources  # TensorFlow only where data is read
+
   if sources.get_source(data_config, split).labels is None:
     raise config_lib.ConfigError(
-        f'evaluator {prefix!r}: the {split} split of {data_config.name} has no masks to '
-        'score; evaluate a split that has them (labeled and val always do)')
+      f'evaluator {prefix!r}: the {split} split of {data_config.name} has no masks to '
+      'score; evaluate a split that has them (labeled and val always do)'
+    )
 
 
 class MIoU(Evaluator):
@@ -292,8 +306,7 @@ class MIoU(Evaluator):
 
   def run(self, variables):
     k = int(self.config.data.num_classes)
-    conf = evaluate.evaluate(self.prediction.confusion, variables, self.batches(),
-                             self.mesh, k)
+    conf = evaluate.evaluate(self.prediction.confusion, variables, self.batches(), self.mesh, k)
     yield from evaluate.scores(conf, datasets.class_names(self.config.data)).items()
 
 
@@ -309,6 +322,7 @@ class Images(Evaluator):
 
   def run(self, variables):
     from cac_jax import visualize
+
     host_batch = next(self.batches(max_batches=1))
     inputs = {k: host_batch[k] for k in ('image', 'size') if k in host_batch}
     pred = self.prediction.labels(variables, sharding.to_global(inputs, self.mesh))
@@ -323,10 +337,14 @@ class Images(Evaluator):
     for i in range(n):
       h, w = host_batch['size'][i] if 'size' in host_batch else host_batch['image'].shape[1:3]
       pixels = host_batch['image'][i, :h, :w] * constants.PIXEL_STD + constants.PIXEL_MEAN
-      panels.append(visualize.side_by_side(
+      panels.append(
+        visualize.side_by_side(
           np.clip(np.round(pixels), 0, 255).astype(np.uint8),
           visualize.colorize(host_batch['label'][i, :h, :w], palette),
-          visualize.colorize(pred[i, :h, :w], palette), gap=2))
+          visualize.colorize(pred[i, :h, :w], palette),
+          gap=2,
+        )
+      )
     if len({p.shape for p in panels}) == 1:
       yield 'examples', np.stack(panels)
     else:

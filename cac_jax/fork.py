@@ -17,17 +17,18 @@ heads, widths) and the optimiser. The bank is restored when both runs have
 one of the same shape; a fork without a bank (supervised-only) skips it, and
 a fork with a bank from a source without one starts with an empty bank, as a
 run does at `unsup_start_step`. The source's evaluations are not copied: the
-fork's own history starts after the fork step. Only a run's start reads `fork_from`: a fork that holds checkpoints of
-its own resumes from them, whether or not its source is still there.
+fork's own history starts after the fork step. Only a run's start reads
+`fork_from`: a fork that holds checkpoints of its own resumes from them,
+whether or not its source is still there.
 """
+
 import os
 
 import jax
 from absl import logging
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib
-from cac_jax import paths
+from cac_jax import config_lib, paths
 
 LATEST = -1
 
@@ -41,13 +42,15 @@ def source_step(config) -> int:
     manager.close()
   if not steps:
     raise config_lib.ConfigError(
-        f'fork_from={config.fork_from!r} holds no checkpoint; pass the workdir of a run '
-        'that saved one')
+      f'fork_from={config.fork_from!r} holds no checkpoint; pass the workdir of a run '
+      'that saved one'
+    )
   step = steps[-1] if config.fork_step == LATEST else config.fork_step
   if step not in steps:
     raise config_lib.ConfigError(
-        f'fork_step={config.fork_step}: {config.fork_from} has no checkpoint at that step; '
-        f'its steps are {steps} (or fork_step={LATEST} for the latest)')
+      f'fork_step={config.fork_step}: {config.fork_from} has no checkpoint at that step; '
+      f'its steps are {steps} (or fork_step={LATEST} for the latest)'
+    )
   return step
 
 
@@ -70,10 +73,12 @@ def forked_state(fresh_state, abstract_state, config):
     (state, step): the forked state and the source step.
   """
   if not paths.is_remote(config.fork_from) and not os.path.isdir(
-      os.path.join(config.fork_from, 'checkpoints')):
+    os.path.join(config.fork_from, 'checkpoints')
+  ):
     raise config_lib.ConfigError(
-        f'fork_from={config.fork_from!r} is not the workdir of a run with checkpoints (no '
-        "checkpoints/ in it); pass such a workdir, or '' to start from scratch")
+      f'fork_from={config.fork_from!r} is not the workdir of a run with checkpoints (no '
+      "checkpoints/ in it); pass such a workdir, or '' to start from scratch"
+    )
   step = source_step(config)
   fields = ['step', 'params', 'batch_stats', 'opt_state']
   with_bank = abstract_state.bank is not None and _source_has_bank(config, step)
@@ -85,9 +90,10 @@ def forked_state(fresh_state, abstract_state, config):
     restored = ckpt_lib.restore(manager, target, step)
   except Exception as e:  # orbax raises many types for a structure mismatch
     raise config_lib.ConfigError(
-        f'fork_from={config.fork_from} (step {step}) does not fit this config\'s train '
-        f'state ({ckpt_lib.describe(e, 300)}); a fork may change the training settings '
-        '(cac.*, bn.*, schedule) but not the model or the optimiser') from None
+      f"fork_from={config.fork_from} (step {step}) does not fit this config's train "
+      f'state ({ckpt_lib.describe(e, 300)}); a fork may change the training settings '
+      '(cac.*, bn.*, schedule) but not the model or the optimiser'
+    ) from None
   finally:
     manager.close()
   restored = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), restored, target)

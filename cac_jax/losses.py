@@ -51,6 +51,7 @@ gradient are computed exactly as without them.
 
 Nothing here imports TensorFlow.
 """
+
 import functools
 import math
 from typing import NamedTuple
@@ -95,8 +96,9 @@ def cross_entropy(logits, labels, ignore_index=255):
   """
   if logits.ndim != labels.ndim + 1 or logits.shape[:-1] != labels.shape:
     raise ValueError(
-        f'cross_entropy expects logits [..., K] and labels [...] with the same '
-        f'leading shape; got {logits.shape} and {labels.shape}.')
+      f'cross_entropy expects logits [..., K] and labels [...] with the same '
+      f'leading shape; got {logits.shape} and {labels.shape}.'
+    )
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   valid = labels != ignore_index
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
@@ -108,6 +110,7 @@ def cross_entropy(logits, labels, ignore_index=255):
 
 class _LseConfig(NamedTuple):
   """Static settings of the chunked log-sum-exp (hashable for custom_vjp)."""
+
   inv_temperature: float
   chunk_size: int
   filter_negatives: bool
@@ -116,8 +119,9 @@ class _LseConfig(NamedTuple):
   anchor_block: int  # rows per block of active anchors; 0 = score every anchor
 
 
-def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
-              cfg: _LseConfig, with_grad: bool):
+def _lse_loop(
+  anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, cfg: _LseConfig, with_grad: bool
+):
   """Loops over chunks of negatives; see `_negative_lse` for the math.
 
   Returns (shift [N], acc [N], g [N, D] or None) with
@@ -135,8 +139,9 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
   def update(carry, feats_c, labels_c, valid_c):
     shift, acc, g = carry
     feats_c = feats_c.astype(mm_dtype)  # [C, D]
-    s = jnp.dot(anchor_scaled, feats_c.T, precision=precision,
-                preferred_element_type=jnp.float32)  # [N, C]
+    s = jnp.dot(
+      anchor_scaled, feats_c.T, precision=precision, preferred_element_type=jnp.float32
+    )  # [N, C]
     # The label filter is a comparison inside the exponential's fusion: XLA
     # never stores this [N, C] mask (see `_negative_sums` for why the class
     # histogram trick of the diagnostics cannot replace it here).
@@ -144,8 +149,7 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
     if cfg.filter_negatives:
       mask = mask & (labels_c[None, :] != anchor_label[:, None])  # [N, C]
     if cfg.shift == 'online':
-      new_shift = jnp.maximum(
-          shift, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+      new_shift = jnp.maximum(shift, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
       rescale = jnp.exp(shift - new_shift)
       acc = acc * rescale
       if g is not None:
@@ -155,8 +159,9 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
     e = jnp.where(mask, jnp.exp(s - offset), 0.0)  # [N, C]
     acc = acc + jnp.sum(e, axis=1)
     if g is not None:
-      g = g + jnp.dot(e.astype(mm_dtype), feats_c, precision=precision,
-                      preferred_element_type=jnp.float32)
+      g = g + jnp.dot(
+        e.astype(mm_dtype), feats_c, precision=precision, preferred_element_type=jnp.float32
+      )
     return shift, acc, g
 
   if static:
@@ -183,10 +188,12 @@ def _lse_loop(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
     # chunks keeps a single [N, chunk] scratch buffer.
     start = jnp.minimum(i * chunk, k - chunk)
     fresh = start + jnp.arange(chunk) >= i * chunk  # [C]
-    return update(carry,
-                  lax.dynamic_slice_in_dim(neg_feats, start, chunk, 0),
-                  lax.dynamic_slice_in_dim(neg_labels, start, chunk, 0),
-                  lax.dynamic_slice_in_dim(neg_valid, start, chunk, 0) & fresh)
+    return update(
+      carry,
+      lax.dynamic_slice_in_dim(neg_feats, start, chunk, 0),
+      lax.dynamic_slice_in_dim(neg_labels, start, chunk, 0),
+      lax.dynamic_slice_in_dim(neg_valid, start, chunk, 0) & fresh,
+    )
 
   if num_chunks == 1:
     return update(carry, neg_feats, neg_labels, neg_valid)
@@ -200,8 +207,7 @@ def _lse_rows(anchor, pos, anchor_label, negatives, cfg, with_grad):
   exp(pos_k − lse_k) and Σ_j q_kj n_j = g_k / acc_k are what the backward
   pass needs (`_negative_lse_bwd`).
   """
-  shift, acc, g = _lse_loop(anchor, pos, anchor_label, *negatives, cfg,
-                            with_grad=with_grad)
+  shift, acc, g = _lse_loop(anchor, pos, anchor_label, *negatives, cfg, with_grad=with_grad)
   lse = shift + jnp.log(acc)
   pos_weight = jnp.exp(pos - shift) / acc
   return lse, pos_weight, None if g is None else g / acc[:, None]
@@ -227,22 +233,26 @@ def _active_rows(anchor, pos, anchor_label, active, negatives, cfg, with_grad):
   order = jnp.argsort(jnp.logical_not(active), stable=True).astype(jnp.int32)
   count = jnp.sum(active, dtype=jnp.int32)
   anchor_c, pos_c, label_c = anchor[order], pos[order], anchor_label[order]
-  init = (jnp.int32(0), pos_c, jnp.ones((n,), jnp.float32),
-          jnp.zeros((n, d), jnp.float32) if with_grad else None)
+  init = (
+    jnp.int32(0),
+    pos_c,
+    jnp.ones((n,), jnp.float32),
+    jnp.zeros((n, d), jnp.float32) if with_grad else None,
+  )
 
   def body(carry):
     b, *outs = carry
     # The last block ends at row N (it may redo rows of the one before it).
     start = jnp.minimum(b * block, n - block)
-    rows = [lax.dynamic_slice_in_dim(x, start, block, 0)
-            for x in (anchor_c, pos_c, label_c)]
+    rows = [lax.dynamic_slice_in_dim(x, start, block, 0) for x in (anchor_c, pos_c, label_c)]
     new = _lse_rows(*rows, negatives, cfg, with_grad)
-    outs = [None if o is None else lax.dynamic_update_slice_in_dim(o, x, start, 0)
-            for o, x in zip(outs, new)]
+    outs = [
+      None if o is None else lax.dynamic_update_slice_in_dim(o, x, start, 0)
+      for o, x in zip(outs, new)
+    ]
     return (b + 1, *outs)
 
-  _, lse, pos_weight, neg_mean = lax.while_loop(
-      lambda carry: carry[0] * block < count, body, init)
+  _, lse, pos_weight, neg_mean = lax.while_loop(lambda carry: carry[0] * block < count, body, init)
   # Back to the input order; rows past `count` of a last partial block are
   # inactive anchors: reset them.
   rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
@@ -253,36 +263,33 @@ def _active_rows(anchor, pos, anchor_label, active, negatives, cfg, with_grad):
   return lse, pos_weight, neg_mean
 
 
-def _lse_all(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
-             active, cfg, with_grad):
+def _lse_all(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, active, cfg, with_grad):
   negatives = (neg_feats, neg_labels, neg_valid)
   if cfg.anchor_block:
-    return _active_rows(anchor, pos, anchor_label, active, negatives, cfg,
-                        with_grad)
+    return _active_rows(anchor, pos, anchor_label, active, negatives, cfg, with_grad)
   return _lse_rows(anchor, pos, anchor_label, negatives, cfg, with_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _negative_lse(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid,
-                  active, cfg):
+def _negative_lse(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, active, cfg):
   """lse_k = log(exp(pos_k) + Σ_j m_kj exp(<a_k, n_j>/τ)), float32 [N].
 
   With `cfg.anchor_block`, only for the `active` anchors (bool [N]); the
   others get lse_k = pos_k. Differentiable in `anchor` [N, D] and `pos` [N]
   only; the negatives, labels and masks get zero cotangents.
   """
-  lse, _, _ = _lse_all(anchor, pos, anchor_label, neg_feats, neg_labels,
-                       neg_valid, active, cfg, with_grad=False)
+  lse, _, _ = _lse_all(
+    anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, active, cfg, with_grad=False
+  )
   return lse
 
 
-def _negative_lse_fwd(anchor, pos, anchor_label, neg_feats, neg_labels,
-                      neg_valid, active, cfg):
+def _negative_lse_fwd(anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, active, cfg):
   # d lse/d pos_k = softmax weight of the positive; d lse/d a_k =
   # (1/τ) Σ_j q_kj n_j with q_kj = m_kj exp(s_kj − lse_k).
-  lse, pos_weight, neg_mean = _lse_all(anchor, pos, anchor_label, neg_feats,
-                                       neg_labels, neg_valid, active, cfg,
-                                       with_grad=True)
+  lse, pos_weight, neg_mean = _lse_all(
+    anchor, pos, anchor_label, neg_feats, neg_labels, neg_valid, active, cfg, with_grad=True
+  )
   return lse, (pos_weight, neg_mean)
 
 
@@ -308,8 +315,7 @@ def resolve_matmul_dtype(matmul_dtype, backend=None) -> str:
     return 'float32' if backend == 'cpu' else 'bfloat16'
   name = jnp.dtype(matmul_dtype).name
   if name not in ('float32', 'bfloat16'):
-    raise ValueError(f"matmul_dtype must be 'auto', float32 or bfloat16; got "
-                     f'{matmul_dtype!r}.')
+    raise ValueError(f"matmul_dtype must be 'auto', float32 or bfloat16; got {matmul_dtype!r}.")
   return name
 
 
@@ -317,8 +323,7 @@ def _shift_mode(shift, inv_temperature) -> str:
   """'positive' or 'static' where its terms stay in float32 range, else 'online'."""
   if shift not in SHIFTS:
     raise ValueError(f'shift must be one of {SHIFTS}; got {shift!r}.')
-  limit = (_MAX_STATIC_SHIFT_SPREAD if shift == 'static'
-           else _MAX_FIXED_SHIFT_SPREAD)
+  limit = _MAX_STATIC_SHIFT_SPREAD if shift == 'static' else _MAX_FIXED_SHIFT_SPREAD
   return 'online' if 2.0 * inv_temperature > limit else shift
 
 
@@ -334,8 +339,7 @@ def anchor_block_rows(anchor_block, num_anchors) -> int:
   return max(1, min(num_anchors, rows))
 
 
-def contrastive_weights(anchor_conf, target_conf, valid, *, pos_threshold,
-                        directional):
+def contrastive_weights(anchor_conf, target_conf, valid, *, pos_threshold, directional):
   """w_k = valid_k · [target_conf_k > γ] · [anchor_conf_k < target_conf_k].
 
   `pos_threshold` = γ = 0 drops the threshold factor; `directional=False`
@@ -349,24 +353,39 @@ def contrastive_weights(anchor_conf, target_conf, valid, *, pos_threshold,
   return w.astype(jnp.float32)
 
 
-def _check_flat_inputs(anchor, target, anchor_conf, target_conf, anchor_label,
-                       valid, neg_feats, neg_labels, neg_valid, temperature,
-                       chunk_size):
+def _check_flat_inputs(
+  anchor,
+  target,
+  anchor_conf,
+  target_conf,
+  anchor_label,
+  valid,
+  neg_feats,
+  neg_labels,
+  neg_valid,
+  temperature,
+  chunk_size,
+):
   n, d = anchor.shape if anchor.ndim == 2 else (None, None)
   if n is None or target.shape != anchor.shape:
-    raise ValueError(f'anchor and target must both be [N, D]; got '
-                     f'{anchor.shape} and {target.shape}.')
-  for name, x in (('anchor_conf', anchor_conf), ('target_conf', target_conf),
-                  ('anchor_label', anchor_label), ('valid', valid)):
+    raise ValueError(
+      f'anchor and target must both be [N, D]; got {anchor.shape} and {target.shape}.'
+    )
+  for name, x in (
+    ('anchor_conf', anchor_conf),
+    ('target_conf', target_conf),
+    ('anchor_label', anchor_label),
+    ('valid', valid),
+  ):
     if x.shape != (n,):
       raise ValueError(f'{name} must be [N] = [{n}]; got {x.shape}.')
   k = neg_feats.shape[0] if neg_feats.ndim == 2 else None
   if k is None or neg_feats.shape[1] != d:
-    raise ValueError(f'neg_feats must be [K, D] with D = {d}; got '
-                     f'{neg_feats.shape}.')
+    raise ValueError(f'neg_feats must be [K, D] with D = {d}; got {neg_feats.shape}.')
   if neg_labels.shape != (k,) or neg_valid.shape != (k,):
-    raise ValueError(f'neg_labels and neg_valid must be [K] = [{k}]; got '
-                     f'{neg_labels.shape} and {neg_valid.shape}.')
+    raise ValueError(
+      f'neg_labels and neg_valid must be [K] = [{k}]; got {neg_labels.shape} and {neg_valid.shape}.'
+    )
   if not temperature > 0:
     raise ValueError(f'temperature must be > 0; got {temperature}.')
   if int(chunk_size) < 1:
@@ -382,8 +401,9 @@ def _ratio(num, den):
   return num / jnp.maximum(den, 1.0)
 
 
-def _negative_sums(anchor, anchor_label, neg_feats, neg_labels, neg_valid, *,
-                   num_classes, filter_negatives):
+def _negative_sums(
+  anchor, anchor_label, neg_feats, neg_labels, neg_valid, *, num_classes, filter_negatives
+):
   """Per anchor, M_k = Σ_j m_kj and V_k = Σ_j m_kj n_j, without an [N, K] pass.
 
   The mask m_kj = valid_j [label_j ≠ y_k] depends on j only through label_j,
@@ -400,11 +420,11 @@ def _negative_sums(anchor, anchor_label, neg_feats, neg_labels, neg_valid, *,
     return jnp.broadcast_to(total, anchor_label.shape), anchor @ vsum
   labels = neg_labels.astype(jnp.int32)
   hist = jax.ops.segment_sum(valid, labels, num_segments=num_classes)  # [C]
-  class_sum = jax.ops.segment_sum(neg_feats * valid[:, None], labels,
-                                  num_segments=num_classes)  # [C, D]
+  class_sum = jax.ops.segment_sum(
+    neg_feats * valid[:, None], labels, num_segments=num_classes
+  )  # [C, D]
   own = jnp.clip(anchor_label, 0, num_classes - 1)
-  return (total - hist[own],
-          jnp.sum(anchor * (vsum[None, :] - class_sum[own]), axis=-1))
+  return (total - hist[own], jnp.sum(anchor * (vsum[None, :] - class_sum[own]), axis=-1))
 
 
 def _true_index(true, num_classes):
@@ -413,8 +433,9 @@ def _true_index(true, num_classes):
   return jnp.where((true >= 0) & (true < num_classes), true, num_classes)
 
 
-def _false_negative_sums(anchor_label, anchor_true, neg_labels, neg_valid,
-                         neg_true, *, num_classes, filter_negatives):
+def _false_negative_sums(
+  anchor_label, anchor_true, neg_labels, neg_valid, neg_true, *, num_classes, filter_negatives
+):
   """Per anchor, (#valid negatives of known true class, # of them of class t_k).
 
   As `_negative_sums`, from a joint histogram J[label, true] of the valid
@@ -425,8 +446,9 @@ def _false_negative_sums(anchor_label, anchor_true, neg_labels, neg_valid,
   c = num_classes
   valid = jnp.asarray(neg_valid, jnp.float32)
   labels = jnp.clip(neg_labels.astype(jnp.int32), 0, c - 1)
-  joint = jax.ops.segment_sum(valid, labels * (c + 1) + _true_index(neg_true, c),
-                              num_segments=c * (c + 1)).reshape(c, c + 1)
+  joint = jax.ops.segment_sum(
+    valid, labels * (c + 1) + _true_index(neg_true, c), num_segments=c * (c + 1)
+  ).reshape(c, c + 1)
   by_true = jnp.sum(joint, axis=0)  # [C + 1]
   t = jnp.minimum(_true_index(anchor_true, c), c - 1)
   known, same = jnp.sum(by_true[:c]), by_true[t]
@@ -436,12 +458,31 @@ def _false_negative_sums(anchor_label, anchor_true, neg_labels, neg_valid,
   return (known - jnp.sum(joint[:, :c], axis=1)[own], same - joint[own, t])
 
 
-def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
-                 valid, neg_feats, neg_labels, neg_valid, *, temperature,
-                 pos_threshold, directional, filter_negatives, chunk_size,
-                 matmul_dtype, anchor_block=DEFAULT_ANCHOR_BLOCK,
-                 shift='positive', num_classes=None, target_label=None,
-                 anchor_true=None, target_true=None, neg_true=None):
+def dc_direction(
+  anchor,
+  target,
+  anchor_conf,
+  target_conf,
+  anchor_label,
+  valid,
+  neg_feats,
+  neg_labels,
+  neg_valid,
+  *,
+  temperature,
+  pos_threshold,
+  directional,
+  filter_negatives,
+  chunk_size,
+  matmul_dtype,
+  anchor_block=DEFAULT_ANCHOR_BLOCK,
+  shift='positive',
+  num_classes=None,
+  target_label=None,
+  anchor_true=None,
+  target_true=None,
+  neg_true=None,
+):
   """One direction of the DC loss with its weights and diagnostics.
 
   The loss and its gradient are those of `directional_contrastive_loss`
@@ -483,40 +524,58 @@ def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
     (loss, w, diag): float32 scalar, float32 [N] weights, dict of float32
     scalars (no gradient).
   """
-  _check_flat_inputs(anchor, target, anchor_conf, target_conf, anchor_label,
-                     valid, neg_feats, neg_labels, neg_valid, temperature,
-                     chunk_size)
+  _check_flat_inputs(
+    anchor,
+    target,
+    anchor_conf,
+    target_conf,
+    anchor_label,
+    valid,
+    neg_feats,
+    neg_labels,
+    neg_valid,
+    temperature,
+    chunk_size,
+  )
   truth = (target_label, anchor_true, target_true, neg_true)
   if any(x is not None for x in truth) and any(x is None for x in truth):
-    raise ValueError('target_label, anchor_true, target_true and neg_true go '
-                     'together: give all four or none.')
+    raise ValueError(
+      'target_label, anchor_true, target_true and neg_true go together: give all four or none.'
+    )
   truth = neg_true is not None and num_classes is not None
   if truth:
     n, k = anchor.shape[0], neg_feats.shape[0]
-    for name, x, size in (('target_label', target_label, n),
-                          ('anchor_true', anchor_true, n),
-                          ('target_true', target_true, n),
-                          ('neg_true', neg_true, k)):
+    for name, x, size in (
+      ('target_label', target_label, n),
+      ('anchor_true', anchor_true, n),
+      ('target_true', target_true, n),
+      ('neg_true', neg_true, k),
+    ):
       if x.shape != (size,):
         raise ValueError(f'{name} must be [{size}]; got {x.shape}.')
   inv_t = 1.0 / float(temperature)
   cfg = _LseConfig(
-      inv_temperature=inv_t, chunk_size=int(chunk_size),
-      filter_negatives=bool(filter_negatives),
-      shift=_shift_mode(shift, inv_t),
-      matmul_dtype=resolve_matmul_dtype(matmul_dtype),
-      anchor_block=anchor_block_rows(anchor_block, anchor.shape[0]))
+    inv_temperature=inv_t,
+    chunk_size=int(chunk_size),
+    filter_negatives=bool(filter_negatives),
+    shift=_shift_mode(shift, inv_t),
+    matmul_dtype=resolve_matmul_dtype(matmul_dtype),
+    anchor_block=anchor_block_rows(anchor_block, anchor.shape[0]),
+  )
   anchor = anchor.astype(jnp.float32)
   target = lax.stop_gradient(target.astype(jnp.float32))
   pos = jnp.sum(anchor * target, axis=-1) * inv_t  # [N]
   anchor_label = lax.stop_gradient(anchor_label).astype(jnp.int32)
   neg_feats = lax.stop_gradient(neg_feats.astype(jnp.float32))
   neg_valid = jnp.asarray(neg_valid, bool)
-  w = lax.stop_gradient(contrastive_weights(
-      anchor_conf, target_conf, valid, pos_threshold=pos_threshold,
-      directional=directional))
-  lse = _negative_lse(anchor, pos, anchor_label, neg_feats,
-                      neg_labels.astype(jnp.int32), neg_valid, w > 0, cfg)
+  w = lax.stop_gradient(
+    contrastive_weights(
+      anchor_conf, target_conf, valid, pos_threshold=pos_threshold, directional=directional
+    )
+  )
+  lse = _negative_lse(
+    anchor, pos, anchor_label, neg_feats, neg_labels.astype(jnp.int32), neg_valid, w > 0, cfg
+  )
   per_anchor = lse - pos  # −log softmax of the positive, ≥ 0, finite
   loss = jnp.sum(w * per_anchor) / (jnp.sum(w) + 1e-12)
   if num_classes is None:
@@ -525,43 +584,66 @@ def dc_direction(anchor, target, anchor_conf, target_conf, anchor_label,
   c = int(num_classes)
   sg = lax.stop_gradient
   a = sg(anchor)
-  num_neg, dot_neg = _negative_sums(a, anchor_label, neg_feats, neg_labels,
-                                    neg_valid, num_classes=c,
-                                    filter_negatives=filter_negatives)
+  num_neg, dot_neg = _negative_sums(
+    a,
+    anchor_label,
+    neg_feats,
+    neg_labels,
+    neg_valid,
+    num_classes=c,
+    filter_negatives=filter_negatives,
+  )
   active = jnp.sum(w)
   mean = lambda x: _ratio(jnp.sum(w * x), active)
   diag = {
-      'valid_negatives': mean(num_neg),
-      'loss_gap': mean(jnp.log1p(num_neg) - sg(per_anchor)),
-      'cos_pos': mean(jnp.sum(a * target, axis=-1)),
-      'cos_neg': _ratio(jnp.sum(w * dot_neg), jnp.sum(w * num_neg)),
+    'valid_negatives': mean(num_neg),
+    'loss_gap': mean(jnp.log1p(num_neg) - sg(per_anchor)),
+    'cos_pos': mean(jnp.sum(a * target, axis=-1)),
+    'cos_neg': _ratio(jnp.sum(w * dot_neg), jnp.sum(w * num_neg)),
   }
   if truth:
-    anchor_true, target_true = (sg(x).astype(jnp.int32)
-                                for x in (anchor_true, target_true))
+    anchor_true, target_true = (sg(x).astype(jnp.int32) for x in (anchor_true, target_true))
     known_neg, same_neg = _false_negative_sums(
-        anchor_label, anchor_true, neg_labels, neg_valid, neg_true,
-        num_classes=c, filter_negatives=filter_negatives)
+      anchor_label,
+      anchor_true,
+      neg_labels,
+      neg_valid,
+      neg_true,
+      num_classes=c,
+      filter_negatives=filter_negatives,
+    )
     w_a = w * (_true_index(anchor_true, c) < c)
     w_t = w * (_true_index(target_true, c) < c)
     diag.update(
-        anchor_label_acc=_ratio(jnp.sum(w_a * (anchor_label == anchor_true)),
-                                jnp.sum(w_a)),
-        target_label_acc=_ratio(
-            jnp.sum(w_t * (sg(target_label).astype(jnp.int32) == target_true)),
-            jnp.sum(w_t)),
-        false_neg_rate=_ratio(jnp.sum(w_a * same_neg), jnp.sum(w_a * known_neg)))
+      anchor_label_acc=_ratio(jnp.sum(w_a * (anchor_label == anchor_true)), jnp.sum(w_a)),
+      target_label_acc=_ratio(
+        jnp.sum(w_t * (sg(target_label).astype(jnp.int32) == target_true)), jnp.sum(w_t)
+      ),
+      false_neg_rate=_ratio(jnp.sum(w_a * same_neg), jnp.sum(w_a * known_neg)),
+    )
   return loss, w, diag
 
 
-def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
-                                 anchor_label, valid, neg_feats, neg_labels,
-                                 neg_valid, *, temperature=0.1,
-                                 pos_threshold=0.75, directional=True,
-                                 filter_negatives=True, chunk_size=8192,
-                                 matmul_dtype='auto',
-                                 anchor_block=DEFAULT_ANCHOR_BLOCK,
-                                 shift='positive'):
+def directional_contrastive_loss(
+  anchor,
+  target,
+  anchor_conf,
+  target_conf,
+  anchor_label,
+  valid,
+  neg_feats,
+  neg_labels,
+  neg_valid,
+  *,
+  temperature=0.1,
+  pos_threshold=0.75,
+  directional=True,
+  filter_negatives=True,
+  chunk_size=8192,
+  matmul_dtype='auto',
+  anchor_block=DEFAULT_ANCHOR_BLOCK,
+  shift='positive',
+):
   """One direction of the DC loss on flat arrays (docs/method.md §4).
 
   loss = Σ_k w_k l_k / (Σ_k w_k + 1e-12) with
@@ -600,11 +682,24 @@ def directional_contrastive_loss(anchor, target, anchor_conf, target_conf,
     float32 scalar. Differentiable in `anchor` only.
   """
   loss, _, _ = dc_direction(
-      anchor, target, anchor_conf, target_conf, anchor_label, valid,
-      neg_feats, neg_labels, neg_valid, temperature=temperature,
-      pos_threshold=pos_threshold, directional=directional,
-      filter_negatives=filter_negatives, chunk_size=chunk_size,
-      matmul_dtype=matmul_dtype, anchor_block=anchor_block, shift=shift)
+    anchor,
+    target,
+    anchor_conf,
+    target_conf,
+    anchor_label,
+    valid,
+    neg_feats,
+    neg_labels,
+    neg_valid,
+    temperature=temperature,
+    pos_threshold=pos_threshold,
+    directional=directional,
+    filter_negatives=filter_negatives,
+    chunk_size=chunk_size,
+    matmul_dtype=matmul_dtype,
+    anchor_block=anchor_block,
+    shift=shift,
+  )
   return loss
 
 
@@ -620,8 +715,9 @@ def _sample_cells(key, maps, num):
   b, v, hw = maps[0].shape[:3]
   scores = jax.random.uniform(key, (b, v, hw))
   _, idx = lax.top_k(scores, num)  # [B, V, num], distinct within each map
-  return [jnp.take_along_axis(
-      x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2) for x in maps]
+  return [
+    jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2) for x in maps
+  ]
 
 
 # Name scope of every op of `dc_loss_from_views`, forward and backward (the
@@ -630,13 +726,33 @@ DC_SCOPE = 'dc_loss'
 
 
 @jax.named_scope(DC_SCOPE)
-def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
-                       flip2, bank_feats, bank_labels, bank_valid, *, key,
-                       temperature, pos_threshold, directional,
-                       filter_negatives, neg_per_image=0, chunk_size=8192,
-                       matmul_dtype='auto', anchor_block=DEFAULT_ANCHOR_BLOCK,
-                       shift='positive', diagnostics=True, truth1=None,
-                       truth2=None):
+def dc_loss_from_views(
+  proj1,
+  proj2,
+  logits1,
+  logits2,
+  box1,
+  box2,
+  flip1,
+  flip2,
+  bank_feats,
+  bank_labels,
+  bank_valid,
+  *,
+  key,
+  temperature,
+  pos_threshold,
+  directional,
+  filter_negatives,
+  neg_per_image=0,
+  chunk_size=8192,
+  matmul_dtype='auto',
+  anchor_block=DEFAULT_ANCHOR_BLOCK,
+  shift='positive',
+  diagnostics=True,
+  truth1=None,
+  truth2=None,
+):
   """The full DC loss L_1→2 + L_2→1 of a batch of unlabeled view pairs.
 
   Args:
@@ -673,19 +789,18 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
     `dc_direction` (the ground-truth ones only with truth1/truth2).
   """
   if proj1.ndim != 4 or proj1.shape != proj2.shape:
-    raise ValueError(f'proj1 and proj2 must both be [B, h, w, D]; got '
-                     f'{proj1.shape} and {proj2.shape}.')
+    raise ValueError(
+      f'proj1 and proj2 must both be [B, h, w, D]; got {proj1.shape} and {proj2.shape}.'
+    )
   b, h, w, d = proj1.shape
   for name, x in (('logits1', logits1), ('logits2', logits2)):
     if x.ndim != 4 or x.shape[:3] != (b, h, w):
-      raise ValueError(f'{name} must be [B, h, w, K] = [{b}, {h}, {w}, K]; '
-                       f'got {x.shape}.')
+      raise ValueError(f'{name} must be [B, h, w, K] = [{b}, {h}, {w}, K]; got {x.shape}.')
   if bank_feats.ndim != 2 or bank_feats.shape[1] != d:
     raise ValueError(f'bank_feats must be [C, {d}]; got {bank_feats.shape}.')
   hw = h * w
   if not 0 <= neg_per_image <= hw:
-    raise ValueError(f'neg_per_image must be in [0, h*w = {hw}]; got '
-                     f'{neg_per_image}.')
+    raise ValueError(f'neg_per_image must be in [0, h*w = {hw}]; got {neg_per_image}.')
   if neg_per_image and key is None:
     raise ValueError('neg_per_image > 0 needs a PRNG key (key=...).')
   if (truth1 is None) != (truth2 is None):
@@ -694,8 +809,9 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
   if with_truth:
     for name, x in (('truth1', truth1), ('truth2', truth2)):
       if x.shape != (b, h, w):
-        raise ValueError(f'{name} must be [B, h, w] = [{b}, {h}, {w}] (the '
-                         f'stride-8 cell grid); got {x.shape}.')
+        raise ValueError(
+          f'{name} must be [B, h, w] = [{b}, {h}, {w}] (the stride-8 cell grid); got {x.shape}.'
+        )
 
   # Pseudo-labels and confidences (no gradient), everything in the unflipped
   # frame so that the boxes apply.
@@ -711,12 +827,14 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
   # Cell k of view 1 <-> cell index2[k] of view 2 (valid inside the overlap).
   valid, index2 = overlap_lib.batched_overlap_index_map(box1, box2, (h, w))
   gather2 = lambda x: jnp.take_along_axis(
-      x, index2.reshape(index2.shape + (1,) * (x.ndim - 2)), axis=1)
+    x, index2.reshape(index2.shape + (1,) * (x.ndim - 2)), axis=1
+  )
   feats2_at, conf2_at, label2_at = gather2(feats2), gather2(conf2), gather2(label2)
   if with_truth:
-    true1, true2 = (overlap_lib.unflip(
-        lax.stop_gradient(x).astype(jnp.int32), f).reshape(b, hw)
-                    for x, f in ((truth1, flip1), (truth2, flip2)))
+    true1, true2 = (
+      overlap_lib.unflip(lax.stop_gradient(x).astype(jnp.int32), f).reshape(b, hw)
+      for x, f in ((truth1, flip1), (truth2, flip2))
+    )
     true2_at = gather2(true2)
 
   # Negatives: this step's cells of both views of every image (no gradient),
@@ -733,44 +851,82 @@ def dc_loss_from_views(proj1, proj2, logits1, logits2, box1, box2, flip1,
   new_labels = view_labels.reshape(-1)
   neg_feats = jnp.concatenate([new_feats, bank_feats.astype(jnp.float32)])
   neg_labels = jnp.concatenate([new_labels, bank_labels.astype(jnp.int32)])
-  neg_valid = jnp.concatenate(
-      [jnp.ones(new_labels.shape, bool), jnp.asarray(bank_valid, bool)])
-  neg_true = None if not with_truth else jnp.concatenate(
-      [view_maps[2].reshape(-1),
-       jnp.full(bank_labels.shape, IGNORE_LABEL, jnp.int32)])
+  neg_valid = jnp.concatenate([jnp.ones(new_labels.shape, bool), jnp.asarray(bank_valid, bool)])
+  neg_true = (
+    None
+    if not with_truth
+    else jnp.concatenate(
+      [view_maps[2].reshape(-1), jnp.full(bank_labels.shape, IGNORE_LABEL, jnp.int32)]
+    )
+  )
 
   flat = lambda x: x.reshape((b * hw,) + x.shape[2:])
   valid = flat(valid)
-  kwargs = dict(temperature=temperature, pos_threshold=pos_threshold,
-                directional=directional, filter_negatives=filter_negatives,
-                chunk_size=chunk_size, matmul_dtype=matmul_dtype,
-                anchor_block=anchor_block, shift=shift,
-                num_classes=logits1.shape[-1] if diagnostics else None)
+  kwargs = dict(
+    temperature=temperature,
+    pos_threshold=pos_threshold,
+    directional=directional,
+    filter_negatives=filter_negatives,
+    chunk_size=chunk_size,
+    matmul_dtype=matmul_dtype,
+    anchor_block=anchor_block,
+    shift=shift,
+    num_classes=logits1.shape[-1] if diagnostics else None,
+  )
   truth_12 = truth_21 = {}
   if with_truth:
-    truth_12 = dict(target_label=flat(label2_at), anchor_true=flat(true1),
-                    target_true=flat(true2_at), neg_true=neg_true)
-    truth_21 = dict(target_label=flat(label1), anchor_true=flat(true2_at),
-                    target_true=flat(true1), neg_true=neg_true)
+    truth_12 = dict(
+      target_label=flat(label2_at),
+      anchor_true=flat(true1),
+      target_true=flat(true2_at),
+      neg_true=neg_true,
+    )
+    truth_21 = dict(
+      target_label=flat(label1),
+      anchor_true=flat(true2_at),
+      target_true=flat(true1),
+      neg_true=neg_true,
+    )
   loss_12, w_12, diag_12 = dc_direction(
-      flat(feats1), flat(feats2_at), flat(conf1), flat(conf2_at), flat(label1),
-      valid, neg_feats, neg_labels, neg_valid, **kwargs, **truth_12)
+    flat(feats1),
+    flat(feats2_at),
+    flat(conf1),
+    flat(conf2_at),
+    flat(label1),
+    valid,
+    neg_feats,
+    neg_labels,
+    neg_valid,
+    **kwargs,
+    **truth_12,
+  )
   loss_21, w_21, diag_21 = dc_direction(
-      flat(feats2_at), flat(feats1), flat(conf2_at), flat(conf1),
-      flat(label2_at), valid, neg_feats, neg_labels, neg_valid, **kwargs,
-      **truth_21)
+    flat(feats2_at),
+    flat(feats1),
+    flat(conf2_at),
+    flat(conf1),
+    flat(label2_at),
+    valid,
+    neg_feats,
+    neg_labels,
+    neg_valid,
+    **kwargs,
+    **truth_21,
+  )
   num_overlap = jnp.sum(valid).astype(jnp.float32)
   denom = jnp.maximum(num_overlap, 1.0)
   aux = {
-      'loss_12': loss_12,
-      'loss_21': loss_21,
-      'active_frac_12': jnp.sum(w_12) / denom,
-      'active_frac_21': jnp.sum(w_21) / denom,
-      'overlap_frac': num_overlap / (b * hw),
-      'new_neg_feats': new_feats,
-      'new_neg_labels': new_labels,
-      'diagnostics': {f'dc_{name}_{direction}': value
-                      for direction, diag in (('12', diag_12), ('21', diag_21))
-                      for name, value in diag.items()},
+    'loss_12': loss_12,
+    'loss_21': loss_21,
+    'active_frac_12': jnp.sum(w_12) / denom,
+    'active_frac_21': jnp.sum(w_21) / denom,
+    'overlap_frac': num_overlap / (b * hw),
+    'new_neg_feats': new_feats,
+    'new_neg_labels': new_labels,
+    'diagnostics': {
+      f'dc_{name}_{direction}': value
+      for direction, diag in (('12', diag_12), ('21', diag_21))
+      for name, value in diag.items()
+    },
   }
   return loss_12 + loss_21, aux

@@ -12,25 +12,31 @@ checkpoint write or restore failure), with a message naming the step and the
 checkpoint to resume from. Paths are resolved against the directory the
 command was started from (`cac_jax.paths`).
 """
+
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cac_jax import cli
-from cac_jax import paths
+from cac_jax import cli, paths
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and TensorBoard.')
 _MULTIHOST = flags.DEFINE_bool(
-    'multihost', os.environ.get('CAC_MULTIHOST', '') == '1',
-    'Call jax.distributed.initialize() (every host runs the same command).')
+  'multihost',
+  os.environ.get('CAC_MULTIHOST', '') == '1',
+  'Call jax.distributed.initialize() (every host runs the same command).',
+)
 _VALIDATE_ONLY = flags.DEFINE_bool(
-    'validate_only', False, 'Check the config and every data file, then exit.')
+  'validate_only', False, 'Check the config and every data file, then exit.'
+)
 _STOP_AT_STEP = flags.DEFINE_integer(
-    'stop_at_step', None, 'Stop with a checkpoint once this global step is reached '
-    '(the schedule still spans total_steps); rerun without it to continue.')
+  'stop_at_step',
+  None,
+  'Stop with a checkpoint once this global step is reached '
+  '(the schedule still spans total_steps); rerun without it to continue.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -43,6 +49,7 @@ def initialize_distributed():
   CPU backend then needs gloo for cross-process collectives.
   """
   import jax
+
   coordinator = os.environ.get('CAC_COORDINATOR')
   if not coordinator:
     jax.distributed.initialize()
@@ -50,9 +57,10 @@ def initialize_distributed():
   # Harmless for GPU/TPU backends; required for CPU processes to all-reduce.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
-      coordinator_address=coordinator,
-      num_processes=int(os.environ['CAC_NUM_PROCESSES']),
-      process_id=int(os.environ['CAC_PROCESS_ID']))
+    coordinator_address=coordinator,
+    num_processes=int(os.environ['CAC_NUM_PROCESSES']),
+    process_id=int(os.environ['CAC_PROCESS_ID']),
+  )
 
 
 def _flag_error(error: Exception, argv) -> str | None:
@@ -66,8 +74,10 @@ def _flag_error(error: Exception, argv) -> str | None:
   if isinstance(error, AttributeError):
     field = str(error).strip('"\'')
     where = [a for a in argv[1:] if a.startswith('--config.') and field in a]
-    return (f'{where[0] if where else field}: {field!r} is not a config field '
-            '(typo? the schema is base_config() in cac_jax/config_lib.py)')
+    return (
+      f'{where[0] if where else field}: {field!r} is not a config field '
+      '(typo? the schema is base_config() in cac_jax/config_lib.py)'
+    )
   if isinstance(error, OSError):
     return ' '.join(str(error).split()) + ' (check the --config path)'
   if isinstance(error, flags.Error):
@@ -98,6 +108,7 @@ def main(argv):
   del argv
   cli.quiet_library_noise()
   import jax
+
   if _MULTIHOST.value:
     initialize_distributed()
   from cac_jax import checkpoint as ckpt_lib
@@ -110,8 +121,8 @@ def main(argv):
   try:
     if _VALIDATE_ONLY.value:
       from cac_jax.data import validate
-      config_lib.validate(config, num_devices=jax.device_count(),
-                          num_processes=jax.process_count())
+
+      config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
       for warning in config_lib.warnings_for(config):
         print(f'warning: {warning}', file=sys.stderr)
       validate.validate_config_data(config)
@@ -122,16 +133,19 @@ def main(argv):
     # User errors (including DataError): a clear message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except (train.NonFiniteLossError, ckpt_lib.CheckpointWriteError,
-          ckpt_lib.CheckpointRestoreError) as e:
+  except (
+    train.NonFiniteLossError,
+    ckpt_lib.CheckpointWriteError,
+    ckpt_lib.CheckpointRestoreError,
+  ) as e:
     # Faults the messages explain (step, cause, checkpoint kept); a stack
     # trace would add nothing.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if scores:
-    line = f"final val mIoU: {scores['miou']:.4f}"
+    line = f'final val mIoU: {scores["miou"]:.4f}'
     if 'best_miou' in scores:
-      line += f" (best {scores['best_miou']:.4f} at step {scores['best_step']})"
+      line += f' (best {scores["best_miou"]:.4f} at step {scores["best_step"]})'
     print(line)
 
 

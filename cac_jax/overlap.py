@@ -13,6 +13,7 @@ under `jax.jit`. Instead each image keeps its full `h × w` stride-8 grid with
 and `jax.vmap` runs the per-image function over the batch. Nothing here
 imports TensorFlow.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -41,8 +42,7 @@ def overlap_index_map(box1, box2, grid_shape, stride=FEATURE_STRIDE):
   box2 = jnp.asarray(box2, jnp.int32) // stride
   rows = jnp.arange(h, dtype=jnp.int32)[:, None]  # [h, 1]
   cols = jnp.arange(w, dtype=jnp.int32)[None, :]  # [1, w]
-  inside1 = ((rows >= box1[0]) & (rows < box1[2]) &
-             (cols >= box1[1]) & (cols < box1[3]))  # [h, w]
+  inside1 = (rows >= box1[0]) & (rows < box1[2]) & (cols >= box1[1]) & (cols < box1[3])  # [h, w]
   rows2 = rows - box1[0] + box2[0]
   cols2 = cols - box1[1] + box2[1]
   on_grid2 = (rows2 >= 0) & (rows2 < h) & (cols2 >= 0) & (cols2 < w)
@@ -66,8 +66,9 @@ def batched_overlap_index_map(box1, box2, grid_shape, stride=FEATURE_STRIDE):
   box2 = jnp.asarray(box2)
   if box1.ndim != 2 or box1.shape[-1] != 4 or box1.shape != box2.shape:
     raise ValueError(
-        f'box1 and box2 must both be [B, 4] (top, left, bottom, right); got '
-        f'{box1.shape} and {box2.shape}.')
+      f'box1 and box2 must both be [B, 4] (top, left, bottom, right); got '
+      f'{box1.shape} and {box2.shape}.'
+    )
   if len(grid_shape) != 2:
     raise ValueError(f'grid_shape must be (h, w); got {grid_shape}.')
   fn = lambda b1, b2: overlap_index_map(b1, b2, tuple(grid_shape), stride)
@@ -87,7 +88,7 @@ def unflip(x, flip):
   flip = jnp.asarray(flip, bool)
   if x.ndim < 3 or flip.shape != x.shape[:1]:
     raise ValueError(
-        f'unflip expects x [B, h, w, ...] and flip [B]; got {x.shape} and '
-        f'{flip.shape}.')
+      f'unflip expects x [B, h, w, ...] and flip [B]; got {x.shape} and {flip.shape}.'
+    )
   flip = flip.reshape(flip.shape + (1,) * (x.ndim - 1))
   return jnp.where(flip, jnp.flip(x, axis=2), x)

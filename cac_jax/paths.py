@@ -7,13 +7,19 @@ path a user passes (`--workdir`, `data.root`, `init_from`, split files,
 paths become absolute, and remote URLs (`gs://bucket/run`) are left as they
 are. NumPy-free and TensorFlow-free.
 """
+
 import os
 
 # init_from values that name a weight source, not a file.
 SPECIAL_INIT = ('', 'imagenet-if-present', 'imagenet')
 # config fields that hold a path (dotted), resolved by `resolve_config`.
-CONFIG_PATH_FIELDS = ('data.root', 'data.labeled_split_file', 'data.unlabeled_split_file',
-                      'init_from', 'fork_from')
+CONFIG_PATH_FIELDS = (
+  'data.root',
+  'data.labeled_split_file',
+  'data.unlabeled_split_file',
+  'init_from',
+  'fork_from',
+)
 
 
 def is_remote(path: str) -> bool:

@@ -25,6 +25,7 @@ Sharded like training: the images are a global batch on 'data' (each host
 feeds its own rows, `sharding.to_global`), so every batch statistic is a
 reduction over the global batch (SyncBN); the result is replicated.
 """
+
 from collections.abc import Mapping
 
 import jax
@@ -33,9 +34,10 @@ import numpy as np
 
 from cac_jax import sharding
 from cac_jax.models import layers
+
 # Folded into config.seed for the estimation's dropout keys; training's keys
 # fold in the step, which never gets this far.
-_DROPOUT_STREAM = 2 ** 31 - 1
+_DROPOUT_STREAM = 2**31 - 1
 
 
 def _map_layers(fn, tree):
@@ -57,8 +59,13 @@ def batch_moments(model, params, batch_stats, images, key):
   only; its values are never read.
   """
   zeros = jax.tree.map(jnp.zeros_like, batch_stats)
-  _, mutated = model.apply({'params': params, 'batch_stats': zeros}, images, train=True,
-                           rngs={'dropout': key}, mutable=['batch_stats'])
+  _, mutated = model.apply(
+    {'params': params, 'batch_stats': zeros},
+    images,
+    train=True,
+    rngs={'dropout': key},
+    mutable=['batch_stats'],
+  )
   return jax.tree.map(lambda x: x / (1 - layers.BN_MOMENTUM), mutated['batch_stats'])
 
 
@@ -75,6 +82,7 @@ def pool(moments: list) -> dict:
     mean = jnp.mean(s['mean'], axis=0)
     var = jnp.mean(s['var'], axis=0) + jnp.mean(jnp.square(s['mean'] - mean), axis=0)
     return {'mean': mean, 'var': var}
+
   return _map_layers(layer, stacked)
 
 
@@ -85,12 +93,13 @@ def make_estimate_fns(model, mesh, seed: int):
   global batch of images (sharded on 'data'), its dropout key folded from
   (seed, index); replicated output. pool_fn(list of moments) -> batch_stats.
   """
+
   def moments(params, batch_stats, images, index):
     # The key is made inside the jit (from Python ints and the index): no
     # host-side key array to place on a multi-host mesh.
     base = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
-    return batch_moments(model, params, batch_stats, images,
-                         jax.random.fold_in(base, index))
+    return batch_moments(model, params, batch_stats, images, jax.random.fold_in(base, index))
+
   rep = sharding.replicated(mesh)
   return jax.jit(moments, out_shardings=rep), jax.jit(pool, out_shardings=rep)
 
@@ -102,8 +111,10 @@ def estimate(fns, params, batch_stats, batches, mesh):
   nothing is fetched to the host.
   """
   moments_fn, pool_fn = fns
-  moments = [moments_fn(params, batch_stats, sharding.to_global(b['image'], mesh),
-                        np.int32(i)) for i, b in enumerate(batches)]
+  moments = [
+    moments_fn(params, batch_stats, sharding.to_global(b['image'], mesh), np.int32(i))
+    for i, b in enumerate(batches)
+  ]
   if not moments:
     raise ValueError('no batches to estimate the BatchNorm statistics from')
   return pool_fn(moments)
@@ -131,8 +142,10 @@ class Reestimator:
     if not self.enabled or state is self._last:
       return state
     from cac_jax.data import pipeline  # TF only where data is needed
-    batches = pipeline.bn_stats_iterator(self._config,
-                                         num_batches=int(self._config.bn.precise_batches))
+
+    batches = pipeline.bn_stats_iterator(
+      self._config, num_batches=int(self._config.bn.precise_batches)
+    )
     stats = estimate(self._fns, state.params, state.batch_stats, batches, self._mesh)
     self._last = state.replace(batch_stats=stats)
     return self._last

@@ -24,6 +24,7 @@ Unreadable files are reported and skipped; the last line says
 2 for a user error (no such run or folder, no images found, --out a file),
 1 if every image failed.
 """
+
 import os
 import sys
 
@@ -34,21 +35,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from cac_jax import cli
-from cac_jax import config_lib
-from cac_jax import constants
-from cac_jax import datasets
+from cac_jax import (
+  cli,
+  config_lib,
+  constants,
+  datasets,
+  evaluators,
+  paths,
+  restore,
+  run_dir,
+  visualize,
+)
 from cac_jax import evaluate as eval_lib
-from cac_jax import evaluators
-from cac_jax import paths
-from cac_jax import restore
-from cac_jax import run_dir
-from cac_jax import visualize
 
 # What the image decoder (TensorFlow's, shared with training) reads.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 MULTIPLE = constants.FEATURE_STRIDE  # eval protocol: pad to a multiple of the stride
-MIN_SIDE = MULTIPLE                  # reflect padding needs at least this many pixels
+MIN_SIDE = MULTIPLE  # reflect padding needs at least this many pixels
 
 
 class BadImageError(ValueError):
@@ -69,15 +72,20 @@ def list_images(path: str) -> list[str]:
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise config_lib.ConfigError(f'--images={path} is neither a file nor a folder; pass '
-                                 'an image or a folder of images')
-  found = [os.path.join(path, name) for name in sorted(os.listdir(path))
-           if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-           and os.path.isfile(os.path.join(path, name))]
+    raise config_lib.ConfigError(
+      f'--images={path} is neither a file nor a folder; pass an image or a folder of images'
+    )
+  found = [
+    os.path.join(path, name)
+    for name in sorted(os.listdir(path))
+    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    and os.path.isfile(os.path.join(path, name))
+  ]
   if not found:
     raise config_lib.ConfigError(
-        f'no images found in --images={path} (looked for {", ".join(IMAGE_EXTENSIONS)} '
-        'files, any case); pass a folder that holds images, or one image')
+      f'no images found in --images={path} (looked for {", ".join(IMAGE_EXTENSIONS)} '
+      'files, any case); pass a folder that holds images, or one image'
+    )
   return found
 
 
@@ -89,8 +97,10 @@ def check_out_dir(out: str) -> None:
 def output_ids(paths: list[str]) -> list[str]:
   """File stems as output ids; `a.jpg` and `a.png` together become a_jpg, a_png."""
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  return [s if stems.count(s) == 1 else os.path.basename(p).replace('.', '_')
-          for s, p in zip(stems, paths)]
+  return [
+    s if stems.count(s) == 1 else os.path.basename(p).replace('.', '_')
+    for s, p in zip(stems, paths)
+  ]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -103,18 +113,22 @@ def read_image(path: str) -> np.ndarray:
     BadImageError: unreadable, or a side shorter than 8 pixels.
   """
   import tensorflow as tf  # the shared decoder; only the CLI path needs TF
+
   from cac_jax.data import sources
+
   try:
     with open(path, 'rb') as f:
       data = f.read()
     image = sources.decode_image(tf.constant(data), from_files=False).numpy()
   except (OSError, tf.errors.OpError) as e:
     message = getattr(e, 'message', str(e)).strip().splitlines()
-    raise BadImageError(f'cannot read image ({type(e).__name__}: '
-                        f'{message[0] if message else ""})') from None
+    raise BadImageError(
+      f'cannot read image ({type(e).__name__}: {message[0] if message else ""})'
+    ) from None
   if min(image.shape[:2]) < MIN_SIDE:
-    raise BadImageError(f'image is {image.shape[0]}x{image.shape[1]}; both sides '
-                        f'must be at least {MIN_SIDE} pixels')
+    raise BadImageError(
+      f'image is {image.shape[0]}x{image.shape[1]}; both sides must be at least {MIN_SIDE} pixels'
+    )
   return image
 
 
@@ -144,14 +158,14 @@ class Predictor:
   variables are moved to the first device and the work runs there.
   """
 
-  def __init__(self, model, variables, *, flip: bool = False, scales=(1.0,),
-               window: int = 0):
+  def __init__(self, model, variables, *, flip: bool = False, scales=(1.0,), window: int = 0):
     self.device = jax.devices()[0]
     self.variables = jax.device_put(variables, self.device)
     scores = eval_lib.make_predict_fn(model, flip=flip, scales=scales, window=window)
 
     def predict(variables, x):
       return jnp.argmax(scores(variables, {'image': x}), axis=-1).astype(jnp.int32)
+
     self._predict = jax.jit(predict)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -176,21 +190,23 @@ def dataset_palette(config) -> np.ndarray:
 def save_mask(mask: np.ndarray, palette: np.ndarray, path: str) -> None:
   """Writes a mode-'P' PNG: values = class ids, palette = class colours."""
   full = np.zeros((256, 3), np.uint8)  # 255 (ignore) and unused ids: black
-  full[:len(palette)] = palette
+  full[: len(palette)] = palette
   im = Image.fromarray(mask.astype(np.uint8), mode='P')
   im.putpalette(full.reshape(-1).tolist())
   im.save(path)
 
 
-def save_overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
-                 path: str, alpha: float = 0.5) -> None:
+def save_overlay(
+  image: np.ndarray, mask: np.ndarray, palette: np.ndarray, path: str, alpha: float = 0.5
+) -> None:
   """Writes image | mask blended over image, as a JPEG."""
   blended = visualize.overlay(image, visualize.colorize(mask, palette), alpha)
   Image.fromarray(visualize.side_by_side(image, blended, gap=4)).save(path, quality=92)
 
 
-def predict_paths(predictor, paths: list[str], out_dir: str,
-                  palette: np.ndarray) -> tuple[int, list[tuple[str, str]]]:
+def predict_paths(
+  predictor, paths: list[str], out_dir: str, palette: np.ndarray
+) -> tuple[int, list[tuple[str, str]]]:
   """Segments each path; writes <id>.png and <id>_overlay.jpg under out_dir.
 
   Returns:
@@ -214,9 +230,16 @@ def predict_paths(predictor, paths: list[str], out_dir: str,
   return done, skipped
 
 
-def run(workdir: str, images: str, out: str, *, which: str = 'best',
-        step: int | None = None, flip: bool | None = None,
-        overrides: dict | None = None) -> int:
+def run(
+  workdir: str,
+  images: str,
+  out: str,
+  *,
+  which: str = 'best',
+  step: int | None = None,
+  flip: bool | None = None,
+  overrides: dict | None = None,
+) -> int:
   """The CLI's work; returns the exit status (0: at least one image predicted).
 
   The prediction options are the run's config.eval (the default evaluator's),
@@ -227,11 +250,14 @@ def run(workdir: str, images: str, out: str, *, which: str = 'best',
   image_paths = list_images(images)
   check_out_dir(out)
   config, model, variables, step = restore.load_run(workdir, step=step, which=which)
-  eval_lib.apply_overrides(config, {**(overrides or {}),
-                                    **({} if flip is None else {'eval.flip': bool(flip)})})
+  eval_lib.apply_overrides(
+    config, {**(overrides or {}), **({} if flip is None else {'eval.flip': bool(flip)})}
+  )
   options = evaluators.prediction_options(config.eval)
-  print(f'checkpoint: {workdir} step {step} ({config.model.backbone}, '
-        f'{config.data.num_classes} classes){eval_lib.describe(config.eval)}')
+  print(
+    f'checkpoint: {workdir} step {step} ({config.model.backbone}, '
+    f'{config.data.num_classes} classes){eval_lib.describe(config.eval)}'
+  )
   predictor = Predictor(model, variables, **options)
   done, skipped = predict_paths(predictor, image_paths, out, dataset_palette(config))
   print(f'{done} predicted, {len(skipped)} skipped')
@@ -248,14 +274,17 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'The training run (holds checkpoints/).')
   flags.DEFINE_string('images', None, 'An image file, or a folder of images.')
   flags.DEFINE_string('out', None, 'Output folder for masks and overlays.')
-  flags.DEFINE_enum('which', 'best', restore.WHICH,
-                    'best: the highest val mIoU checkpoint; latest: the last one.')
+  flags.DEFINE_enum(
+    'which', 'best', restore.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
+  )
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
-  flags.DEFINE_bool('flip', None, 'Average with the mirrored image (default: as the run '
-                    'evaluates, its eval.flip).')
+  flags.DEFINE_bool(
+    'flip', None, 'Average with the mirrored image (default: as the run evaluates, its eval.flip).'
+  )
   # The run's eval options are the defaults; only those given are applied.
-  config_flags.DEFINE_config_dict('config', config_lib.base_config(),
-                                  'Overrides of eval fields: --config.eval.window=0.')
+  config_flags.DEFINE_config_dict(
+    'config', config_lib.base_config(), 'Overrides of eval fields: --config.eval.window=0.'
+  )
   flags.mark_flags_as_required(['workdir', 'images', 'out'])
 
 
@@ -268,8 +297,15 @@ def main(argv):
     # Orbax logs every file it touches at INFO; the CLI's own output is print.
     logging.set_verbosity(logging.WARNING)
   try:
-    status = run(f.workdir, f.images, f.out, which=f.which, step=f.step, flip=f.flip,
-                 overrides=config_flags.get_override_values(f['config']))
+    status = run(
+      f.workdir,
+      f.images,
+      f.out,
+      which=f.which,
+      step=f.step,
+      flip=f.flip,
+      overrides=config_flags.get_override_values(f['config']),
+    )
   except config_lib.ConfigError as e:
     # User errors (no checkpoint, bad path): the message, no stack trace.
     print(f'error: {e}', file=sys.stderr)

@@ -9,6 +9,7 @@ heavy layers it points into (the dataset table names TensorFlow readers
 without importing TensorFlow, the backbone table names flax modules without
 importing flax), so validating a config costs neither.
 """
+
 import importlib
 from typing import Any, Callable
 

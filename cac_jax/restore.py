@@ -10,6 +10,7 @@ The checkpoint directory is opened read-only: a training job may be writing to
 the same workdir, and a read-write CheckpointManager cleans up temporary
 directories on creation, which would delete a save in progress.
 """
+
 import os
 import sys
 
@@ -19,9 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib
-from cac_jax import paths
-from cac_jax import sharding
+from cac_jax import config_lib, paths, sharding
 from cac_jax import train_state as state_lib
 from cac_jax.models import build_model
 
@@ -40,14 +39,20 @@ def open_manager(workdir: str) -> ocp.CheckpointManager:
   """
   directory = epath.Path(workdir) / 'checkpoints'
   if not os.path.isdir(directory):
-    raise RunError(f'{directory} does not exist: --workdir must be the directory a '
-                   'training run wrote to (python -m cac_jax.main --workdir=...).')
+    raise RunError(
+      f'{directory} does not exist: --workdir must be the directory a '
+      'training run wrote to (python -m cac_jax.main --workdir=...).'
+    )
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_names=('state', 'config'))
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_names=('state', 'config'),
+  )
   if not manager.all_steps():
-    raise RunError(f'{directory} holds no finished checkpoint yet; wait for the '
-                   'run to save one (every config.checkpoint_every steps).')
+    raise RunError(
+      f'{directory} holds no finished checkpoint yet; wait for the '
+      'run to save one (every config.checkpoint_every steps).'
+    )
   return manager
 
 
@@ -89,8 +94,9 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
   # that a damaged checkpoint still names itself below.
   saved = ckpt_lib.saved_config(workdir, step)
   if saved is None:
-    raise RunError(f'no checkpoint in {manager.directory} holds a readable config; '
-                   'the run directory is damaged')
+    raise RunError(
+      f'no checkpoint in {manager.directory} holds a readable config; the run directory is damaged'
+    )
   config = _with_new_fields(ml_collections.ConfigDict(saved))
   model = build_model(config.model, num_classes=config.data.num_classes)
   # Only what inference needs is read (orbax partial restore): the optimiser
@@ -103,14 +109,19 @@ def load_run(workdir: str, *, step: int | None = None, which: str = 'best'):
     why = ckpt_lib.describe(e, 300)
     if explicit_step is not None:
       raise ckpt_lib.CheckpointRestoreError(
-          f'checkpoint {step} in {manager.directory} cannot be read ({why}); pass --step '
-          f'with another of the steps {sorted(manager.all_steps())}') from None
+        f'checkpoint {step} in {manager.directory} cannot be read ({why}); pass --step '
+        f'with another of the steps {sorted(manager.all_steps())}'
+      ) from None
     # The chosen (best or latest) checkpoint is damaged: the newest intact one.
-    print(f'warning: checkpoint {step} cannot be read ({why}); using the newest '
-          'intact checkpoint instead', file=sys.stderr)
+    print(
+      f'warning: checkpoint {step} cannot be read ({why}); using the newest '
+      'intact checkpoint instead',
+      file=sys.stderr,
+    )
     state, step = ckpt_lib.restore_latest_intact(manager, abstract)
     config = _with_new_fields(
-        ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved))
+      ml_collections.ConfigDict(ckpt_lib.saved_config(workdir, step) or saved)
+    )
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   manager.close()
   return config, model, variables, step
@@ -134,6 +145,7 @@ def _with_new_fields(config):
   as its default, so an old run resumes with the defaults too.)
   """
   from cac_jax import config_lib
+
   base = config_lib.base_config()
   with config.unlocked():
     for block in NEW_FIELD_BLOCKS:

@@ -15,22 +15,36 @@ Three checks run before a training run writes anything into its workdir:
 Remote workdirs (gs://) are not locked (object stores have no locks) and not
 probed; on a pod process 0 takes the lock and tells the other hosts.
 """
+
 import fcntl
 import json
 import os
 import socket
 import time
 
-from cac_jax import config_lib
-from cac_jax import paths
+from cac_jax import config_lib, paths
 
 LOCK_NAME = '.lock'
 # Config fields that a resumed run may change (prefixes end with '.').
-RESUMABLE = ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
-             'keep_checkpoints', 'eval.', 'data.root', 'data.eval_batch_size',
-             'data.validate', 'data.class_names', 'init_from', 'cac.chunk_size',
-             'cac.matmul_dtype', 'cac.anchor_block', 'cac.fused_passes',
-             'fork_from', 'fork_step')  # read only where a run starts
+RESUMABLE = (
+  'total_steps',
+  'log_every',
+  'eval_every',
+  'checkpoint_every',
+  'keep_checkpoints',
+  'eval.',
+  'data.root',
+  'data.eval_batch_size',
+  'data.validate',
+  'data.class_names',
+  'init_from',
+  'cac.chunk_size',
+  'cac.matmul_dtype',
+  'cac.anchor_block',
+  'cac.fused_passes',
+  'fork_from',
+  'fork_step',
+)  # read only where a run starts
 
 
 def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory') -> None:
@@ -42,7 +56,8 @@ def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory
     return
   if os.path.exists(path) and not os.path.isdir(path):
     raise config_lib.ConfigError(
-        f'{flag}={path} is a file, not a {noun}; pass a {noun} (it is created if missing)')
+      f'{flag}={path} is a file, not a {noun}; pass a {noun} (it is created if missing)'
+    )
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f'.write_test.{socket.gethostname()}.{os.getpid()}')
@@ -51,8 +66,9 @@ def check_writable(path: str, *, flag: str = '--workdir', noun: str = 'directory
     os.remove(probe)
   except OSError as e:
     raise config_lib.ConfigError(
-        f'{flag}={path} is not a writable {noun} ({type(e).__name__}: '
-        f'{e.strerror or e}); pass a {noun} you can write to') from None
+      f'{flag}={path} is not a writable {noun} ({type(e).__name__}: '
+      f'{e.strerror or e}); pass a {noun} you can write to'
+    ) from None
 
 
 class WorkdirLock:
@@ -84,14 +100,21 @@ class WorkdirLock:
         holder = {}
       f.close()
       raise config_lib.ConfigError(
-          f'{os.path.dirname(self.path)} is in use by another training run (host '
-          f"{holder.get('host', '?')}, PID {holder.get('pid', '?')}, since "
-          f"{holder.get('since', '?')}); wait for it to finish, stop it, or pass another "
-          '--workdir') from None
+        f'{os.path.dirname(self.path)} is in use by another training run (host '
+        f'{holder.get("host", "?")}, PID {holder.get("pid", "?")}, since '
+        f'{holder.get("since", "?")}); wait for it to finish, stop it, or pass another '
+        '--workdir'
+      ) from None
     f.seek(0)
     f.truncate()
-    json.dump({'host': socket.gethostname(), 'pid': os.getpid(),
-               'since': time.strftime('%Y-%m-%d %H:%M:%S')}, f)
+    json.dump(
+      {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'since': time.strftime('%Y-%m-%d %H:%M:%S'),
+      },
+      f,
+    )
     f.flush()
     self._file = f
 
@@ -163,9 +186,10 @@ def check_resumable(saved: dict, config, workdir: str) -> list[str]:
     changes = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in refused[:8])
     more = f' (and {len(refused) - 8} more)' if len(refused) > 8 else ''
     raise config_lib.ConfigError(
-        f'--workdir={workdir} holds checkpoints of a run with a different config: '
-        f'{changes}{more}. These cannot change on resume; pass a new --workdir, or '
-        'use the saved values (in the checkpoint and config.json). Only '
-        f"{', '.join(r + '*' if r.endswith('.') else r for r in RESUMABLE)} may "
-        'change when resuming')
+      f'--workdir={workdir} holds checkpoints of a run with a different config: '
+      f'{changes}{more}. These cannot change on resume; pass a new --workdir, or '
+      'use the saved values (in the checkpoint and config.json). Only '
+      f'{", ".join(r + "*" if r.endswith(".") else r for r in RESUMABLE)} may '
+      'change when resuming'
+    )
   return allowed

@@ -4,11 +4,13 @@ Parameters, optimiser state and the feature bank are replicated; batches are
 split along their leading (batch) axis. Host batches become global arrays with
 `to_global`, the one place where host data enters the devices.
 """
+
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -20,8 +22,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   axes, under which Linen's Dropout fails inside `jax.set_mesh`.
   """
   devices = jax.devices() if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
-                           axis_types=(AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -38,8 +39,9 @@ def check_batch_divisible(name: str, global_batch: int, mesh) -> None:
   n = mesh.devices.size
   if global_batch % n:
     raise ValueError(
-        f'{name}={global_batch} is not divisible by the {n} devices of the '
-        f'mesh; choose a multiple of {n} (batch sizes are global).')
+      f'{name}={global_batch} is not divisible by the {n} devices of the '
+      f'mesh; choose a multiple of {n} (batch sizes are global).'
+    )
 
 
 def to_global(tree: Any, mesh) -> Any:
@@ -50,5 +52,5 @@ def to_global(tree: Any, mesh) -> Any:
   """
   sharding = data_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+  )

@@ -6,6 +6,7 @@ same command with the same workdir continues from the latest checkpoint and,
 because the input stream is indexed by step, sees exactly the batches an
 uninterrupted run would.
 """
+
 import contextlib
 import json
 import os
@@ -21,14 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib
-from cac_jax import evaluators
-from cac_jax import fork
-from cac_jax import optim
-from cac_jax import paths
-from cac_jax import precise_bn
-from cac_jax import run_dir
-from cac_jax import sharding
+from cac_jax import config_lib, evaluators, fork, optim, paths, precise_bn, run_dir, sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.models import build_model
@@ -79,8 +73,7 @@ class _Preemption:
         self._runtime = True
       except RuntimeError:  # the preemption service is disabled
         pass
-    self._previous = (None if self._runtime
-                      else signal.signal(signal.SIGTERM, self._handler))
+    self._previous = None if self._runtime else signal.signal(signal.SIGTERM, self._handler)
 
   @property
   def mechanism(self) -> str:
@@ -88,7 +81,7 @@ class _Preemption:
     if jax.process_count() == 1:
       return 'one process: its own SIGTERM handler'
     if self._runtime:
-      return 'agreed at the distributed runtime\'s preemption sync point'
+      return "agreed at the distributed runtime's preemption sync point"
     return 'agreed at a log step: the preemption service is disabled'
 
   def _handler(self, signum, frame):
@@ -171,11 +164,18 @@ def _write_config(config, workdir):
 def _log_sizes(config, mesh):
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   d = config.data
-  logging.info('mesh: %d devices on %d hosts; global batch labeled=%d '
-               'unlabeled=%d -> per host %d+%d, per device %d+%d', n_dev, n_proc,
-               d.labeled_batch_size, d.unlabeled_batch_size,
-               d.labeled_batch_size // n_proc, d.unlabeled_batch_size // n_proc,
-               d.labeled_batch_size // n_dev, d.unlabeled_batch_size // n_dev)
+  logging.info(
+    'mesh: %d devices on %d hosts; global batch labeled=%d '
+    'unlabeled=%d -> per host %d+%d, per device %d+%d',
+    n_dev,
+    n_proc,
+    d.labeled_batch_size,
+    d.unlabeled_batch_size,
+    d.labeled_batch_size // n_proc,
+    d.unlabeled_batch_size // n_proc,
+    d.labeled_batch_size // n_dev,
+    d.unlabeled_batch_size // n_dev,
+  )
 
 
 def _summarise(pending, step, schedule, manager):
@@ -195,13 +195,18 @@ def _summarise(pending, step, schedule, manager):
   checked = sorted(k for k in out if k.startswith('loss') or k == 'grad_norm')
   if any(not np.isfinite(out[k]) for k in checked):
     latest = manager.latest_step()
-    kept = (f'the latest checkpoint (step {latest}) predates them and is kept'
-            if latest is not None else 'no checkpoint was written')
+    kept = (
+      f'the latest checkpoint (step {latest}) predates them and is kept'
+      if latest is not None
+      else 'no checkpoint was written'
+    )
     raise NonFiniteLossError(
-        f'non-finite loss in steps {step - len(pending) + 1}..{step} (mean over '
-        'these steps): ' + ', '.join(f'{k}={out[k]}' for k in checked)
-        + f'. Stopped without saving; {kept}. Lower optim.lr or check the data, '
-        'then rerun to resume from that checkpoint.')
+      f'non-finite loss in steps {step - len(pending) + 1}..{step} (mean over '
+      'these steps): '
+      + ', '.join(f'{k}={out[k]}' for k in checked)
+      + f'. Stopped without saving; {kept}. Lower optim.lr or check the data, '
+      'then rerun to resume from that checkpoint.'
+    )
   out['lr'] = float(schedule(step))
   return out
 
@@ -210,31 +215,43 @@ def _init_from(state, config, mesh):
   """Loads pretrained backbone weights (config.init_from) into a fresh state."""
   from cac_jax import backbones, registry
   from cac_jax.models import convert
+
   path = config.init_from
   if path in ('imagenet', 'imagenet-if-present'):
     source = backbones.get(config.model.backbone).imagenet_path
     found = registry.load(source)(fetch=path == 'imagenet') if source else None
     if found is None:
-      hint = ('run `python -m cac_jax.models.weights fetch-mobilenet`' if source else
-              'convert torchvision weights with `python -m cac_jax.models.convert`')
-      logging.warning('init_from=%r: no ImageNet weights for %s here; random init (%s)',
-                      path, config.model.backbone, hint)
+      hint = (
+        'run `python -m cac_jax.models.weights fetch-mobilenet`'
+        if source
+        else 'convert torchvision weights with `python -m cac_jax.models.convert`'
+      )
+      logging.warning(
+        'init_from=%r: no ImageNet weights for %s here; random init (%s)',
+        path,
+        config.model.backbone,
+        hint,
+      )
       return state
     path = str(found)
   if not path:
     return state
   variables = convert.merge_backbone(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      convert.load_backbone(path))
+    {'params': state.params, 'batch_stats': state.batch_stats}, convert.load_backbone(path)
+  )
   variables = jax.device_put(variables, sharding.replicated(mesh))
   logging.info('backbone initialised from %s', path)
-  return state.replace(params=variables['params'],
-                       batch_stats=variables['batch_stats'])
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
-                       stop_at_step: int | None = None,
-                       transfer_guard: str | None = None) -> dict:
+def train_and_evaluate(
+  config,
+  workdir: str,
+  *,
+  stop_after: int | None = None,
+  stop_at_step: int | None = None,
+  transfer_guard: str | None = None,
+) -> dict:
   """Trains (or resumes) and evaluates; returns the final eval scores.
 
   Args:
@@ -269,8 +286,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
 def _train_and_evaluate(config, workdir, stop, preemption, sync):
   """train_and_evaluate's body, run with the SIGTERM handler installed."""
   mesh = sharding.make_mesh()
-  config_lib.validate(config, num_devices=mesh.devices.size,
-                      num_processes=jax.process_count())
+  config_lib.validate(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
   lead = jax.process_index() == 0
   for warning in config_lib.warnings_for(config):
     logging.warning('%s', warning)
@@ -289,8 +305,9 @@ def _train_and_evaluate(config, workdir, stop, preemption, sync):
   if jax.process_count() > 1:  # every host stops cleanly if process 0 was refused
     if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
       refused = refused or config_lib.ConfigError(
-          f'{workdir} is in use by another training run (process 0 could not take '
-          'its lock); wait for it to finish, stop it, or pass another --workdir')
+        f'{workdir} is in use by another training run (process 0 could not take '
+        'its lock); wait for it to finish, stop it, or pass another --workdir'
+      )
   if refused is not None:
     raise refused
   with lock:
@@ -301,6 +318,7 @@ def _train_and_evaluate(config, workdir, stop, preemption, sync):
         logging.info('resuming with changed settings: %s', ', '.join(changed))
     if config.data.validate:
       from cac_jax.data import validate  # TF only where data is needed
+
       if validate.check_before_training(config.data, workdir, write_cache=lead):
         logging.info('data checked: every image and mask of the splits is valid')
     _write_config(config, workdir)
@@ -352,13 +370,13 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
     if manager.latest_step() is not None:
       abstract = state_lib.abstract_state(model, tx, config, mesh)
       # A damaged newest checkpoint is skipped (and, by process 0, moved aside).
-      state, restored_step = ckpt_lib.restore_latest_intact(manager, abstract,
-                                                            workdir=workdir)
+      state, restored_step = ckpt_lib.restore_latest_intact(manager, abstract, workdir=workdir)
       state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
       logging.info('resumed from step %d', restored_step)
     else:
       state, state_shardings = state_lib.create_sharded_state(
-          model, tx, config, mesh, jax.random.key(config.seed))
+        model, tx, config, mesh, jax.random.key(config.seed)
+      )
       if config.fork_from:  # another run's state, this run's settings from here on
         abstract = state_lib.abstract_state(model, tx, config, mesh)
         state, _ = fork.forked_state(state, abstract, config)
@@ -371,10 +389,11 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
   # they would be decoded and thrown away); the streams are step-indexed, so
   # switching streams at that step leaves every batch as it was.
   def stream_from(step):
-    with_unlabeled = (not config.cac.supervised_only
-                      and step >= config.cac.unsup_start_step)
-    return pipeline.train_iterator(config, start_step=step,
-                                   unlabeled=with_unlabeled), with_unlabeled
+    with_unlabeled = not config.cac.supervised_only and step >= config.cac.unsup_start_step
+    return pipeline.train_iterator(
+      config, start_step=step, unlabeled=with_unlabeled
+    ), with_unlabeled
+
   train_iter, iter_has_unlabeled = stream_from(start_step)
   if not config.cac.supervised_only:
     sources_lib.get_source(config.data, 'unlabeled')  # a bad split fails now, not later
@@ -384,8 +403,11 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
 
   # --- Steps ----------------------------------------------------------------------
   sup_step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=False)
-  dc_step = None if config.cac.supervised_only else step_lib.make_train_step(
-      model, tx, config, state_shardings, with_dc=True)
+  dc_step = (
+    None
+    if config.cac.supervised_only
+    else step_lib.make_train_step(model, tx, config, state_shardings, with_dc=True)
+  )
   # The default evaluator (val/: its mIoU makes the history and picks the best
   # checkpoint) and config.eval.extra's; a split without masks fails here.
   evals = evaluators.build(config, model, mesh)
@@ -393,10 +415,8 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
   # each evaluation and each save, so a checkpoint holds what was scored.
   bn_stats = precise_bn.Reestimator(config, model, mesh)
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                           writer=writer)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
 
   def run_eval(step):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -405,8 +425,9 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
     evaluators.write(writer, step, results)
     for prefix, values in results.items():
       if 'miou' in values and 'pixel_acc' in values:
-        logging.info('step %d: %s mIoU %.4f, pixel acc %.4f', step, prefix, values['miou'],
-                     values['pixel_acc'])
+        logging.info(
+          'step %d: %s mIoU %.4f, pixel acc %.4f', step, prefix, values['miou'], values['pixel_acc']
+        )
     scores = {k: v for k, v in results[evaluators.DEFAULT].items() if evaluators.is_scalar(v)}
     _record_eval(workdir, step, scores['miou'], history)
     best_step = max(history, key=lambda k: (history[k], -k))
@@ -443,11 +464,16 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
         # passed is this invocation's, the same on every host (_Preemption).
         if preemption.reached(step - start_step + 1):
           with sync.point('preemption'):
-            logging.warning('SIGTERM: saving at step %d and exiting (%s); rerun the '
-                            'same command to resume', step, preemption.mechanism)
+            logging.warning(
+              'SIGTERM: saving at step %d and exiting (%s); rerun the same command to resume',
+              step,
+              preemption.mechanism,
+            )
             if pending:
-              writer.write_scalars(step, {f'train/{k}': v for k, v in _summarise(
-                  pending, step, schedule, manager).items()})
+              writer.write_scalars(
+                step,
+                {f'train/{k}': v for k, v in _summarise(pending, step, schedule, manager).items()},
+              )
             if step > start_step:  # else the latest checkpoint already is `step`
               writer.flush()
               state = bn_stats.maybe_reestimate(state)
@@ -473,7 +499,8 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
           # What this step processed: the labeled batch, and both views of
           # each unlabeled image on DC steps.
           timer_images += config.data.labeled_batch_size + (
-              2 * config.data.unlabeled_batch_size if use_dc else 0)
+            2 * config.data.unlabeled_batch_size if use_dc else 0
+          )
         report(step)
 
         last = step == end_step
@@ -485,8 +512,7 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
             elapsed = time.perf_counter() - timer_start
             if timer_images and elapsed > 0:
               summary['images_per_sec'] = timer_images / elapsed
-              summary['images_per_sec_per_device'] = (summary['images_per_sec']
-                                                      / mesh.devices.size)
+              summary['images_per_sec_per_device'] = summary['images_per_sec'] / mesh.devices.size
             writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
             preemption.agree()
         eval_metrics = None
@@ -515,12 +541,13 @@ def _train_loop(config, workdir, stop, preemption, sync, mesh):
     scores = run_eval(step)
   # Each host reads the checksum from its OWN replica of the parameters, so
   # equal prints on all hosts show that the replicas did not drift apart.
-  logging.info('params fingerprint (this host\'s replica): %.10e',
-               params_fingerprint(state.params))
+  logging.info("params fingerprint (this host's replica): %.10e", params_fingerprint(state.params))
   return scores or {}
 
 
 def params_fingerprint(params) -> float:
   """sum(|p|) over all parameters, computed from this host's local replica."""
-  total = jax.jit(lambda p: sum(jax.numpy.sum(jax.numpy.abs(x)) for x in jax.tree.leaves(p)))(params)
+  total = jax.jit(lambda p: sum(jax.numpy.sum(jax.numpy.abs(x)) for x in jax.tree.leaves(p)))(
+    params
+  )
   return float(np.asarray(total.addressable_data(0)))

@@ -5,6 +5,7 @@ checkpoint of it (plus the step-indexed input stream) resumes a run exactly.
 The model and the optimiser are not part of it: they are rebuilt from the
 config, which is saved beside each checkpoint.
 """
+
 from typing import Any
 
 import flax
@@ -17,7 +18,7 @@ from cac_jax import sharding
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: number of updates applied
+  step: jax.Array  # int32 scalar: number of updates applied
   params: Any
   batch_stats: Any
   opt_state: Any
@@ -38,9 +39,11 @@ def dc_feature_shape(model, config) -> tuple[int, int]:
 
   def proj8(key):
     x = jnp.zeros((1, crop, crop, 3), jnp.float32)
-    out, _ = model.init_with_output({'params': key, 'dropout': key}, x, train=False,
-                                    dc_outputs=True)
+    out, _ = model.init_with_output(
+      {'params': key, 'dropout': key}, x, train=False, dc_outputs=True
+    )
     return out['proj8']
+
   _, h, w, dim = jax.eval_shape(proj8, jax.random.key(0)).shape
   return h * w, dim
 
@@ -74,18 +77,19 @@ def make_init_fn(model, tx, config):
   capacity, dim = 0, 0
   if not config.cac.supervised_only and config.cac.bank_steps:
     cells, dim = dc_feature_shape(model, config)
-    capacity = bank_lib.bank_capacity(config.cac.bank_steps,
-                                      negatives_per_step(config, cells))
+    capacity = bank_lib.bank_capacity(config.cac.bank_steps, negatives_per_step(config, cells))
 
   def init(key):
     variables = _init_variables(model, crop, key)
     params = variables['params']
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables['batch_stats'],
-        opt_state=tx.init(params),
-        bank=bank_lib.init_bank(capacity, dim) if capacity else None)
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(params),
+      bank=bank_lib.init_bank(capacity, dim) if capacity else None,
+    )
+
   return init
 
 
@@ -109,7 +113,8 @@ def create_sharded_state(model, tx, config, mesh, key):
 def abstract_variables(model, config, mesh) -> dict:
   """{'params', 'batch_stats'} as replicated ShapeDtypeStructs: what inference restores."""
   abstract = jax.eval_shape(
-      lambda key: _init_variables(model, config.data.crop_size, key), jax.random.key(0))
+    lambda key: _init_variables(model, config.data.crop_size, key), jax.random.key(0)
+  )
   return _replicated_shapes(abstract, mesh)
 
 

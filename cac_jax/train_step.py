@@ -22,6 +22,7 @@ alone), and each group's dropout masks come from its own key, the masks the
 separate calls draw. Same step up to float summation order; one call of 3B
 keeps an accelerator far busier than three of B.
 """
+
 import functools
 
 import jax
@@ -37,8 +38,13 @@ from cac_jax.train_state import TrainState
 
 def _forward(model, params, batch_stats, images, key, dc_outputs):
   out, mutated = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=True,
-      dc_outputs=dc_outputs, rngs={'dropout': key}, mutable=['batch_stats'])
+    {'params': params, 'batch_stats': batch_stats},
+    images,
+    train=True,
+    dc_outputs=dc_outputs,
+    rngs={'dropout': key},
+    mutable=['batch_stats'],
+  )
   return out, mutated['batch_stats']
 
 
@@ -71,8 +77,9 @@ def _fusable(cac_config, labeled, unlabeled) -> bool:
     return True
   if getattr(cac_config, 'fused_passes', 'auto') == 'on':
     raise ValueError(
-        f'cac.fused_passes=on stacks the labeled and unlabeled batches, which need one '
-        f'shape; got {sorted(shapes)}: use equal batch sizes or cac.fused_passes=auto/off')
+      f'cac.fused_passes=on stacks the labeled and unlabeled batches, which need one '
+      f'shape; got {sorted(shapes)}: use equal batch sizes or cac.fused_passes=auto/off'
+    )
   return False
 
 
@@ -87,12 +94,17 @@ def _data_shards(rows: int) -> int:
 
 def _forward_fused(model, params, batch_stats, images, keys, stat_groups):
   """The three passes as one call: per-group outputs and the threaded statistics."""
-  with layers.batch_groups(len(images), shards=_data_shards(images[0].shape[0]),
-                           stat_groups=stat_groups) as groups:
+  with layers.batch_groups(
+    len(images), shards=_data_shards(images[0].shape[0]), stat_groups=stat_groups
+  ) as groups:
     out, mutated = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, groups.merge(images),
-        train=True, dc_outputs=True, rngs=layers.group_rngs(keys),
-        mutable=['batch_stats'])
+      {'params': params, 'batch_stats': batch_stats},
+      groups.merge(images),
+      train=True,
+      dc_outputs=True,
+      rngs=layers.group_rngs(keys),
+      mutable=['batch_stats'],
+    )
   parts = {name: groups.split(value) for name, value in out.items()}
   outs = [{name: parts[name][g] for name in parts} for g in range(len(images))]
   return outs, mutated['batch_stats']
@@ -132,12 +144,17 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
       # 'labeled': the views normalise with their own batch statistics (train
       # mode); only their running-average updates are dropped.
       (out, out1, out2), batch_stats = _forward_fused(
-          model, params, state.batch_stats,
-          [labeled['image'], un['image1'], un['image2']], [k_lab, k_v1, k_v2],
-          stat_groups=1 if config.bn.running_stats == 'labeled' else 3)
+        model,
+        params,
+        state.batch_stats,
+        [labeled['image'], un['image1'], un['image2']],
+        [k_lab, k_v1, k_v2],
+        stat_groups=1 if config.bn.running_stats == 'labeled' else 3,
+      )
     else:
-      out, batch_stats = _forward(model, params, state.batch_stats,
-                                  labeled['image'], k_lab, dc_outputs=False)
+      out, batch_stats = _forward(
+        model, params, state.batch_stats, labeled['image'], k_lab, dc_outputs=False
+      )
     ce = losses.cross_entropy(out['logits'], labeled['label'])
     metrics = {'loss_ce': ce}
     if not with_dc:
@@ -153,20 +170,38 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
         batch_stats = labeled_stats
     bank = state.bank or bank_lib.init_bank(0, out1['proj8'].shape[-1])
     dc, aux = losses.dc_loss_from_views(
-        out1['proj8'], out2['proj8'], out1['logits8'], out2['logits8'],
-        un['box1'], un['box2'], un['flip1'], un['flip2'],
-        bank.feats, bank.labels, bank.valid,
-        key=k_neg, temperature=cac.temperature,
-        pos_threshold=cac.pos_threshold, directional=cac.directional,
-        filter_negatives=cac.filter_negatives,
-        neg_per_image=cac.neg_per_image, chunk_size=cac.chunk_size,
-        matmul_dtype=cac.matmul_dtype, anchor_block=cac.anchor_block,
-        truth1=un.get('truth1'), truth2=un.get('truth2'))
+      out1['proj8'],
+      out2['proj8'],
+      out1['logits8'],
+      out2['logits8'],
+      un['box1'],
+      un['box2'],
+      un['flip1'],
+      un['flip2'],
+      bank.feats,
+      bank.labels,
+      bank.valid,
+      key=k_neg,
+      temperature=cac.temperature,
+      pos_threshold=cac.pos_threshold,
+      directional=cac.directional,
+      filter_negatives=cac.filter_negatives,
+      neg_per_image=cac.neg_per_image,
+      chunk_size=cac.chunk_size,
+      matmul_dtype=cac.matmul_dtype,
+      anchor_block=cac.anchor_block,
+      truth1=un.get('truth1'),
+      truth2=un.get('truth2'),
+    )
     metrics.update(
-        loss_dc=dc, loss_dc_12=aux['loss_12'], loss_dc_21=aux['loss_21'],
-        active_frac_12=aux['active_frac_12'],
-        active_frac_21=aux['active_frac_21'],
-        overlap_frac=aux['overlap_frac'], **aux['diagnostics'])
+      loss_dc=dc,
+      loss_dc_12=aux['loss_12'],
+      loss_dc_21=aux['loss_21'],
+      active_frac_12=aux['active_frac_12'],
+      active_frac_21=aux['active_frac_21'],
+      overlap_frac=aux['overlap_frac'],
+      **aux['diagnostics'],
+    )
     negatives = (aux['new_neg_feats'], aux['new_neg_labels'])
     return ce + cac.weight * dc, (batch_stats, metrics, negatives)
 
@@ -181,15 +216,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, with_dc: bool):
   metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
   if bank is not None:
     metrics['bank_fill'] = jnp.mean(bank.valid.astype(jnp.float32))
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state,
-                            bank=bank)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, bank=bank
+  )
   return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
 
 def make_train_step(model, tx, config, state_shardings, *, with_dc: bool):
   """jit(train_step) with the state donated and its sharding pinned."""
-  step = functools.partial(train_step, model=model, tx=tx, config=config,
-                           with_dc=with_dc)
-  return jax.jit(step, donate_argnums=(0,),
-                 out_shardings=(state_shardings, None))
+  step = functools.partial(train_step, model=model, tx=tx, config=config, with_dc=with_dc)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))

@@ -4,6 +4,7 @@ Used by `python -m cac_jax.predict` and the README figure. Everything works on
 uint8 RGB arrays [H, W, 3]; nothing here imports TensorFlow or JAX. Class
 colours come from the dataset table (`cac_jax.datasets`), which is NumPy only.
 """
+
 import numpy as np
 
 from cac_jax.datasets import voc_palette  # noqa: F401  (the default colour map)
@@ -26,8 +27,9 @@ def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
   label = np.asarray(label)
   palette = np.asarray(palette, np.uint8)
   if label.ndim != 2 or palette.ndim != 2 or palette.shape[1] != 3:
-    raise ValueError(f'colorize expects label [H, W] and palette [K, 3], got '
-                     f'{label.shape} and {palette.shape}')
+    raise ValueError(
+      f'colorize expects label [H, W] and palette [K, 3], got {label.shape} and {palette.shape}'
+    )
   # One extra row for everything out of range, so a single gather does it.
   table = np.concatenate([palette, np.array([IGNORE_COLOR], np.uint8)])
   known = (label >= 0) & (label < len(palette))

@@ -9,6 +9,7 @@
 labeled crops. Published (CAC, R50): 69.7 / 72.7 / 77.5 mIoU for 1/8 / 1/4 /
 full (supervised only: 66.0 / 70.7 / 77.7).
 """
+
 from cac_jax.config_lib import base_config, parse_arg
 
 

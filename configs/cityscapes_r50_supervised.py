@@ -6,6 +6,7 @@
 
 Published (supervised only, R50): 66.0 / 70.7 / 77.7 mIoU for 1/8 / 1/4 / full.
 """
+
 from configs import cityscapes_r50
 
 

@@ -8,6 +8,7 @@ embedded texture dataset at crop 128, 8 labeled + 8 unlabeled, 300 steps with
 the DC loss from step 100, bf16 compute. It checks the whole path (data, three
 passes, DC loss, bank, eval, checkpoints, TensorBoard) in minutes on one GPU.
 """
+
 from cac_jax.config_lib import base_config
 
 

@@ -22,6 +22,7 @@ Windows give evaluation the maps training saw (tests/test_config_consistency.py
 checks every config for this). Larger crops would train those taps too, at
 4x the time per step.
 """
+
 from cac_jax.config_lib import base_config
 
 
@@ -42,5 +43,5 @@ def get_config():
   config.log_every = 20
   config.eval_every = 40
   config.checkpoint_every = 80
-  config.eval.window = 64          # = crop_size: evaluate the network training built
+  config.eval.window = 64  # = crop_size: evaluate the network training built
   return config

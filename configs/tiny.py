@@ -8,6 +8,7 @@ resnet_tiny on 24 embedded 64x64 images, 4 steps, DC loss from step 2 with
 the positive threshold off (a random network is never confident, so with the
 paper's 0.75 no anchor would be active). Checks plumbing, not accuracy.
 """
+
 from cac_jax.config_lib import base_config
 
 

@@ -8,6 +8,7 @@ As voc_r50.py with a ResNet-101 backbone and a feature bank of 2 steps.
 Published (CAC, R101): 72.4 / 74.6 / 76.3 / 78.2 mIoU for 1/16 / 1/8 / 1/4 /
 full (supervised only: 66.4 / 71.0 / 73.5 / 77.7).
 """
+
 from configs import voc_r50
 
 

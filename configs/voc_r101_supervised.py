@@ -6,6 +6,7 @@
 
 Published (supervised only, R101): 66.4 / 71.0 / 73.5 / 77.7 mIoU.
 """
+
 from configs import voc_r101
 
 

@@ -12,6 +12,7 @@ crop 320, 92,560 steps (80 "epochs" of 1157), DC loss from step 5,785.
 Published (CAC, R50): 70.1 / 72.4 / 74.0 / 76.5 mIoU for 1/16 / 1/8 / 1/4 / full
 (supervised only: 63.9 / 68.3 / 71.2 / 76.3).
 """
+
 from cac_jax.config_lib import base_config, parse_arg
 
 

@@ -7,6 +7,7 @@
 Published (supervised only, R50): 63.9 / 68.3 / 71.2 / 76.3 mIoU for
 1/16 / 1/8 / 1/4 / full. Same as `configs/voc_r50.py:split=1323,supervised=1`.
 """
+
 from configs import voc_r50
 
 

@@ -7,6 +7,7 @@ off by <= EPS * 255 = 1.5e-5 (EPS = 2^-24), so a chain of a few to ~15 ops
 by <= ~2e-4; 1e-3 covers these with margin, while any wrong formula, factor,
 kernel or border moves pixels by >= 1 grey level. Derivations at each test.
 """
+
 import colorsys
 
 import numpy as np
@@ -40,8 +41,7 @@ def test_scaled_size_matches_authors_rounding():
 
 
 def test_random_long_side_covers_inclusive_range():
-  values = [int(augment.random_long_side(tf.constant([s, 1]), 10, (0.5, 2.0)))
-            for s in range(400)]
+  values = [int(augment.random_long_side(tf.constant([s, 1]), 10, (0.5, 2.0))) for s in range(400)]
   assert min(values) == 5 and max(values) == 20
   assert len(set(values)) == 16
 
@@ -62,16 +62,14 @@ def test_brightness_contrast_saturation_grayscale():
   # 1-3 float32 ops each (the grey mean: a 99-term sum): <= ~5e-5 (measured
   # <= 2.7e-5); atol 1e-3. torchvision's contrast pivots on the grey mean:
   # using the channel means instead moves pixels by ~0.3 x 5 grey levels.
-  np.testing.assert_allclose(augment.adjust_brightness(img, f),
-                             np.clip(x * f, 0, 255), atol=1e-3)
-  np.testing.assert_allclose(augment.adjust_contrast(img, 0.7),
-                             np.clip(0.7 * x + 0.3 * gray.mean(), 0, 255),
-                             atol=1e-3)
-  np.testing.assert_allclose(augment.adjust_saturation(img, 1.4),
-                             np.clip(1.4 * x - 0.4 * gray[..., None], 0, 255),
-                             atol=1e-3)
-  np.testing.assert_allclose(augment.to_grayscale(img)[..., 0], gray,
-                             atol=1e-3)
+  np.testing.assert_allclose(augment.adjust_brightness(img, f), np.clip(x * f, 0, 255), atol=1e-3)
+  np.testing.assert_allclose(
+    augment.adjust_contrast(img, 0.7), np.clip(0.7 * x + 0.3 * gray.mean(), 0, 255), atol=1e-3
+  )
+  np.testing.assert_allclose(
+    augment.adjust_saturation(img, 1.4), np.clip(1.4 * x - 0.4 * gray[..., None], 0, 255), atol=1e-3
+  )
+  np.testing.assert_allclose(augment.to_grayscale(img)[..., 0], gray, atol=1e-3)
 
 
 def test_hue_matches_colorsys():
@@ -95,12 +93,13 @@ def test_gaussian_blur_matches_opencv_kernel():
   rng = np.random.default_rng(3)
   img = _rand_image(rng, 8, 10)
   k = np.array([1, 4, 6, 4, 1], np.float64) / 16
-  pad = np.pad(img.astype(np.float64), ((2, 2), (2, 2), (0, 0)),
-               mode='reflect')  # NumPy 'reflect' == OpenCV BORDER_REFLECT_101
+  pad = np.pad(
+    img.astype(np.float64), ((2, 2), (2, 2), (0, 0)), mode='reflect'
+  )  # NumPy 'reflect' == OpenCV BORDER_REFLECT_101
   ref = np.zeros(img.shape)
   for a in range(5):
     for b in range(5):
-      ref += k[a] * k[b] * pad[a:a + 8, b:b + 10]
+      ref += k[a] * k[b] * pad[a : a + 8, b : b + 10]
   # 25 taps with weights summing to 1: <= 25 EPS * 255 = 4e-4 at worst
   # (measured 2e-5); atol 1e-3. A reflect (not reflect-101) border or a
   # 3-tap kernel is off by >= 1 grey level at the border.
@@ -110,10 +109,15 @@ def test_gaussian_blur_matches_opencv_kernel():
 def test_color_jitter_factor_ranges():
   # Brightness alone (others off): output / input = the factor, in [0.6, 1.4].
   img = np.full((4, 4, 3), 100.0, np.float32)
-  ratios = [float(augment.random_color_jitter(img, tf.constant([s, 0]),
-                                              contrast=0.0, saturation=0.0,
-                                              hue=0.0)[0, 0, 0]) / 100
-            for s in range(100)]
+  ratios = [
+    float(
+      augment.random_color_jitter(img, tf.constant([s, 0]), contrast=0.0, saturation=0.0, hue=0.0)[
+        0, 0, 0
+      ]
+    )
+    / 100
+    for s in range(100)
+  ]
   assert 0.6 <= min(ratios) < 0.7 and 1.3 < max(ratios) <= 1.4
 
 
@@ -123,17 +127,14 @@ def test_normalize_and_padding():
   # (x - m) / s with float32 m, s (each off by EPS relative from the float64
   # reference's) and two roundings: ~4 EPS * 2.6 = 6e-7 on the normalised
   # scale (measured 1.8e-7); atol 1e-5. Swapped mean/std: O(1).
-  np.testing.assert_allclose(augment.normalize(img), (img - MEAN) / STD,
-                             atol=1e-5)
+  np.testing.assert_allclose(augment.normalize(img), (img - MEAN) / STD, atol=1e-5)
   padded = augment.pad_image(img, 9).numpy()
   assert padded.shape == (9, 9, 3)
   np.testing.assert_array_equal(padded[:5, :7], img)
   # The pad colour is 255 * mean rounded to float32: <= EPS * 124 = 7.4e-6
   # (measured 3e-6); atol 1e-4. Padding with 0 or 255 is >= 100 off.
-  np.testing.assert_allclose(padded[5:], np.broadcast_to(MEAN, (4, 9, 3)),
-                             atol=1e-4)
-  np.testing.assert_allclose(padded[:, 7:], np.broadcast_to(MEAN, (9, 2, 3)),
-                             atol=1e-4)
+  np.testing.assert_allclose(padded[5:], np.broadcast_to(MEAN, (4, 9, 3)), atol=1e-4)
+  np.testing.assert_allclose(padded[:, 7:], np.broadcast_to(MEAN, (9, 2, 3)), atol=1e-4)
   lab = augment.pad_label(tf.zeros([5, 7], tf.int32), 9).numpy()
   assert (lab[5:] == 255).all() and (lab[:, 7:] == 255).all()
   assert (lab[:5, :7] == 0).all()
@@ -153,9 +154,9 @@ def test_labeled_example_keeps_image_and_label_aligned(h, w):
   image, label, palette = _block_example(rng, h, w)
   crop = 32
   for s in range(12):
-    out = augment.labeled_example(image, label, tf.constant([s, 7]),
-                                  crop_size=crop, base_size=max(h, w),
-                                  scale_range=(0.5, 2.0))
+    out = augment.labeled_example(
+      image, label, tf.constant([s, 7]), crop_size=crop, base_size=max(h, w), scale_range=(0.5, 2.0)
+    )
     img = out['image'].numpy().astype(np.float64) * STD + MEAN
     lab = out['label'].numpy()
     assert out['image'].dtype == tf.float32 and lab.dtype == np.int32
@@ -165,8 +166,7 @@ def test_labeled_example_keeps_image_and_label_aligned(h, w):
     # pad colour, normalised and un-normalised: a few EPS * 124, < 1e-4;
     # atol 1e-3).
     pad = lab == 255
-    np.testing.assert_allclose(img[pad], np.broadcast_to(MEAN, img[pad].shape),
-                               atol=1e-3)
+    np.testing.assert_allclose(img[pad], np.broadcast_to(MEAN, img[pad].shape), atol=1e-3)
     # Interior pixels (7x7 label neighbourhood constant, away from the crop
     # border whose outside we cannot see) have exactly their class colour:
     # the resize kernel (half-width <= 2 output px at scale <= 2, plus 0.5 px
@@ -176,11 +176,9 @@ def test_labeled_example_keeps_image_and_label_aligned(h, w):
     # or a stray colour bleeds >= 1 grey level.
     windows = np.lib.stride_tricks.sliding_window_view(lab, (7, 7))
     inner_lab, inner_img = lab[3:-3, 3:-3], img[3:-3, 3:-3]
-    interior = ((windows == inner_lab[..., None, None]).all(axis=(-1, -2))
-                & (inner_lab != 255))
+    interior = (windows == inner_lab[..., None, None]).all(axis=(-1, -2)) & (inner_lab != 255)
     assert interior.any()
-    np.testing.assert_allclose(inner_img[interior],
-                               palette[inner_lab[interior]], atol=1.0)
+    np.testing.assert_allclose(inner_img[interior], palette[inner_lab[interior]], atol=1.0)
 
 
 def test_labeled_example_eager_equals_tf_data_and_seeds_matter():
@@ -189,8 +187,10 @@ def test_labeled_example_eager_equals_tf_data_and_seeds_matter():
   kw = dict(crop_size=32, base_size=48, color_jitter=True)
   seeds = np.array([[i, 3] for i in range(4)], np.int64)
   ds = tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: augment.labeled_example(image, label, s, **kw),
-      num_parallel_calls=2, deterministic=True)
+    lambda s: augment.labeled_example(image, label, s, **kw),
+    num_parallel_calls=2,
+    deterministic=True,
+  )
   graph = list(ds.as_numpy_iterator())
   for s, g in zip(seeds, graph):
     eager = augment.labeled_example(image, label, tf.constant(s), **kw)

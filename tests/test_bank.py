@@ -1,10 +1,12 @@
 """The feature bank: FIFO order, wrap-around, warm-up validity, capacity 0, and
 the same contents under a replicated jit on 8 fake devices as on one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cac_jax import bank as bank_lib
 
@@ -86,8 +88,10 @@ def test_replicated_push_on_8_devices_matches_one_device():
   m, d, steps = 16, 5, 3
   capacity = bank_lib.bank_capacity(2, m)
   rng = np.random.default_rng(0)
-  pushes = [(rng.normal(size=(m, d)).astype(np.float32),
-             rng.integers(0, 9, m).astype(np.int32)) for _ in range(steps)]
+  pushes = [
+    (rng.normal(size=(m, d)).astype(np.float32), rng.integers(0, 9, m).astype(np.int32))
+    for _ in range(steps)
+  ]
 
   single = bank_lib.init_bank(capacity, d)
   for f, l in pushes:
@@ -103,5 +107,4 @@ def test_replicated_push_on_8_devices_matches_one_device():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # Every device holds the same full copy.
   for shard in bank.feats.addressable_shards:
-    np.testing.assert_array_equal(np.asarray(shard.data),
-                                  np.asarray(single.feats))
+    np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(single.feats))

@@ -4,6 +4,7 @@ The benchmark runs in-process on the first of conftest's fake CPU devices
 (resnet_tiny, crop 64, 2 + 2 images, 2 steps), so the numbers are only
 checked for consistency, not for speed.
 """
+
 import json
 import os
 import subprocess
@@ -20,9 +21,14 @@ from train_utils import REPO
 
 
 def _tiny(mode):
-  return bench.bench_config(backbone='resnet_tiny', crop=64, labeled=2,
-                            unlabeled=2, dtype='float32',
-                            supervised_only=mode == 'sup')
+  return bench.bench_config(
+    backbone='resnet_tiny',
+    crop=64,
+    labeled=2,
+    unlabeled=2,
+    dtype='float32',
+    supervised_only=mode == 'sup',
+  )
 
 
 def _leaves(ns, prefix=''):
@@ -40,14 +46,14 @@ def test_bench_config_fields_match_the_schema():
   # schema's names and, for what it does not set from flags, the defaults of
   # the VOC R50 config, or the step it times is not the step we train.
   from configs import voc_r50
+
   voc = voc_r50.get_config()
   for key, value in _leaves(bench.bench_config()).items():
     node = voc
     for part in key.split('.'):
       assert part in node, f'{key} is not in config_lib.base_config()'
       node = node[part]
-    if key not in ('cac.supervised_only', 'data.labeled_batch_size',
-                   'data.unlabeled_batch_size'):
+    if key not in ('cac.supervised_only', 'data.labeled_batch_size', 'data.unlabeled_batch_size'):
       assert node == value, (key, node, value)
   config_lib.base_config()  # the schema itself imports
 
@@ -105,6 +111,7 @@ def test_benchmark_fields_are_consistent(mode):
 def test_peak_flops_table():
   class Dev:
     platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
+
   assert bench.peak_flops(Dev, 'bfloat16')[0] == 989e12
   assert bench.peak_flops(Dev, 'float32')[0] == 495e12
   assert bench.peak_flops(Dev, 'float32', 'highest')[0] == 67e12
@@ -113,9 +120,13 @@ def test_peak_flops_table():
 
 
 def test_cli_rejects_bad_flags_with_a_message():
-  out = subprocess.run([sys.executable, '-m', 'cac_jax.bench.train_step',
-                        '--crop=60', '--backbone=resnet_tiny'], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, '-m', 'cac_jax.bench.train_step', '--crop=60', '--backbone=resnet_tiny'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 2 and 'multiple of 8' in out.stderr
   assert 'Traceback' not in out.stderr
 
@@ -123,13 +134,26 @@ def test_cli_rejects_bad_flags_with_a_message():
 def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
   # Same devices, shapes and cache as the in-process tests above, so the
   # script's compilations are persistent-cache hits (seconds, not a minute).
-  env = dict(os.environ, TINY='1', OUT=str(tmp_path), PYTHON=sys.executable,
-             JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', JAX_NUM_CPU_DEVICES='8',
-             JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  out = subprocess.run(['bash', 'launch/gpu_benchmark.sh'], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    TINY='1',
+    OUT=str(tmp_path),
+    PYTHON=sys.executable,
+    JAX_PLATFORMS='cpu',
+    CUDA_VISIBLE_DEVICES='',
+    JAX_NUM_CPU_DEVICES='8',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+  out = subprocess.run(
+    ['bash', 'launch/gpu_benchmark.sh'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   # The table comes last: its rows (sup, cac before, cac after) are the
   # final lines; the profile and the DC-alone table come before it.
@@ -155,9 +179,11 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
 def test_jaxpr_flop_count_by_hand():
   """Conv, dot, their gradients and a scan, counted against hand formulas."""
   from cac_jax.bench import flops
+
   dn = ('NHWC', 'HWIO', 'NHWC')
-  conv = lambda x, w, s: jax.lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
-                                                      dimension_numbers=dn)
+  conv = lambda x, w, s: jax.lax.conv_general_dilated(
+    x, w, (s, s), ((1, 1), (1, 1)), dimension_numbers=dn
+  )
   x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
   a, b = jnp.ones((4, 6)), jnp.ones((6, 7))
   f = jax.jit(lambda x, w, a, b: jnp.sum(conv(x, w, 2)) + jnp.sum(a @ b))
@@ -167,23 +193,33 @@ def test_jaxpr_flop_count_by_hand():
   # forward, input gradient and kernel gradient: 3 convolutions of equal cost.
   assert flops.traced_flops(g, x, w)['flops'] == 3 * 2 * 2 * 8 * 8 * 5 * 27
   loop = jax.jit(lambda m: jax.lax.fori_loop(0, 5, lambda i, c: c @ m, m))
-  assert flops.traced_flops(loop, jnp.ones((4, 4))) == {'flops': 5 * 2 * 4 * 4 * 4,
-                                                        'while_loops': 0}
+  assert flops.traced_flops(loop, jnp.ones((4, 4))) == {
+    'flops': 5 * 2 * 4 * 4 * 4,
+    'while_loops': 0,
+  }
 
 
-@pytest.mark.parametrize('stride,dilation,padding,k', [
-    (1, 1, 'SAME', 3), (2, 1, 'SAME', 3), (2, 1, ((3, 3), (3, 3)), 7),
-    (1, 6, ((6, 6), (6, 6)), 3), (2, 1, 'SAME', 1)])
+@pytest.mark.parametrize(
+  'stride,dilation,padding,k',
+  [
+    (1, 1, 'SAME', 3),
+    (2, 1, 'SAME', 3),
+    (2, 1, ((3, 3), (3, 3)), 7),
+    (1, 6, ((6, 6), (6, 6)), 3),
+    (2, 1, 'SAME', 1),
+  ],
+)
 def test_real_tap_flop_count_is_xla_cpu_count(stride, dilation, padding, k):
   """The real-pixel convention (taps over zero padding or between the pixels
   of a strided layer's input gradient not counted) is XLA:CPU's own count:
   equal on a convolution and on both of its gradients, whose zeros it skips
   too. (The traced vjp also holds the forward, which XLA removes.)"""
   from cac_jax.bench import flops
+
   dn = ('NHWC', 'HWIO', 'NHWC')
   conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation),
-      dimension_numbers=dn)
+    x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation), dimension_numbers=dn
+  )
   x, w = jnp.ones((2, 17, 13, 3)), jnp.ones((k, k, 3, 5))
   ct = jnp.ones(jax.eval_shape(conv, x, w).shape)
   fwd = jax.jit(conv)
@@ -200,6 +236,7 @@ def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):
   """`python -m cac_jax.bench.conv` at a tiny crop: every layer shape, both
   lowerings agree (forward and both gradients, float32) and the JSON is written."""
   from cac_jax.bench import conv as conv_bench
+
   out = tmp_path / 'conv.json'
   assert conv_bench.main(['--crop=32', '--batch=1', '--repeats=1', f'--json={out}']) == 0
   written = json.loads(out.read_text())
@@ -222,12 +259,25 @@ def test_conv_benchmark_runs_and_lowerings_agree(tmp_path, capsys):
 def test_ablation_report_tables_and_paired_deltas(tmp_path):
   """The ablation's Markdown: final and best per arm, per-seed paired deltas with 95% CIs."""
   from cac_jax.bench import ablation
+
   def arm(finals, bests):
-    runs = [{'seed': i, 'final_miou': f, 'curve': [(40, f / 2), (80, b), (120, f)],
-             'active_frac_12_last': None} for i, (f, b) in enumerate(zip(finals, bests))]
+    runs = [
+      {
+        'seed': i,
+        'final_miou': f,
+        'curve': [(40, f / 2), (80, b), (120, f)],
+        'active_frac_12_last': None,
+      }
+      for i, (f, b) in enumerate(zip(finals, bests))
+    ]
     return ablation.aggregate(runs)
-  results = {'frac_1_16': {'supervised': arm([0.30, 0.20, 0.25], [0.30, 0.22, 0.26]),
-                           'cac': arm([0.31, 0.22, 0.28], [0.35, 0.23, 0.28])}}
+
+  results = {
+    'frac_1_16': {
+      'supervised': arm([0.30, 0.20, 0.25], [0.30, 0.22, 0.26]),
+      'cac': arm([0.31, 0.22, 0.28], [0.35, 0.23, 0.28]),
+    }
+  }
   out = tmp_path / 'abl'
   ablation.write_outputs(results, out, 'cmd', {'seeds': 3, 'steps': 120, 'unsup_start': 40})
   md = out.with_suffix('.md').read_text()
@@ -238,7 +288,9 @@ def test_ablation_report_tables_and_paired_deltas(tmp_path):
   # -> half-width 4.3027 / sqrt(3) = 2.484: [-0.5, +4.5].
   assert '| frac_1_16 | cac | 31.0, 35.0 @ 80; 22.0, 23.0 @ 80; 28.0, 28.0 @ 80 |' in md
   assert '| +2.0 [-0.5, +4.5] |' in md
-  assert '| frac_1_16 | supervised | 30.0, 30.0 @ 80; 20.0, 22.0 @ 80; 25.0, 26.0 @ 80 | – | – |' in md
+  assert (
+    '| frac_1_16 | supervised | 30.0, 30.0 @ 80; 20.0, 22.0 @ 80; 25.0, 26.0 @ 80 | – | – |' in md
+  )
   assert out.with_suffix('.png').stat().st_size > 0
   assert json.loads(out.with_suffix('.json').read_text())['meta']['steps'] == 120
   # The report can be made again from the JSON alone, with the same tables.
@@ -250,6 +302,7 @@ def test_ablation_report_tables_and_paired_deltas(tmp_path):
 
 def test_paired_interval_matches_the_t_formula():
   from cac_jax.bench import ablation
+
   mean, low, high = ablation.paired_interval([1.0, 2.0, 3.0])
   assert mean == 2.0 and abs(low - (2 - 2.4841)) < 1e-3 and abs(high - (2 + 2.4841)) < 1e-3
 
@@ -258,8 +311,13 @@ def test_profile_step_names_the_slow_ops(capsys):
   """`python -m cac_jax.bench.profile_step` on the tiny net: op kinds, and the
   top ops traced back to the model layer that produced them."""
   from cac_jax.bench import profile_step
-  assert profile_step.main(['--backbone=resnet_tiny', '--crop=64', '--labeled=2',
-                            '--steps=1', '--warmup=1', '--top=5']) == 0
+
+  assert (
+    profile_step.main(
+      ['--backbone=resnet_tiny', '--crop=64', '--labeled=2', '--steps=1', '--warmup=1', '--top=5']
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert '| op kind | ms/step |' in out
   rows = [l for l in out.splitlines() if l.startswith('| ') and 'DeepLabV3Plus' in l]

@@ -15,6 +15,7 @@ standard deviation and var rtol 5e-6 are 6x over that, and tight enough
 that a biased batch variance in the update (a change of 1/n = 1.2e-4 of the
 batch variance, 1.2e-5 of the running one) fails.
 """
+
 import json
 
 import jax
@@ -23,11 +24,20 @@ import numpy as np
 import pytest
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib, constants, evaluate, optim, precise_bn, restore
-from cac_jax import sharding, train, train_state, train_step
+from cac_jax import (
+  config_lib,
+  constants,
+  evaluate,
+  optim,
+  precise_bn,
+  restore,
+  sharding,
+  train,
+  train_state,
+  train_step,
+)
 from cac_jax.data import pipeline
 from cac_jax.models import build_model
-
 from train_utils import tiny_config, write_image
 
 MOMENTUM = 0.1  # torch's convention: new = (1 - 0.1) old + 0.1 batch
@@ -37,7 +47,7 @@ def stem_conv(images, kernel):
   """float64 [B, H/2, W/2, O]: torch Conv2d(3, O, 7, stride=2, padding=3, bias=False)."""
   x = np.pad(np.asarray(images, np.float64), ((0, 0), (3, 3), (3, 3), (0, 0)))
   windows = np.lib.stride_tricks.sliding_window_view(x, (7, 7), axis=(1, 2))
-  windows = windows[:, ::2, ::2][:, :images.shape[1] // 2, :images.shape[2] // 2]
+  windows = windows[:, ::2, ::2][:, : images.shape[1] // 2, : images.shape[2] // 2]
   return np.einsum('bijckl,klco->bijo', windows, np.asarray(kernel, np.float64))
 
 
@@ -55,8 +65,11 @@ def assert_stats_close(got, mean, var):
 def random_stats(rng, stats):
   """Random running statistics of the same structure (mean ~ N(0, 0.3), var ~ U(0.5, 2))."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: (rng.normal(0, 0.3, x.shape) if path[-1].key == 'mean'
-                       else rng.uniform(0.5, 2.0, x.shape)).astype(np.float32), stats)
+    lambda path, x: (
+      rng.normal(0, 0.3, x.shape) if path[-1].key == 'mean' else rng.uniform(0.5, 2.0, x.shape)
+    ).astype(np.float32),
+    stats,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -67,11 +80,17 @@ def setup():
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    state, shardings = train_state.create_sharded_state(model, tx, config, mesh,
-                                                        jax.random.key(0))
+    state, shardings = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
   geometry = next(pipeline.train_iterator(config, start_step=config.cac.unsup_start_step))
-  return dict(config=config, model=model, tx=tx, mesh=mesh, shardings=shardings,
-              state=jax.device_get(state), geometry=geometry)
+  return dict(
+    config=config,
+    model=model,
+    tx=tx,
+    mesh=mesh,
+    shardings=shardings,
+    state=jax.device_get(state),
+    geometry=geometry,
+  )
 
 
 def _random_batch(rng, geometry):
@@ -90,7 +109,8 @@ def _step(setup, mode, with_dc):
   if (mode, with_dc) not in _STEPS:
     config = tiny_config(**{'bn.running_stats': mode})
     _STEPS[mode, with_dc] = train_step.make_train_step(
-        setup['model'], setup['tx'], config, setup['shardings'], with_dc=with_dc)
+      setup['model'], setup['tx'], config, setup['shardings'], with_dc=with_dc
+    )
   return _STEPS[mode, with_dc]
 
 
@@ -109,8 +129,10 @@ def test_dc_step_running_stats_follow_the_mode(setup):
   one (the labeled batch), and every layer as after the supervised-only step."""
   rng = np.random.default_rng()
   host = setup['state']
-  host = host.replace(step=np.int32(setup['config'].cac.unsup_start_step),
-                      batch_stats=random_stats(rng, host.batch_stats))
+  host = host.replace(
+    step=np.int32(setup['config'].cac.unsup_start_step),
+    batch_stats=random_stats(rng, host.batch_stats),
+  )
   batch = _random_batch(rng, setup['geometry'])
   kernel = host.params['backbone']['conv1']['kernel']  # before the update
   prior = host.batch_stats['backbone']['bn1']
@@ -132,8 +154,9 @@ def test_dc_step_running_stats_follow_the_mode(setup):
       mean = (1 - MOMENTUM) * mean + MOMENTUM * m
       var = (1 - MOMENTUM) * var + MOMENTUM * v
     assert_stats_close(got['backbone']['bn1'], mean, var)
-    gaps = [np.max(np.abs(a - b) / np.abs(b)) for a, b in
-            zip(jax.tree.leaves(got), jax.tree.leaves(sup))]
+    gaps = [
+      np.max(np.abs(a - b) / np.abs(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(sup))
+    ]
     if mode == 'labeled':
       assert max(gaps) <= 1e-5, max(gaps)
     else:
@@ -154,13 +177,12 @@ def test_precise_statistics_pool_the_batches(setup):
   statistics (bit for bit); one device and the 8-device mesh agree."""
   rng = np.random.default_rng()
   host = setup['state']
-  batches = [{'image': rng.normal(0.3, 1.5, (8, 64, 64, 3)).astype(np.float32)}
-             for _ in range(3)]
+  batches = [{'image': rng.normal(0.3, 1.5, (8, 64, 64, 3)).astype(np.float32)} for _ in range(3)]
   got = _estimate(setup, host.params, random_stats(rng, host.batch_stats), batches)
   kernel = host.params['backbone']['conv1']['kernel']
   moments = [batch_moments(b['image'], kernel) for b in batches]
   mean = np.mean([m for m, _ in moments], 0)
-  var = np.mean([v + m ** 2 for m, v in moments], 0) - mean ** 2  # pycls
+  var = np.mean([v + m**2 for m, v in moments], 0) - mean**2  # pycls
   assert_stats_close(got['backbone']['bn1'], mean, var)
 
   again = _estimate(setup, host.params, random_stats(rng, host.batch_stats), batches)
@@ -174,8 +196,10 @@ def test_precise_statistics_pool_the_batches(setup):
   # draws (median 2e-7). Statistics per device (one image each) instead of
   # over the global batch are off by a median 2.5e-2 of the same scale.
   one = _estimate(setup, host.params, host.batch_stats, batches, jax.devices()[:1])
-  gaps = [np.abs(a - b).max() / np.abs(b).max()
-          for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(got))]
+  gaps = [
+    np.abs(a - b).max() / np.abs(b).max()
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(got))
+  ]
   assert max(gaps) <= 5e-5, max(gaps)
 
 
@@ -200,19 +224,27 @@ def test_estimation_images_are_unaugmented_centre_crops(tmp_path):
   rng = np.random.default_rng()
   sizes = [(50, 90), (80, 70), (64, 64), (100, 40)]
   images = _folder_dataset(tmp_path, sizes, rng)
-  config = tiny_config(**{'data.name': 'folder', 'data.root': str(tmp_path),
-                          'data.num_classes': 3, 'data.labeled_batch_size': 4})
-  (batch,) = list(pipeline.bn_stats_iterator(config, num_batches=1, process_count=1,
-                                             process_index=0))
+  config = tiny_config(
+    **{
+      'data.name': 'folder',
+      'data.root': str(tmp_path),
+      'data.num_classes': 3,
+      'data.labeled_batch_size': 4,
+    }
+  )
+  (batch,) = list(
+    pipeline.bn_stats_iterator(config, num_batches=1, process_count=1, process_index=0)
+  )
   crop = config.data.crop_size
   want = []
   for image in images.values():
     h, w = image.shape[:2]
-    canvas = np.broadcast_to(255.0 * np.asarray(constants.IMAGENET_MEAN),
-                             (max(h, crop), max(w, crop), 3)).copy()
+    canvas = np.broadcast_to(
+      255.0 * np.asarray(constants.IMAGENET_MEAN), (max(h, crop), max(w, crop), 3)
+    ).copy()
     canvas[:h, :w] = image
     top, left = (canvas.shape[0] - crop) // 2, (canvas.shape[1] - crop) // 2
-    window = canvas[top:top + crop, left:left + crop] / 255.0
+    window = canvas[top : top + crop, left : left + crop] / 255.0
     want.append((window - constants.IMAGENET_MEAN) / constants.IMAGENET_STD)
   got = batch['image']
   assert got.shape == (4, crop, crop, 3)
@@ -222,14 +254,16 @@ def test_estimation_images_are_unaugmented_centre_crops(tmp_path):
   for g, k in zip(got, order):  # float32 division: a few ulp of |x| <= 2.7
     np.testing.assert_allclose(g, want[k], rtol=0, atol=1e-6)
 
-  shares = [list(pipeline.bn_stats_iterator(config, num_batches=2, process_count=2,
-                                            process_index=p)) for p in (0, 1)]
-  two = list(pipeline.bn_stats_iterator(config, num_batches=2, process_count=1,
-                                        process_index=0))
+  shares = [
+    list(pipeline.bn_stats_iterator(config, num_batches=2, process_count=2, process_index=p))
+    for p in (0, 1)
+  ]
+  two = list(pipeline.bn_stats_iterator(config, num_batches=2, process_count=1, process_index=0))
   np.testing.assert_array_equal(two[0]['image'], got)
   for i in range(2):
     np.testing.assert_array_equal(
-        np.concatenate([shares[0][i]['image'], shares[1][i]['image']]), two[i]['image'])
+      np.concatenate([shares[0][i]['image'], shares[1][i]['image']]), two[i]['image']
+    )
 
 
 def test_precise_run_saves_the_statistics_it_scored(tmp_path):
@@ -238,8 +272,14 @@ def test_precise_run_saves_the_statistics_it_scored(tmp_path):
   copy whose config predates `bn` (an old run) evaluates the same."""
   # Supervised only: the loop's re-estimation does not depend on the DC
   # passes (tested above), and the run is half as long.
-  config = tiny_config(**{'bn.running_stats': 'precise', 'bn.precise_batches': 2,
-                          'eval.num_images_logged': 0, 'cac.supervised_only': True})
+  config = tiny_config(
+    **{
+      'bn.running_stats': 'precise',
+      'bn.precise_batches': 2,
+      'eval.num_images_logged': 0,
+      'cac.supervised_only': True,
+    }
+  )
   workdir = str(tmp_path / 'run')
   scores = train.train_and_evaluate(config, workdir)
   history = json.loads((tmp_path / 'run' / 'val_history.json').read_text())
@@ -256,10 +296,16 @@ def test_precise_run_saves_the_statistics_it_scored(tmp_path):
   for saved_step in (2, 4):
     saved = ckpt_lib.restore(manager, abstract, saved_step)
     with jax.set_mesh(mesh):
-      fresh = precise_bn.estimate(fns, saved['params'], saved['batch_stats'],
-                                  pipeline.bn_stats_iterator(config, num_batches=2), mesh)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved['batch_stats']),
-                 jax.device_get(fresh))
+      fresh = precise_bn.estimate(
+        fns,
+        saved['params'],
+        saved['batch_stats'],
+        pipeline.bn_stats_iterator(config, num_batches=2),
+        mesh,
+      )
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(saved['batch_stats']), jax.device_get(fresh)
+    )
 
   # The same checkpoint, its config as a run made before `bn` existed saved it.
   old = config.to_dict()

@@ -5,6 +5,7 @@ problem), and the CLI (`python -m cac_jax.main`) in subprocesses: user errors
 exit with code 2 and an `error: ...` line on stderr without 'Traceback';
 `--validate_only` prints 'config and data OK' for a good config.
 """
+
 import importlib
 import os
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 
 from cac_jax import config_lib
 from cac_jax.data import embedded, sources, validate
-
 from train_utils import REPO, tiny_config
 
 CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if p.stem != '__init__')
@@ -28,10 +28,21 @@ def _problems(config, num_devices=8, num_processes=1) -> str:
 
 def _cli(*args, timeout=300):
   """Runs `python -m cac_jax.main` with 8 CPU devices; returns CompletedProcess."""
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', TF_CPP_MIN_LOG_LEVEL='3',
-             CUDA_VISIBLE_DEVICES='', JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
-  return subprocess.run([sys.executable, '-m', 'cac_jax.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = dict(
+    os.environ,
+    JAX_NUM_CPU_DEVICES='8',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    CUDA_VISIBLE_DEVICES='',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
+  return subprocess.run(
+    [sys.executable, '-m', 'cac_jax.main', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
@@ -49,8 +60,8 @@ def test_shipped_configs_are_valid(name, tmp_path):
 
 def test_unknown_keys_are_named():
   config = tiny_config()
-  config.data.crop = 64          # typo of data.crop_size
-  config.totl_steps = 10         # typo of total_steps
+  config.data.crop = 64  # typo of data.crop_size
+  config.totl_steps = 10  # typo of total_steps
   message = _problems(config)
   assert "'data.crop'" in message and "'totl_steps'" in message
   assert 'typo' in message and 'config_lib.py' in message
@@ -63,15 +74,17 @@ def test_crop_must_be_positive_multiple_of_8(crop):
 
 
 def test_batches_must_divide_over_devices():
-  config = tiny_config(**{'data.labeled_batch_size': 12, 'data.unlabeled_batch_size': 4,
-                          'data.eval_batch_size': 16})
+  config = tiny_config(
+    **{'data.labeled_batch_size': 12, 'data.unlabeled_batch_size': 4, 'data.eval_batch_size': 16}
+  )
   message = _problems(config, num_devices=8)
   assert 'data.labeled_batch_size=12 must be a positive multiple of the 8 devices' in message
   assert 'data.unlabeled_batch_size=4' in message
   assert 'eval_batch_size' not in message  # 16 is fine
   # Supervised-only runs have no unlabeled stream: its batch size is not checked.
-  config_lib.validate(tiny_config(**{'data.unlabeled_batch_size': 3,
-                                     'cac.supervised_only': True}), num_devices=8)
+  config_lib.validate(
+    tiny_config(**{'data.unlabeled_batch_size': 3, 'cac.supervised_only': True}), num_devices=8
+  )
   # Divisible by the devices but not by the hosts (uneven hosts).
   message = _problems(tiny_config(), num_devices=4, num_processes=3)
   assert 'data.labeled_batch_size=8 must be divisible by the 3 hosts' in message
@@ -87,9 +100,15 @@ def test_missing_init_from_weights(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-  config = tiny_config(**{'data.crop_size': 60, 'data.labeled_batch_size': 12,
-                          'init_from': str(tmp_path / 'none.msgpack'),
-                          'cac.temperature': 0.0, 'model.output_stride': 32})
+  config = tiny_config(
+    **{
+      'data.crop_size': 60,
+      'data.labeled_batch_size': 12,
+      'init_from': str(tmp_path / 'none.msgpack'),
+      'cac.temperature': 0.0,
+      'model.output_stride': 32,
+    }
+  )
   lines = _problems(config).splitlines()
   assert lines[0] == 'invalid config:' and len(lines) == 6, lines
 
@@ -108,8 +127,9 @@ def overlapping_split_files(tmp_path_factory):
 
 def test_labeled_unlabeled_overlap_in_process(overlapping_split_files):
   labeled, unlabeled, shared = overlapping_split_files
-  config = tiny_config(**{'data.labeled_split_file': labeled,
-                          'data.unlabeled_split_file': unlabeled})
+  config = tiny_config(
+    **{'data.labeled_split_file': labeled, 'data.unlabeled_split_file': unlabeled}
+  )
   with pytest.raises(sources.DataError) as e:
     validate.validate_config_data(config, check_pixels=False)
   assert 'shares 1 id(s)' in str(e.value) and shared in str(e.value)
@@ -132,25 +152,39 @@ def test_cli_validate_only_ok(tmp_path):
 @pytest.mark.slow
 def test_cli_split_overlap(tmp_path, overlapping_split_files):
   labeled, unlabeled, shared = overlapping_split_files
-  result = _cli('--config=configs/tiny.py', f'--workdir={tmp_path}', '--validate_only',
-                f'--config.data.labeled_split_file={labeled}',
-                f'--config.data.unlabeled_split_file={unlabeled}')
+  result = _cli(
+    '--config=configs/tiny.py',
+    f'--workdir={tmp_path}',
+    '--validate_only',
+    f'--config.data.labeled_split_file={labeled}',
+    f'--config.data.unlabeled_split_file={unlabeled}',
+  )
   _assert_user_error(result, 'error: ', 'shares 1 id(s)', shared)
 
 
 @pytest.mark.slow
 def test_cli_invalid_values_listed_together(tmp_path):
   """Validation errors at training start: all listed, exit 2, no workdir written."""
-  result = _cli('--config=configs/tiny.py', f'--workdir={tmp_path / "w"}',
-                '--config.data.crop_size=60', '--config.data.labeled_batch_size=12',
-                f'--config.init_from={tmp_path / "missing.msgpack"}')
-  _assert_user_error(result, 'error: invalid config:', 'crop_size=60',
-                     'labeled_batch_size=12 must be a positive multiple of the 8 devices',
-                     'missing.msgpack')
+  result = _cli(
+    '--config=configs/tiny.py',
+    f'--workdir={tmp_path / "w"}',
+    '--config.data.crop_size=60',
+    '--config.data.labeled_batch_size=12',
+    f'--config.init_from={tmp_path / "missing.msgpack"}',
+  )
+  _assert_user_error(
+    result,
+    'error: invalid config:',
+    'crop_size=60',
+    'labeled_batch_size=12 must be a positive multiple of the 8 devices',
+    'missing.msgpack',
+  )
   assert not (tmp_path / 'w' / 'checkpoints').exists()
 
 
-@pytest.mark.parametrize('args, fragment', [
+@pytest.mark.parametrize(
+  'args, fragment',
+  [
     # Mistyped override: config_flags raises a bare AttributeError.
     (['--config=configs/tiny.py', '--config.data.crop=64'], "'crop' is not a config field"),
     # Bad value type for an existing field.
@@ -160,7 +194,7 @@ def test_cli_invalid_values_listed_together(tmp_path):
     # Missing config file: config_flags raises only on first access.
     (['--config=configs/nope.py'], 'configs/nope.py'),
     (['--config=configs/tiny.py', '--config.model.backbone=resnet51'], "'resnet51' is not one of"),
-])
+  ],
+)
 def test_cli_flag_errors(tmp_path, args, fragment):
-  _assert_user_error(_cli(*args, f'--workdir={tmp_path}', '--validate_only'),
-                     'error: ', fragment)
+  _assert_user_error(_cli(*args, f'--workdir={tmp_path}', '--validate_only'), 'error: ', fragment)

@@ -14,6 +14,7 @@ The last test is a DC-only run of the real train step (tiny model, 64 px
 crops): the DC loss must be learnable by this code, i.e. `dc_loss_gap` must
 grow well above zero.
 """
+
 import dataclasses
 import functools
 
@@ -26,22 +27,44 @@ import tensorflow as tf
 from cac_jax import losses, optim, sharding, train_state, train_step
 from cac_jax.data import augment, embedded, pairs, pipeline, sources
 from cac_jax.models import build_model
-
 from train_utils import EPS, tiny_config
 
 IGNORE = 255
-NAMES = ('valid_negatives', 'loss_gap', 'cos_pos', 'cos_neg', 'anchor_label_acc',
-         'target_label_acc', 'false_neg_rate')
+NAMES = (
+  'valid_negatives',
+  'loss_gap',
+  'cos_pos',
+  'cos_neg',
+  'anchor_label_acc',
+  'target_label_acc',
+  'false_neg_rate',
+)
 
 
 def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_direction(anchor, target, anchor_conf, target_conf, anchor_label,
-                        valid, neg_feats, neg_labels, neg_valid, target_label,
-                        anchor_true, target_true, neg_true, *, temperature,
-                        pos_threshold, directional, filter_negatives):
+def reference_direction(
+  anchor,
+  target,
+  anchor_conf,
+  target_conf,
+  anchor_label,
+  valid,
+  neg_feats,
+  neg_labels,
+  neg_valid,
+  target_label,
+  anchor_true,
+  target_true,
+  neg_true,
+  *,
+  temperature,
+  pos_threshold,
+  directional,
+  filter_negatives,
+):
   """All seven diagnostics of one direction, dense, float64."""
   a, t, n = (x.astype(np.float64) for x in (anchor, target, neg_feats))
   cos = a @ n.T  # [N, K]
@@ -64,20 +87,19 @@ def reference_direction(anchor, target, anchor_conf, target_conf, anchor_label,
   known = m & (neg_true[None, :] != IGNORE)
   same = known & (neg_true[None, :] == anchor_true[:, None])
   return {
-      'valid_negatives': mean(count, w),
-      'loss_gap': mean(np.log1p(count) - loss, w),
-      'cos_pos': mean(cos_pos, w),
-      'cos_neg': (m * cos)[w].sum() / max(m[w].sum(), 1),
-      'anchor_label_acc': mean(anchor_label == anchor_true, ka),
-      'target_label_acc': mean(target_label == target_true, kt),
-      'false_neg_rate': same[ka].sum() / max(known[ka].sum(), 1),
+    'valid_negatives': mean(count, w),
+    'loss_gap': mean(np.log1p(count) - loss, w),
+    'cos_pos': mean(cos_pos, w),
+    'cos_neg': (m * cos)[w].sum() / max(m[w].sum(), 1),
+    'anchor_label_acc': mean(anchor_label == anchor_true, ka),
+    'target_label_acc': mean(target_label == target_true, kt),
+    'false_neg_rate': same[ka].sum() / max(known[ka].sum(), 1),
   }
 
 
 def assert_diagnostics_close(got, want):
   """Tolerances, float32 code vs the float64 reference on the same inputs."""
-  for name in ('valid_negatives', 'anchor_label_acc', 'target_label_acc',
-               'false_neg_rate'):
+  for name in ('valid_negatives', 'anchor_label_acc', 'target_label_acc', 'false_neg_rate'):
     # Ratios of integer counts (< 2^24, exact in float32) with one rounding
     # in the division: <= EPS relative; rtol 16 EPS = 1e-6.
     np.testing.assert_allclose(got[name], want[name], rtol=16 * EPS, err_msg=name)
@@ -116,14 +138,20 @@ def structured_problem(seed, n=64, k=300, d=16, num_classes=5):
   anchor = feats(anchor_true)
   target_true = np.where(rng.random(n) < 0.1, IGNORE, anchor_true)
   return dict(
-      anchor=anchor,
-      target=unit(anchor + 0.3 * rng.normal(size=anchor.shape)).astype(np.float32),
-      anchor_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
-      target_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
-      anchor_label=pseudo(anchor_true), valid=rng.random(n) < 0.8,
-      neg_feats=feats(neg_true), neg_labels=pseudo(neg_true),
-      neg_valid=rng.random(k) < 0.9, target_label=pseudo(target_true),
-      anchor_true=anchor_true, target_true=target_true, neg_true=neg_true)
+    anchor=anchor,
+    target=unit(anchor + 0.3 * rng.normal(size=anchor.shape)).astype(np.float32),
+    anchor_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
+    target_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
+    anchor_label=pseudo(anchor_true),
+    valid=rng.random(n) < 0.8,
+    neg_feats=feats(neg_true),
+    neg_labels=pseudo(neg_true),
+    neg_valid=rng.random(k) < 0.9,
+    target_label=pseudo(target_true),
+    anchor_true=anchor_true,
+    target_true=target_true,
+    neg_true=neg_true,
+  )
 
 
 @functools.cache
@@ -131,20 +159,20 @@ def _jitted_direction(**static):
   def fn(problem):
     loss, _, diag = losses.dc_direction(**problem, **static)
     return loss, diag
+
   return jax.jit(fn)
 
 
 SWITCHES = [
-    dict(pos_threshold=0.5, directional=True, filter_negatives=True),
-    dict(pos_threshold=0.0, directional=False, filter_negatives=False),
+  dict(pos_threshold=0.5, directional=True, filter_negatives=True),
+  dict(pos_threshold=0.0, directional=False, filter_negatives=False),
 ]
 
 
 @pytest.mark.parametrize('switches', SWITCHES)
 def test_direction_diagnostics_match_reference(switches):
   problem = structured_problem(seed=int(switches['filter_negatives']))
-  static = dict(temperature=0.1, chunk_size=128, matmul_dtype='float32',
-                num_classes=5, **switches)
+  static = dict(temperature=0.1, chunk_size=128, matmul_dtype='float32', num_classes=5, **switches)
   loss, diag = _jitted_direction(**static)(problem)
   want = reference_direction(**problem, temperature=0.1, **switches)
   assert_diagnostics_close({k: float(v) for k, v in diag.items()}, want)
@@ -154,35 +182,45 @@ def test_direction_diagnostics_match_reference(switches):
   assert 0.1 < want['false_neg_rate'] < 0.5 and 0.5 < want['anchor_label_acc'] < 1
   # The loss is the one the loss function computes without diagnostics
   # (tolerance: see the next test).
-  flat = {k: v for k, v in problem.items()
-          if k not in ('target_label', 'anchor_true', 'target_true', 'neg_true')}
-  plain = jax.jit(functools.partial(losses.directional_contrastive_loss,
-                                    temperature=0.1, chunk_size=128, **switches))(**flat)
+  flat = {
+    k: v
+    for k, v in problem.items()
+    if k not in ('target_label', 'anchor_true', 'target_true', 'neg_true')
+  }
+  plain = jax.jit(
+    functools.partial(
+      losses.directional_contrastive_loss, temperature=0.1, chunk_size=128, **switches
+    )
+  )(**flat)
   np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
 
   # No active anchor: every diagnostic is 0, none is NaN.
-  _, idle = _jitted_direction(**static)(
-      dict(problem, valid=np.zeros_like(problem['valid'])))
+  _, idle = _jitted_direction(**static)(dict(problem, valid=np.zeros_like(problem['valid'])))
   assert all(float(v) == 0.0 for v in idle.values()), idle
 
 
 def test_diagnostics_leave_loss_and_gradient_unchanged():
   problem = structured_problem(seed=2)
-  truth = {k: problem.pop(k) for k in ('target_label', 'anchor_true',
-                                       'target_true', 'neg_true')}
-  kw = dict(temperature=0.1, pos_threshold=0.5, directional=True,
-            filter_negatives=True, chunk_size=128, matmul_dtype='float32')
+  truth = {k: problem.pop(k) for k in ('target_label', 'anchor_true', 'target_true', 'neg_true')}
+  kw = dict(
+    temperature=0.1,
+    pos_threshold=0.5,
+    directional=True,
+    filter_negatives=True,
+    chunk_size=128,
+    matmul_dtype='float32',
+  )
 
   def with_diag(anchor):
-    loss, _, diag = losses.dc_direction(**dict(problem, anchor=anchor), **kw,
-                                        num_classes=5, **truth)
+    loss, _, diag = losses.dc_direction(
+      **dict(problem, anchor=anchor), **kw, num_classes=5, **truth
+    )
     return loss, diag
 
   def plain(anchor):
     return losses.directional_contrastive_loss(**dict(problem, anchor=anchor), **kw)
 
-  (loss, diag), grad = jax.jit(jax.value_and_grad(with_diag, has_aux=True))(
-      problem['anchor'])
+  (loss, diag), grad = jax.jit(jax.value_and_grad(with_diag, has_aux=True))(problem['anchor'])
   loss0, grad0 = jax.jit(jax.value_and_grad(plain))(problem['anchor'])
   # Identical operations for the loss and its custom backward pass (the
   # diagnostics are stop-gradient side outputs), so equal bit for bit on the
@@ -192,8 +230,9 @@ def test_diagnostics_leave_loss_and_gradient_unchanged():
   # <= log2(64) EPS = 4e-7 relative; rtol 1e-6. A diagnostic that leaked
   # into the loss (a loss_gap term, say) would move both by O(1).
   np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(grad), np.asarray(grad0), rtol=1e-6,
-                             atol=1e-6 * np.abs(np.asarray(grad0)).max())
+  np.testing.assert_allclose(
+    np.asarray(grad), np.asarray(grad0), rtol=1e-6, atol=1e-6 * np.abs(np.asarray(grad0)).max()
+  )
   assert np.abs(np.asarray(grad)).max() > 0
   assert float(diag['loss_gap']) > 0
 
@@ -210,21 +249,27 @@ def _views_problem(seed, b=2, grid=4, d=8, num_classes=4, bank=16):
   truth[rng.random(truth.shape) < 0.15] = IGNORE
   known = np.where(truth == IGNORE, 0, truth)
   proj = unit(protos[known] + 0.7 * rng.normal(size=known.shape + (d,)))
-  guess = np.where(rng.random(known.shape) < 0.7, known,
-                   rng.integers(0, num_classes, known.shape))
-  logits = (3.0 * np.eye(num_classes)[guess]
-            + rng.normal(size=guess.shape + (num_classes,)))
+  guess = np.where(rng.random(known.shape) < 0.7, known, rng.integers(0, num_classes, known.shape))
+  logits = 3.0 * np.eye(num_classes)[guess] + rng.normal(size=guess.shape + (num_classes,))
   # Image 0: view 2 is 8 px down and 16 px left of view 1; image 1: the same
   # crop (boxes of equal size, multiples of 8, in each unflipped frame).
   box1 = np.array([[8, 0, 32, 16], [0, 0, 32, 32]], np.int32)
   box2 = np.array([[0, 16, 24, 32], [0, 0, 32, 32]], np.int32)
   return dict(
-      proj1=proj[0].astype(np.float32), proj2=proj[1].astype(np.float32),
-      logits1=logits[0].astype(np.float32), logits2=logits[1].astype(np.float32),
-      box1=box1, box2=box2, flip1=np.array([True, False]), flip2=np.array([True, True]),
-      bank_feats=unit(rng.normal(size=(bank, d))).astype(np.float32),
-      bank_labels=rng.integers(0, num_classes, bank), bank_valid=rng.random(bank) < 0.7,
-      truth1=truth[0], truth2=truth[1])
+    proj1=proj[0].astype(np.float32),
+    proj2=proj[1].astype(np.float32),
+    logits1=logits[0].astype(np.float32),
+    logits2=logits[1].astype(np.float32),
+    box1=box1,
+    box2=box2,
+    flip1=np.array([True, False]),
+    flip2=np.array([True, True]),
+    bank_feats=unit(rng.normal(size=(bank, d))).astype(np.float32),
+    bank_labels=rng.integers(0, num_classes, bank),
+    bank_valid=rng.random(bank) < 0.7,
+    truth1=truth[0],
+    truth2=truth[1],
+  )
 
 
 def _reference_views(p, **switches):
@@ -237,8 +282,12 @@ def _reference_views(p, **switches):
     z = p[f'logits{v}'][i].astype(np.float64)
     prob = np.exp(z - z.max(-1, keepdims=True))
     prob /= prob.sum(-1, keepdims=True)
-    return {'feat': un(p[f'proj{v}'][i]), 'conf': un(prob.max(-1)),
-            'label': un(z.argmax(-1)), 'true': un(p[f'truth{v}'][i])}
+    return {
+      'feat': un(p[f'proj{v}'][i]),
+      'conf': un(prob.max(-1)),
+      'label': un(z.argmax(-1)),
+      'true': un(p[f'truth{v}'][i]),
+    }
 
   anchors = {1: [], 2: []}
   negs = []
@@ -247,8 +296,9 @@ def _reference_views(p, **switches):
     for v in (1, 2):
       for y in range(g):
         for x in range(g):
-          negs.append((views[v]['feat'][y, x], views[v]['label'][y, x], True,
-                       views[v]['true'][y, x]))
+          negs.append(
+            (views[v]['feat'][y, x], views[v]['label'][y, x], True, views[v]['true'][y, x])
+          )
     t1, l1, b1, r1 = p['box1'][i] // 8
     t2, l2 = p['box2'][i][:2] // 8
     for y in range(t1, b1):
@@ -258,15 +308,27 @@ def _reference_views(p, **switches):
   for f, lab, ok in zip(p['bank_feats'], p['bank_labels'], p['bank_valid']):
     negs.append((f, lab, ok, IGNORE))  # the bank keeps no true class
   neg_feats, neg_labels, neg_valid, neg_true = (np.array(c) for c in zip(*negs))
-  cells = {v: {k: np.array([a[k] for a in anchors[v]]) for k in anchors[v][0]}
-           for v in (1, 2)}
+  cells = {v: {k: np.array([a[k] for a in anchors[v]]) for k in anchors[v][0]} for v in (1, 2)}
   out = {}
   for direction, (s, o) in (('12', (1, 2)), ('21', (2, 1))):
     a, t = cells[s], cells[o]
     diag = reference_direction(
-        a['feat'], t['feat'], a['conf'], t['conf'], a['label'],
-        np.ones(len(a['label']), bool), neg_feats, neg_labels, neg_valid,
-        t['label'], a['true'], t['true'], neg_true, temperature=0.1, **switches)
+      a['feat'],
+      t['feat'],
+      a['conf'],
+      t['conf'],
+      a['label'],
+      np.ones(len(a['label']), bool),
+      neg_feats,
+      neg_labels,
+      neg_valid,
+      t['label'],
+      a['true'],
+      t['true'],
+      neg_true,
+      temperature=0.1,
+      **switches,
+    )
     out.update({f'dc_{k}_{direction}': v for k, v in diag.items()})
   return out
 
@@ -287,13 +349,13 @@ def test_views_diagnostics_match_per_cell_reference():
     # The inputs: D = 8 (not 16) halves the dot-product error, K = 80 < 300,
     # so the flat test's tolerances hold with room.
     assert_diagnostics_close(
-        {n: float(got[f'dc_{n}_{direction}']) for n in NAMES},
-        {n: want[f'dc_{n}_{direction}'] for n in NAMES})
+      {n: float(got[f'dc_{n}_{direction}']) for n in NAMES},
+      {n: want[f'dc_{n}_{direction}'] for n in NAMES},
+    )
   assert all(want[f'dc_anchor_label_acc_{d}'] > 0.3 for d in ('12', '21'))
   # Without true classes, the same label-free diagnostics and none other.
   plain = {k: v for k, v in problem.items() if not k.startswith('truth')}
-  got0 = _views(plain, key=None, temperature=0.1, chunk_size=64,
-                **switches)['diagnostics']
+  got0 = _views(plain, key=None, temperature=0.1, chunk_size=64, **switches)['diagnostics']
   assert set(got0) == {f'dc_{n}_{d}' for n in NAMES[:4] for d in ('12', '21')}
   for name, value in got0.items():
     assert float(value) == float(got[name]), name
@@ -312,9 +374,16 @@ def test_views_truth_is_sampled_and_unflipped_with_the_features():
   for v in (1, 2):
     problem[f'truth{v}'] = problem[f'logits{v}'].argmax(-1)
   for neg_per_image in (0, 5):
-    got = _views(problem, key=jax.random.key(3), neg_per_image=neg_per_image,
-                 temperature=0.1, pos_threshold=0.0, directional=True,
-                 filter_negatives=True, chunk_size=64)['diagnostics']
+    got = _views(
+      problem,
+      key=jax.random.key(3),
+      neg_per_image=neg_per_image,
+      temperature=0.1,
+      pos_threshold=0.0,
+      directional=True,
+      filter_negatives=True,
+      chunk_size=64,
+    )['diagnostics']
     for d in ('12', '21'):
       assert float(got[f'dc_anchor_label_acc_{d}']) == 1.0
       assert float(got[f'dc_target_label_acc_{d}']) == 1.0
@@ -328,14 +397,14 @@ def test_views_truth_is_sampled_and_unflipped_with_the_features():
 
 def test_cell_labels_is_the_mode_of_each_cell():
   label = np.zeros((8, 32), np.uint8)
-  label[:, 0:8] = 3                      # uniform
-  label[:, 8:16] = 2                     # 2 vs 5, 32 pixels each: tie -> 2
+  label[:, 0:8] = 3  # uniform
+  label[:, 8:16] = 2  # 2 vs 5, 32 pixels each: tie -> 2
   label[4:, 8:16] = 5
-  label[:, 16:24] = IGNORE               # 40 ignore vs 24 of class 1 -> ignore
+  label[:, 16:24] = IGNORE  # 40 ignore vs 24 of class 1 -> ignore
   label[:3, 16:24] = 1
-  label[:, 24:32] = IGNORE               # 32 ignore vs 32 of class 4 -> 4
+  label[:, 24:32] = IGNORE  # 32 ignore vs 32 of class 4 -> 4
   label[:4, 24:32] = 4
-  label[0, 0] = 1                        # one odd pixel changes nothing
+  label[0, 0] = 1  # one odd pixel changes nothing
   got = pairs.cell_labels(tf.constant(label), 8).numpy()
   np.testing.assert_array_equal(got, [[3, 2, IGNORE, 4]])
   assert got.dtype == np.int32
@@ -352,14 +421,13 @@ def test_pair_truth_follows_crops_flips_and_padding(shape):
   image = rng.integers(0, 256, shape + (3,)).astype(np.uint8)
   # Blobs of 5 px (so cells mix classes) and some ignore pixels.
   coarse = rng.integers(0, 4, (shape[0] // 5 + 1, shape[1] // 5 + 1))
-  label = np.kron(coarse, np.ones((5, 5), np.int64))[:shape[0], :shape[1]]
+  label = np.kron(coarse, np.ones((5, 5), np.int64))[: shape[0], : shape[1]]
   label[rng.random(shape) < 0.05] = IGNORE
   label = label.astype(np.uint8)
   kw = dict(crop_size=crop, base_size=base, stride=stride)
   for s in range(6):
     seed = tf.constant([s, 7], tf.int64)
-    geo = {k: v.numpy() for k, v in pairs.pair_geometry(
-        seed, shape[0], shape[1], **kw).items()}
+    geo = {k: v.numpy() for k, v in pairs.pair_geometry(seed, shape[0], shape[1], **kw).items()}
     out = pairs.sample_pair(image, seed, label=label, **kw)
     out = {k: v.numpy() for k, v in out.items()}
     without = pairs.sample_pair(image, seed, **kw)
@@ -368,18 +436,20 @@ def test_pair_truth_follows_crops_flips_and_padding(shape):
       np.testing.assert_array_equal(out[key], value.numpy())
     # Reference: the scaled mask (nearest), padded with 255, cropped,
     # flipped, then the mode of each 8x8 block.
-    scaled = augment.resize_label(tf.constant(label), geo['scaled_height'],
-                                  geo['scaled_width']).numpy()
-    padded = np.full((max(scaled.shape[0], crop), max(scaled.shape[1], crop)),
-                     IGNORE, np.uint8)
-    padded[:scaled.shape[0], :scaled.shape[1]] = scaled
+    scaled = augment.resize_label(
+      tf.constant(label), geo['scaled_height'], geo['scaled_width']
+    ).numpy()
+    padded = np.full((max(scaled.shape[0], crop), max(scaled.shape[1], crop)), IGNORE, np.uint8)
+    padded[: scaled.shape[0], : scaled.shape[1]] = scaled
     unflipped = {}
     for v in (1, 2):
       y, x = geo[f'y{v}'], geo[f'x{v}']
-      view = padded[y:y + crop, x:x + crop]
+      view = padded[y : y + crop, x : x + crop]
       view = view[:, ::-1] if geo[f'flip{v}'] else view
-      want = [[_mode(view[i:i + stride, j:j + stride]) for j in range(0, crop, stride)]
-              for i in range(0, crop, stride)]
+      want = [
+        [_mode(view[i : i + stride, j : j + stride]) for j in range(0, crop, stride)]
+        for i in range(0, crop, stride)
+      ]
       np.testing.assert_array_equal(out[f'truth{v}'], want)
       assert out[f'truth{v}'].dtype == np.int32
       unflipped[v] = out[f'truth{v}'][:, ::-1] if out[f'flip{v}'] else out[f'truth{v}']
@@ -397,8 +467,7 @@ def _unlabeled_with_masks(config):
   if source not in _MASKS:  # Sources compare by identity; get_source memoises
     ids, _, masks = embedded.read_split(embedded.builder(config.data.embedded), 'train')
     by_id = dict(zip(ids, masks))
-    _MASKS[source] = dataclasses.replace(
-        source, labels=tuple(by_id[i] for i in source.ids))
+    _MASKS[source] = dataclasses.replace(source, labels=tuple(by_id[i] for i in source.ids))
   return _MASKS[source]
 
 
@@ -407,8 +476,11 @@ def test_unlabeled_stream_carries_truth_only_where_masks_exist():
   with_masks = _unlabeled_with_masks(config)
   kw = dict(start_step=3, process_index=0, process_count=1)
   got = next(pipeline.unlabeled_dataset(config, with_masks, **kw).as_numpy_iterator())
-  plain = next(pipeline.unlabeled_dataset(
-      config, dataclasses.replace(with_masks, labels=None), **kw).as_numpy_iterator())
+  plain = next(
+    pipeline.unlabeled_dataset(
+      config, dataclasses.replace(with_masks, labels=None), **kw
+    ).as_numpy_iterator()
+  )
   assert set(got) == set(plain) | {'truth1', 'truth2'}
   for key, value in plain.items():  # the stream itself is unchanged
     np.testing.assert_array_equal(got[key], value)
@@ -445,25 +517,39 @@ def test_dc_only_run_learns_the_objective():
   diagnostics run too.
   """
   steps = 100
-  config = tiny_config(**{
-      'cac.weight': 1.0, 'cac.unsup_start_step': 0, 'total_steps': steps,
-      'optim.lr': 8e-3, 'model.projector': False,
-      'data.unlabeled_batch_size': 2})
-  stream = pipeline.unlabeled_dataset(
-      config, _unlabeled_with_masks(config), start_step=0, process_index=0,
-      process_count=1).take(steps).prefetch(4).as_numpy_iterator()
+  config = tiny_config(
+    **{
+      'cac.weight': 1.0,
+      'cac.unsup_start_step': 0,
+      'total_steps': steps,
+      'optim.lr': 8e-3,
+      'model.projector': False,
+      'data.unlabeled_batch_size': 2,
+    }
+  )
+  stream = (
+    pipeline.unlabeled_dataset(
+      config, _unlabeled_with_masks(config), start_step=0, process_index=0, process_count=1
+    )
+    .take(steps)
+    .prefetch(4)
+    .as_numpy_iterator()
+  )
   model = build_model(config.model, num_classes=config.data.num_classes)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh(jax.devices()[:1])
   history = []
   with jax.set_mesh(mesh):
-    state, shardings = train_state.create_sharded_state(model, tx, config, mesh,
-                                                        jax.random.key(0))
+    state, shardings = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
     step_fn = train_step.make_train_step(model, tx, config, shardings, with_dc=True)
     for unlabeled in stream:
-      batch = {'unlabeled': unlabeled,
-               'labeled': {'image': unlabeled['image1'][:1, :32, :32],
-                           'label': np.full((1, 32, 32), IGNORE, np.int32)}}
+      batch = {
+        'unlabeled': unlabeled,
+        'labeled': {
+          'image': unlabeled['image1'][:1, :32, :32],
+          'label': np.full((1, 32, 32), IGNORE, np.int32),
+        },
+      }
       state, metrics = step_fn(state, sharding.to_global(batch, mesh))
       history.append(jax.device_get(metrics))
   assert len(history) == steps

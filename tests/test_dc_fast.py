@@ -15,6 +15,7 @@ count, can reorder a D-term dot product (<= D EPS relative per logit), so it
 is held to the dense path at 1e-6 (bit-equal on the dev CPU) and to the
 reference at the tolerances derived in tests/test_losses.py.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -22,7 +23,6 @@ import numpy as np
 import pytest
 
 from cac_jax import losses
-
 from test_losses import jax_value_and_grads, random_problem, reference_dc, unit
 
 SWITCHES = dict(pos_threshold=0.5, directional=True, filter_negatives=True)
@@ -42,8 +42,9 @@ def _close_to_reference(got, problem, **kw):
   # rtol 1e-5 on the loss (~1e-6 expected), gradient entries to 1e-5 of the
   # largest; atol 1e-6 for a loss of exactly 0.
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-5 * max(np.abs(ref_grad).max(), 1e-6), rtol=0)
+  np.testing.assert_allclose(
+    g_anchor, ref_grad, atol=1e-5 * max(np.abs(ref_grad).max(), 1e-6), rtol=0
+  )
   assert np.all(g_target == 0.0) and np.all(g_neg == 0.0)
   return ref_loss, ref_grad
 
@@ -71,12 +72,17 @@ def test_compact_equals_dense_and_reference(block, regime):
   # than one block holds; 'none' runs no block at all. K = 300, chunk 128.
   seed = np.random.SeedSequence().entropy % 2**32
   problem, kw = _regime(random_problem(seed=seed), regime)
-  active = losses.contrastive_weights(problem['anchor_conf'], problem['target_conf'],
-                                      problem['valid'], pos_threshold=kw['pos_threshold'],
-                                      directional=kw['directional'])
+  active = losses.contrastive_weights(
+    problem['anchor_conf'],
+    problem['target_conf'],
+    problem['valid'],
+    pos_threshold=kw['pos_threshold'],
+    directional=kw['directional'],
+  )
   count = int(np.sum(np.asarray(active)))
-  assert {'some': 0 < count < 64, 'all': count == 64, 'one': count == 1,
-          'none': count == 0}[regime], (regime, count)
+  assert {'some': 0 < count < 64, 'all': count == 64, 'one': count == 1, 'none': count == 0}[
+    regime
+  ], (regime, count)
   common = dict(temperature=0.1, chunk_size=128, **kw)
   dense = jax_value_and_grads(problem, anchor_block=0.0, **common)
   got = jax_value_and_grads(problem, anchor_block=block, **common)
@@ -98,14 +104,22 @@ def test_inactive_anchors_are_not_scored():
   anchor = jnp.asarray(unit(rng.normal(size=(n, d))), jnp.float32)
   pos = jnp.asarray(rng.uniform(-5, 5, n), jnp.float32)
   label = jnp.asarray(rng.integers(0, 4, n), jnp.int32)
-  negs = (jnp.asarray(unit(rng.normal(size=(k, d))), jnp.float32),
-          jnp.asarray(rng.integers(0, 4, k), jnp.int32), jnp.ones((k,), bool))
+  negs = (
+    jnp.asarray(unit(rng.normal(size=(k, d))), jnp.float32),
+    jnp.asarray(rng.integers(0, 4, k), jnp.int32),
+    jnp.ones((k,), bool),
+  )
   active = jnp.asarray(rng.random(n) < 0.3)
-  cfg = losses._LseConfig(inv_temperature=10.0, chunk_size=64, filter_negatives=True,
-                          shift='positive', matmul_dtype='float32', anchor_block=16)
+  cfg = losses._LseConfig(
+    inv_temperature=10.0,
+    chunk_size=64,
+    filter_negatives=True,
+    shift='positive',
+    matmul_dtype='float32',
+    anchor_block=16,
+  )
   lse = losses._negative_lse(anchor, pos, label, *negs, active, cfg)
-  dense = losses._negative_lse(anchor, pos, label, *negs, active,
-                               cfg._replace(anchor_block=0))
+  dense = losses._negative_lse(anchor, pos, label, *negs, active, cfg._replace(anchor_block=0))
   a = np.asarray(active)
   assert 0 < a.sum() < n
   np.testing.assert_array_equal(np.asarray(lse)[~a], np.asarray(pos)[~a])
@@ -131,8 +145,9 @@ def test_bfloat16_matmuls_error_against_float64():
   kw = dict(temperature=0.1, **SWITCHES)
   ref_loss, ref_grad = reference_dc(**problem, **kw)
   for block in (0.0, losses.DEFAULT_ANCHOR_BLOCK):
-    loss, (g, _, _) = jax_value_and_grads(problem, chunk_size=512, anchor_block=block,
-                                          matmul_dtype='bfloat16', **kw)
+    loss, (g, _, _) = jax_value_and_grads(
+      problem, chunk_size=512, anchor_block=block, matmul_dtype='bfloat16', **kw
+    )
     assert abs(loss - ref_loss) < 1e-3, (loss, ref_loss)
     err = np.abs(g - ref_grad).max() / np.abs(ref_grad).max()
     assert 3e-5 < err < 3e-3, err
@@ -151,6 +166,7 @@ def test_matmul_dtype_auto_resolves_by_backend():
 
 def test_config_defaults_are_the_loss_defaults():
   from cac_jax import config_lib
+
   cac = config_lib.base_config().cac
   assert cac.anchor_block == losses.DEFAULT_ANCHOR_BLOCK
   assert cac.matmul_dtype == 'auto'
@@ -172,10 +188,17 @@ def _aligned_problem(rng, n, k, d, *, target_sign, noise=0.01):
   targets near target_sign * u: every logit <a, n>/τ is near -1/τ."""
   u = unit(rng.normal(size=d))
   near = lambda sign, m: unit(sign * u + noise * rng.normal(size=(m, d))).astype(np.float32)
-  return dict(anchor=near(1, n), target=near(target_sign, n),
-              anchor_conf=np.zeros(n, np.float32), target_conf=np.ones(n, np.float32),
-              anchor_label=np.zeros(n, int), valid=np.ones(n, bool),
-              neg_feats=near(-1, k), neg_labels=np.ones(k, int), neg_valid=np.ones(k, bool))
+  return dict(
+    anchor=near(1, n),
+    target=near(target_sign, n),
+    anchor_conf=np.zeros(n, np.float32),
+    target_conf=np.ones(n, np.float32),
+    anchor_label=np.zeros(n, int),
+    valid=np.ones(n, bool),
+    neg_feats=near(-1, k),
+    neg_labels=np.ones(k, int),
+    neg_valid=np.ones(k, bool),
+  )
 
 
 @pytest.mark.parametrize('temperature', [0.1, 0.025])
@@ -196,10 +219,8 @@ def test_static_shift_at_the_edges_of_its_range(temperature, matmul_dtype):
   rng = np.random.default_rng(np.random.SeedSequence().entropy)
   n, k, d = 32, 96, 16
   problem = _aligned_problem(rng, n, k, d, target_sign=-1)
-  kw = dict(temperature=temperature, pos_threshold=0.0, directional=False,
-            filter_negatives=True)
-  got = jax_value_and_grads(problem, chunk_size=32, shift='static',
-                            matmul_dtype=matmul_dtype, **kw)
+  kw = dict(temperature=temperature, pos_threshold=0.0, directional=False, filter_negatives=True)
+  got = jax_value_and_grads(problem, chunk_size=32, shift='static', matmul_dtype=matmul_dtype, **kw)
   ref_loss, ref_grad = reference_dc(**problem, **kw)
   assert np.isfinite(got[0]) and np.all(np.isfinite(got[1][0]))
   assert abs(ref_loss - np.log1p(k)) < 0.5
@@ -221,7 +242,7 @@ def test_static_shift_at_the_edges_of_its_range(temperature, matmul_dtype):
     # (0.04 / 0.16), lse by no more (pos is float32): atol 2^-8/τ on the
     # loss; the softmax weights by as much relative (<= 17%): atol 0.2 of
     # the term scale on the gradient.
-    np.testing.assert_allclose(got[0], ref_loss, rtol=0, atol=2 ** -8 / temperature)
+    np.testing.assert_allclose(got[0], ref_loss, rtol=0, atol=2**-8 / temperature)
     np.testing.assert_allclose(got[1][0], ref_grad, rtol=0, atol=0.2 * term)
 
 
@@ -263,10 +284,17 @@ def test_label_filter_is_exact_when_same_class_mass_dominates():
   anchor = near(n).astype(np.float32)
   neg = np.concatenate([near(k_same), ortho(k_other)]).astype(np.float32)
   neg_labels = np.repeat([0, 1], [k_same, k_other])
-  problem = dict(anchor=anchor, target=ortho(n).astype(np.float32),
-                 anchor_conf=np.zeros(n, np.float32), target_conf=np.ones(n, np.float32),
-                 anchor_label=np.zeros(n, int), valid=np.ones(n, bool), neg_feats=neg,
-                 neg_labels=neg_labels, neg_valid=np.ones(len(neg), bool))
+  problem = dict(
+    anchor=anchor,
+    target=ortho(n).astype(np.float32),
+    anchor_conf=np.zeros(n, np.float32),
+    target_conf=np.ones(n, np.float32),
+    anchor_label=np.zeros(n, int),
+    valid=np.ones(n, bool),
+    neg_feats=neg,
+    neg_labels=neg_labels,
+    neg_valid=np.ones(len(neg), bool),
+  )
   kw = dict(temperature=0.1, pos_threshold=0.0, directional=False, filter_negatives=True)
   got = jax_value_and_grads(problem, chunk_size=128, **kw)
   ref_loss, _ = _close_to_reference(got, problem, **kw)
@@ -276,8 +304,10 @@ def test_label_filter_is_exact_when_same_class_mass_dominates():
   s = (anchor.astype(np.float64) @ neg.T.astype(np.float64) * 10 - 10).astype(np.float32)
   e = np.exp(s)
   same = neg_labels[None, :] == 0
-  diff = (np.cumsum(e, axis=1, dtype=np.float32)[:, -1] -
-          np.cumsum(np.where(same, e, 0), axis=1, dtype=np.float32)[:, -1])
+  diff = (
+    np.cumsum(e, axis=1, dtype=np.float32)[:, -1]
+    - np.cumsum(np.where(same, e, 0), axis=1, dtype=np.float32)[:, -1]
+  )
   exact = np.sum(np.where(same, 0, np.exp(s.astype(np.float64))), axis=1)
   assert np.median(np.abs(diff - exact) / exact) > 1e-3  # 100x the masked path's rtol
 
@@ -290,12 +320,21 @@ def _views_problem(rng, b=2, grid=8, d=16, num_classes=5, bank=64):
   box1 = np.array([[16, 0, 64, 56], [0, 0, 64, 64]], np.int32)
   box2 = np.array([[0, 8, 48, 64], [0, 0, 64, 64]], np.int32)
   truth = rng.integers(0, num_classes, (2, b, grid, grid))
-  return dict(proj1=proj[0], proj2=proj[1], logits1=logits[0], logits2=logits[1],
-              box1=box1, box2=box2, flip1=np.array([True, False]),
-              flip2=np.array([False, True]),
-              bank_feats=unit(rng.normal(size=(bank, d))).astype(np.float32),
-              bank_labels=rng.integers(0, num_classes, bank),
-              bank_valid=rng.random(bank) < 0.8, truth1=truth[0], truth2=truth[1])
+  return dict(
+    proj1=proj[0],
+    proj2=proj[1],
+    logits1=logits[0],
+    logits2=logits[1],
+    box1=box1,
+    box2=box2,
+    flip1=np.array([True, False]),
+    flip2=np.array([False, True]),
+    bank_feats=unit(rng.normal(size=(bank, d))).astype(np.float32),
+    bank_labels=rng.integers(0, num_classes, bank),
+    bank_valid=rng.random(bank) < 0.8,
+    truth1=truth[0],
+    truth2=truth[1],
+  )
 
 
 def test_views_loss_gradients_and_diagnostics_equal_the_dense_path():
@@ -307,12 +346,22 @@ def test_views_loss_gradients_and_diagnostics_equal_the_dense_path():
   def run(anchor_block):
     def f(proj1, proj2):
       loss, aux = losses.dc_loss_from_views(
-          proj1, proj2, **{k: v for k, v in problem.items() if k[:4] != 'proj'},
-          key=None, temperature=0.1, pos_threshold=0.6, directional=True,
-          filter_negatives=True, chunk_size=48, anchor_block=anchor_block)
+        proj1,
+        proj2,
+        **{k: v for k, v in problem.items() if k[:4] != 'proj'},
+        key=None,
+        temperature=0.1,
+        pos_threshold=0.6,
+        directional=True,
+        filter_negatives=True,
+        chunk_size=48,
+        anchor_block=anchor_block,
+      )
       return loss, {k: v for k, v in aux.items() if k[:4] != 'new_'}
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
-        problem['proj1'], problem['proj2'])
+      problem['proj1'], problem['proj2']
+    )
 
   (loss, aux), grads = run(losses.DEFAULT_ANCHOR_BLOCK)
   (loss0, aux0), grads0 = run(0.0)
@@ -326,8 +375,9 @@ def test_views_loss_gradients_and_diagnostics_equal_the_dense_path():
   for path, value in flat:
     # The diagnostics read l_k of active anchors only (loss_gap), so they
     # agree like the loss; the rest are the same arithmetic.
-    np.testing.assert_allclose(float(value), float(flat0[path]), rtol=1e-6, atol=1e-7,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      float(value), float(flat0[path]), rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_a_run_saved_before_the_fast_paths_resumes_and_loads():
@@ -335,9 +385,12 @@ def test_a_run_saved_before_the_fast_paths_resumes_and_loads():
   # anchor_block: resuming with today's defaults is allowed (a compute
   # option, like chunk_size), and inference fills the missing field.
   import json
+
   import ml_collections
+
   from cac_jax import restore, run_dir
   from train_utils import tiny_config
+
   saved = json.loads(json.dumps(tiny_config().to_dict()))
   saved['cac']['matmul_dtype'] = 'float32'
   del saved['cac']['anchor_block']

@@ -4,21 +4,20 @@ Determinism is what makes a resumed run equal an uninterrupted one (see
 test_faults.py) and makes ablations comparable. Wall-clock metrics are the
 only ones allowed to differ.
 """
+
 import jax
 import numpy as np
 
-from cac_jax import optim, sharding, train, train_state
 from cac_jax import checkpoint as ckpt_lib
+from cac_jax import optim, sharding, train, train_state
 from cac_jax.models import build_model
-
 from train_utils import read_scalars, tiny_config
 
 TIMING_TAGS = ('images_per_sec', 'steps_per_sec', 'uptime')
 
 
 def _untimed(scalars):
-  return {tag: steps for tag, steps in scalars.items()
-          if not any(t in tag for t in TIMING_TAGS)}
+  return {tag: steps for tag, steps in scalars.items() if not any(t in tag for t in TIMING_TAGS)}
 
 
 def _params(workdir, config):

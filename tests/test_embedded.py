@@ -1,5 +1,6 @@
 """The embedded texture-mosaic dataset: determinism, balance, disjoint texture
 sources, per-pixel chance, context bias, TFDS build and the Source it gives."""
+
 import time
 
 import ml_collections
@@ -70,8 +71,9 @@ def test_train_and_val_textures_come_from_disjoint_photo_halves(monkeypatch):
     assert train.shape[1] == val.shape[1] == photo.shape[1] // 2
   requested = []
   real = embedded.photo_half
-  monkeypatch.setattr(embedded, 'photo_half',
-                      lambda name, split: requested.append(split) or real(name, split))
+  monkeypatch.setattr(
+    embedded, 'photo_half', lambda name, split: requested.append(split) or real(name, split)
+  )
   for i in range(8):
     embedded.generate_example('train', i, 64)
     embedded.generate_example('train_biased', i, 64)
@@ -91,11 +93,13 @@ def test_per_pixel_colour_classifier_is_at_chance(examples):
   # Nearest class mean in RGB.
   means = np.stack([x[y == k].mean(0) for k in range(6)])
   ncm = np.mean(np.argmin(((xv[:, None] - means[None]) ** 2).sum(-1), 1) == yv)
+
   # Histogram Bayes classifier on 16^3 RGB bins: close to the best any
   # per-pixel classifier can do on these value distributions.
   def bins(v):
     b = (v // 16).astype(np.int64)
     return b[:, 0] * 256 + b[:, 1] * 16 + b[:, 2]
+
   counts = np.zeros((4096, 6))
   np.add.at(counts, (bins(x), y), 1)
   prior = np.bincount(y, minlength=6) / y.size
@@ -168,8 +172,12 @@ def test_tfds_build_is_deterministic_and_loadable(cache, tmp_path):
     np.testing.assert_array_equal(sources.decode_label(label, False).numpy(), want_label)
   # The plain TFDS entry point works on the same cache (non-default sizes
   # are selected by passing the config).
-  ds = tfds.load('cac_textures', data_dir=str(data_dir), split='train',
-                 builder_kwargs={'config': embedded.TexturesConfig(**SMALL)})
+  ds = tfds.load(
+    'cac_textures',
+    data_dir=str(data_dir),
+    split='train',
+    builder_kwargs={'config': embedded.TexturesConfig(**SMALL)},
+  )
   assert sum(1 for _ in ds) == SMALL['num_train']
 
 

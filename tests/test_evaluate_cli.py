@@ -1,4 +1,5 @@
 """`python -m cac_jax.evaluate`: a checkpoint's val mIoU, as training measured it."""
+
 import os
 import re
 import subprocess
@@ -8,7 +9,6 @@ import pytest
 
 from cac_jax import config_lib, evaluate
 from cac_jax.data import embedded
-
 from train_utils import REPO, tiny_config
 
 
@@ -39,7 +39,8 @@ def test_overrides_only_touch_eval_fields():
 def test_format_table_lists_every_class():
   names = ('a', 'bb')
   table = evaluate.format_table(
-      {'iou/a': 0.5, 'iou/bb': 0.25, 'miou': 0.375, 'pixel_acc': 0.9}, names)
+    {'iou/a': 0.5, 'iou/bb': 0.25, 'miou': 0.375, 'pixel_acc': 0.9}, names
+  )
   assert re.search(r'^a\s+50\.00$', table, re.M)
   assert re.search(r'^bb\s+25\.00$', table, re.M)
   assert re.search(r'^mIoU\s+37\.50$', table, re.M)
@@ -47,10 +48,20 @@ def test_format_table_lists_every_class():
 
 
 def _cli(*args):
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
-             JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
-  return subprocess.run([sys.executable, '-m', 'cac_jax.evaluate', *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES='',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
+  return subprocess.run(
+    [sys.executable, '-m', 'cac_jax.evaluate', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_command_line_prints_table_with_training_miou(run):
@@ -70,8 +81,10 @@ def test_command_line_prints_table_with_training_miou(run):
 
 def test_command_line_user_errors_have_no_stack_trace(run, tmp_path):
   workdir, _ = run
-  for args in ([f'--workdir={tmp_path}'],
-               [f'--workdir={workdir}', '--config.model.backbone=resnet50']):
+  for args in (
+    [f'--workdir={tmp_path}'],
+    [f'--workdir={workdir}', '--config.model.backbone=resnet50'],
+  ):
     proc = _cli(*args)
     assert proc.returncode == 2
     assert 'error:' in proc.stderr and 'Traceback' not in proc.stderr
@@ -85,11 +98,17 @@ def test_inference_reads_params_and_batch_stats_only(run, tmp_path, opt_state):
   import jax
   import ml_collections
   import numpy as np
-  from cac_jax import checkpoint as ckpt_lib, restore
+
+  from cac_jax import checkpoint as ckpt_lib
+  from cac_jax import restore
+
   workdir, train_scores = run
   config, _, variables, step = restore.load_run(workdir, which='latest')
-  state = {'step': np.int32(step), 'params': variables['params'],
-           'batch_stats': variables['batch_stats']}
+  state = {
+    'step': np.int32(step),
+    'params': variables['params'],
+    'batch_stats': variables['batch_stats'],
+  }
   if opt_state == 'different':
     state['opt_state'] = ({'momentum': np.zeros(3, np.float32)},)
   manager = ckpt_lib.make_manager(str(tmp_path), keep=1)

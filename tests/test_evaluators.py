@@ -4,6 +4,7 @@ The val images are checked against each image predicted alone; the extra
 evaluator of a tiny run against `cac_jax.evaluate` (and `cac_jax.predict`)
 run on its checkpoint, and the images it logs against the split's own masks.
 """
+
 import functools
 import io
 import json
@@ -19,7 +20,6 @@ from PIL import Image
 from cac_jax import config_lib, datasets, evaluate, evaluators, sharding, visualize
 from cac_jax.data import pipeline
 from cac_jax.models import build_model
-
 from train_utils import read_scalars, tiny_config
 
 
@@ -30,8 +30,7 @@ def _random_variables(model):
 
 def _confusion(label, pred, k):
   keep = label != 255
-  return np.bincount(k * label[keep].astype(np.int64) + pred[keep],
-                     minlength=k * k).reshape(k, k)
+  return np.bincount(k * label[keep].astype(np.int64) + pred[keep], minlength=k * k).reshape(k, k)
 
 
 @pytest.mark.parametrize('options', [{'eval.flip': True}, {'eval.scales': (0.75, 1.0)}])
@@ -58,16 +57,18 @@ def test_val_images_show_the_scored_prediction(options):
     assert scorer.prediction is drawer.prediction
     results = evaluators.run_all([drawer], variables)
     batch = next(drawer.batches(max_batches=1))
-    scored = np.asarray(scorer.prediction.confusion(variables,
-                                                    sharding.to_global(batch, mesh)))
+    scored = np.asarray(scorer.prediction.confusion(variables, sharding.to_global(batch, mesh)))
   (panels,) = results['val'].values()
   palette = datasets.palette(config.data)
-  alone_fn = jax.jit(functools.partial(evaluate.predict_logits, model, flip=config.eval.flip,
-                                       scales=config.eval.scales))
+  alone_fn = jax.jit(
+    functools.partial(
+      evaluate.predict_logits, model, flip=config.eval.flip, scales=config.eval.scales
+    )
+  )
   want_conf = np.zeros((k, k), np.int64)
   for i in range(len(batch['image'])):
     h, w = batch['size'][i] if 'size' in batch else batch['image'].shape[1:3]
-    alone = alone_fn(variables, batch['image'][i:i + 1, :h, :w])
+    alone = alone_fn(variables, batch['image'][i : i + 1, :h, :w])
     labels = np.asarray(jnp.argmax(alone[0], -1))
     want_conf += _confusion(batch['label'][i, :h, :w], labels, k)
     if i < len(panels):
@@ -90,8 +91,15 @@ def _problems(extra):
 
 
 def test_unknown_kind_split_or_key_is_a_config_error_naming_the_allowed_values():
-  message = _problems({'boxes': {'kind': 'boxes'}, 'test': {'split': 'test'},
-                       'typo': {'flipp': True}, 'val': {}, 'bad': {'window': 12}})
+  message = _problems(
+    {
+      'boxes': {'kind': 'boxes'},
+      'test': {'split': 'test'},
+      'typo': {'flipp': True},
+      'val': {},
+      'bad': {'window': 12},
+    }
+  )
   assert "eval.extra.boxes.kind='boxes' is not one of miou, images" in message
   assert "eval.extra.test.split='test' is not one of labeled, unlabeled, val" in message
   assert 'eval.extra.typo: unknown key(s) flipp; an entry takes kind, split' in message
@@ -103,20 +111,37 @@ def test_unknown_kind_split_or_key_is_a_config_error_naming_the_allowed_values()
   assert "eval.extra.a.kind='no_such_module:X' cannot be loaded" in message
   assert "eval.extra.b.kind='numpy:zeros' is not a subclass" in message
   # Valid entries pass; the schema check does not read their names as typos.
-  config_lib.validate(tiny_config(**{'eval.extra': {'labeled': {'split': 'labeled'}}}),
-                      num_devices=8)
+  config_lib.validate(
+    tiny_config(**{'eval.extra': {'labeled': {'split': 'labeled'}}}), num_devices=8
+  )
 
 
 def test_entries_start_from_config_eval_and_override_it():
-  config = tiny_config(**{'eval.flip': True, 'eval.num_images_logged': 0, 'eval.extra': {
-      'labeled': {'split': 'labeled', 'scales': [0.75, 1.0]},
-      'pics': {'kind': 'images', 'num_images_logged': 1, 'flip': False}}})
-  got = [(e.prefix, e.kind, e.split, evaluators.prediction_options(e.config.eval),
-          e.config.eval.num_images_logged) for e in evaluators.entries(config)]
+  config = tiny_config(
+    **{
+      'eval.flip': True,
+      'eval.num_images_logged': 0,
+      'eval.extra': {
+        'labeled': {'split': 'labeled', 'scales': [0.75, 1.0]},
+        'pics': {'kind': 'images', 'num_images_logged': 1, 'flip': False},
+      },
+    }
+  )
+  got = [
+    (
+      e.prefix,
+      e.kind,
+      e.split,
+      evaluators.prediction_options(e.config.eval),
+      e.config.eval.num_images_logged,
+    )
+    for e in evaluators.entries(config)
+  ]
   assert got == [
-      ('val', 'miou', 'val', dict(flip=True, scales=(1.0,), window=0), 0),
-      ('labeled', 'miou', 'labeled', dict(flip=True, scales=(0.75, 1.0), window=0), 0),
-      ('pics', 'images', 'val', dict(flip=False, scales=(1.0,), window=0), 1)]
+    ('val', 'miou', 'val', dict(flip=True, scales=(1.0,), window=0), 0),
+    ('labeled', 'miou', 'labeled', dict(flip=True, scales=(0.75, 1.0), window=0), 0),
+    ('pics', 'images', 'val', dict(flip=False, scales=(1.0,), window=0), 1),
+  ]
   assert all(not e.config.eval.extra for e in evaluators.entries(config))
   with pytest.raises(config_lib.ConfigError, match="no miou evaluator named 'pics'.*labeled, val"):
     evaluators.find(config, 'pics')
@@ -134,23 +159,33 @@ def test_a_split_without_masks_fails_when_built(tmp_path):
   for name in 'ab':
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / 'images' / f'{name}.png')
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / 'masks' / 'a.png')
-  config = tiny_config(**{'data.name': 'folder', 'data.root': str(root), 'data.num_classes': 2,
-                          'eval.extra': {'pool': {'split': 'unlabeled'}}})
+  config = tiny_config(
+    **{
+      'data.name': 'folder',
+      'data.root': str(root),
+      'data.num_classes': 2,
+      'eval.extra': {'pool': {'split': 'unlabeled'}},
+    }
+  )
   config_lib.validate(config, num_devices=8)
   model = build_model(config.model, num_classes=2)
-  with pytest.raises(config_lib.ConfigError,
-                     match="evaluator 'pool': the unlabeled split of folder has no masks"):
+  with pytest.raises(
+    config_lib.ConfigError, match="evaluator 'pool': the unlabeled split of folder has no masks"
+  ):
     evaluators.build(config, model, sharding.make_mesh())
 
 
 def test_an_old_run_without_extras_loads_with_the_default_evaluator_alone():
   from cac_jax import restore, run_dir
+
   saved = tiny_config().to_dict()
   del saved['eval']['extra']
   config = restore._with_new_fields(ml_collections.ConfigDict(saved))
   assert config.eval.extra.to_dict() == {}
   assert [(e.prefix, e.kind) for e in evaluators.entries(config)] == [
-      ('val', 'miou'), ('val', 'images')]
+    ('val', 'miou'),
+    ('val', 'images'),
+  ]
   # Resuming such a run with today's default config changes nothing.
   assert run_dir.config_differences(json.loads(json.dumps(saved)), tiny_config()) == ([], [])
 
@@ -164,14 +199,19 @@ class LabeledPixels(evaluators.Evaluator):
 
 
 def test_a_kind_named_by_module_and_class_runs_from_config_alone():
-  config = tiny_config(**{'eval.num_images_logged': 0, 'eval.extra': {
-      'count': {'kind': 'test_evaluators:LabeledPixels', 'split': 'labeled'}}})
+  config = tiny_config(
+    **{
+      'eval.num_images_logged': 0,
+      'eval.extra': {'count': {'kind': 'test_evaluators:LabeledPixels', 'split': 'labeled'}},
+    }
+  )
   config_lib.validate(config, num_devices=8)
   model = build_model(config.model, num_classes=config.data.num_classes)
   mesh = sharding.make_mesh()
   built = evaluators.build(config, model, mesh, evaluators.entries(config)[1:])
   assert isinstance(built[0], LabeledPixels)
   from cac_jax.data import sources
+
   source = sources.get_source(config.data, 'labeled')
   want = sum(int(np.sum(np.asarray(Image.open(io.BytesIO(m))) != 255)) for m in source.labels)
   assert evaluators.run_all(built, None) == {'count': {'pixels': want}}
@@ -181,8 +221,10 @@ def test_a_kind_named_by_module_and_class_runs_from_config_alone():
 # A run with an extra evaluator.
 # ----------------------------------------------------------------------------
 
-EXTRA = {'labeled': {'split': 'labeled', 'flip': False},
-         'labeled_images': {'kind': 'images', 'split': 'labeled', 'num_images_logged': 2}}
+EXTRA = {
+  'labeled': {'split': 'labeled', 'flip': False},
+  'labeled_images': {'kind': 'images', 'split': 'labeled', 'num_images_logged': 2},
+}
 
 
 @pytest.fixture(scope='module')
@@ -190,6 +232,7 @@ def extra_run(tmp_path_factory):
   """The tiny run's first 2 (supervised) steps, evaluating val with flip, and the
   labeled split. Its training steps are the tiny run's, compiled once."""
   from cac_jax import train
+
   workdir = str(tmp_path_factory.mktemp('extra_run'))
   config = tiny_config(**{'eval_every': 2, 'eval.flip': True, 'eval.extra': EXTRA})
   return workdir, config, train.train_and_evaluate(config, workdir, stop_after=2)
@@ -205,8 +248,9 @@ def test_extra_evaluator_logs_what_evaluate_measures_on_that_split(extra_run):
   # The same checkpoint scored from the command-line library: by the entry's
   # name, and by split and options; TensorBoard holds float32.
   by_name, _, step, _ = evaluate.evaluate_run(workdir, evaluator='labeled')
-  by_split, _, _, used = evaluate.evaluate_run(workdir, split='labeled',
-                                               overrides={'eval.flip': False})
+  by_split, _, _, used = evaluate.evaluate_run(
+    workdir, split='labeled', overrides={'eval.flip': False}
+  )
   assert step == 2 and by_name == by_split and used.eval.flip is False
   for key, value in by_name.items():
     assert scalars[f'labeled/{key}'][2] == [np.float32(value)], key
@@ -221,8 +265,8 @@ def test_extra_evaluator_logs_what_evaluate_measures_on_that_split(extra_run):
 def test_extra_images_evaluator_draws_the_split_it_names(extra_run):
   workdir, config, _ = extra_run
   images = read_scalars(workdir, images=True)
-  (val,), = images['val/examples'].values()
-  (drawn,), = images['labeled_images/examples'].values()
+  ((val,),) = images['val/examples'].values()
+  ((drawn,),) = images['labeled_images/examples'].values()
   assert len(val) == 2 + 3 and len(drawn) == 2 + 2  # clu: width, height, PNGs
   batch = next(pipeline.eval_iterator(config, split='labeled', max_batches=1))
   palette = datasets.palette(config.data)
@@ -230,8 +274,9 @@ def test_extra_images_evaluator_draws_the_split_it_names(extra_run):
     panel = np.asarray(Image.open(io.BytesIO(bytes(png))).convert('RGB'))
     h, w = batch['size'][i]
     # input | gap 2 | ground truth | gap 2 | prediction: the labeled split's mask.
-    np.testing.assert_array_equal(panel[:h, w + 2:2 * w + 2],
-                                  visualize.colorize(batch['label'][i, :h, :w], palette))
+    np.testing.assert_array_equal(
+      panel[:h, w + 2 : 2 * w + 2], visualize.colorize(batch['label'][i, :h, :w], palette)
+    )
 
 
 def test_predict_uses_the_runs_eval_options(extra_run, tmp_path):
@@ -239,6 +284,7 @@ def test_predict_uses_the_runs_eval_options(extra_run, tmp_path):
   mask is the argmax of the mean of both views' softmax, computed here by hand."""
   from cac_jax import constants, predict, restore
   from cac_jax.data import embedded
+
   workdir, config, _ = extra_run
   image, _ = embedded.generate_example('val', 3, 64)
   image = image[:61, :50]
@@ -246,10 +292,12 @@ def test_predict_uses_the_runs_eval_options(extra_run, tmp_path):
   assert predict.run(workdir, str(tmp_path / 'x.png'), str(tmp_path / 'out')) == 0
   got = np.asarray(Image.open(tmp_path / 'out' / 'x.png'))
   _, model, variables, _ = restore.load_run(workdir)
-  x = np.pad(constants.normalize(image.astype(np.float32)), [(0, 3), (0, 6), (0, 0)],
-             mode='reflect')[None]
-  probs = [jax.nn.softmax(model.apply(variables, v, train=False)['logits'])
-           for v in (x, x[:, :, ::-1])]
+  x = np.pad(
+    constants.normalize(image.astype(np.float32)), [(0, 3), (0, 6), (0, 0)], mode='reflect'
+  )[None]
+  probs = [
+    jax.nn.softmax(model.apply(variables, v, train=False)['logits']) for v in (x, x[:, :, ::-1])
+  ]
   both = np.asarray(probs[0] + probs[1][:, :, ::-1])[0, :61, :50]
   np.testing.assert_array_equal(got, np.argmax(both, -1))
   # Without flip the mask differs: the run's saved option is what was applied.

@@ -12,6 +12,7 @@ What they establish:
     event files, equal the uninterrupted run's (steps after the resume point
     are written again, with the same values).
 """
+
 import errno
 import os
 import re
@@ -29,7 +30,6 @@ from cac_jax import checkpoint as ckpt_lib
 from cac_jax import optim, sharding, train, train_state
 from cac_jax.data import pipeline
 from cac_jax.models import build_model
-
 from train_utils import REPO, read_scalars, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,13 @@ FLAGS = ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in OVERRIDE
 
 
 def _env():
-  return dict(os.environ, JAX_NUM_CPU_DEVICES='8', TF_CPP_MIN_LOG_LEVEL='3',
-              CUDA_VISIBLE_DEVICES='', JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
+  return dict(
+    os.environ,
+    JAX_NUM_CPU_DEVICES='8',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    CUDA_VISIBLE_DEVICES='',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
 
 
 _STARTED = []  # every _Run, so that a failing test leaves no process behind
@@ -70,8 +75,12 @@ class _Run:
     self._stepped, self._checked = False, 0.0
     with open(log_path, 'w') as log:
       self.proc = subprocess.Popen(
-          [sys.executable, '-m', 'cac_jax.main', f'--workdir={workdir}', *flags],
-          cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        [sys.executable, '-m', 'cac_jax.main', f'--workdir={workdir}', *flags],
+        cwd=REPO,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
 
   def log(self) -> str:
     return self.log_path.read_text(errors='replace')
@@ -127,8 +136,7 @@ def _state(workdir, step=None, config=None):
 
 
 def _untimed(scalars):
-  return {tag: steps for tag, steps in scalars.items()
-          if not any(t in tag for t in TIMING_TAGS)}
+  return {tag: steps for tag, steps in scalars.items() if not any(t in tag for t in TIMING_TAGS)}
 
 
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
@@ -154,15 +162,23 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     else:
       # A random moment (0-1.5 s) after a random logged step in 3..5 (DC steps).
       target = int(rng.integers(3, 6))
-      fired = run.wait_for(lambda: run.logged_steps() and max(run.logged_steps()) >= target,
-                           poll=0.05)
+      fired = run.wait_for(
+        lambda: run.logged_steps() and max(run.logged_steps()) >= target, poll=0.05
+      )
       time.sleep(rng.uniform(0.0, 1.5))
     run.proc.send_signal(signal.SIGKILL)
     run.finish(timeout=30)
     assert fired, f'run {i} ended before its kill:\n{run.log()[-3000:]}'
     finalized, tmp = _listing(ckpt_dir)
-    kills.append({'kind': kind, 'finalized': finalized, 'tmp': tmp,
-                  'resumed_from': run.resumed_from(), 'logged': run.logged_steps()})
+    kills.append(
+      {
+        'kind': kind,
+        'finalized': finalized,
+        'tmp': tmp,
+        'resumed_from': run.resumed_from(),
+        'logged': run.logged_steps(),
+      }
+    )
     # The run resumed from the newest checkpoint finalized before the
     # previous kill, never from the temporary directory that kill left.
     assert run.resumed_from() == (previous[-1] if previous else None), kills
@@ -214,7 +230,8 @@ def test_sigterm_saves_at_current_step_and_exits_0(tmp_path):
   assert resumed.resumed_from() == stopped
   # Each step logged exactly once across both runs: none lost, none repeated.
   assert {s: len(v) for s, v in read_scalars(str(workdir))['train/loss'].items()} == {
-      s: 1 for s in range(1, 9)}
+    s: 1 for s in range(1, 9)
+  }
 
 
 def test_checkpoint_dir_gone_mid_run_is_reported(tmp_path):
@@ -229,9 +246,11 @@ def test_checkpoint_dir_gone_mid_run_is_reported(tmp_path):
   log = run.log()
   assert code == 1, log[-3000:]
   assert 'Traceback' not in log, log[-3000:]
-  assert re.search(r'error: could not write the checkpoint of step 4 to \S+/checkpoints '
-                   r'\(\w+Error: .+\); the latest complete checkpoint \(step 2\) is intact',
-                   log), log[-3000:]
+  assert re.search(
+    r'error: could not write the checkpoint of step 4 to \S+/checkpoints '
+    r'\(\w+Error: .+\); the latest complete checkpoint \(step 2\) is intact',
+    log,
+  ), log[-3000:]
   # Step 2, untouched, is restorable once the directory is back.
   ckpt_dir.unlink()
   os.rename(moved, ckpt_dir)
@@ -247,6 +266,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
   async def disk_full(self, x, directory):
     raise OSError(errno.ENOSPC, 'No space left on device')
+
   monkeypatch.setattr(ocp.JsonCheckpointHandler, '_save_fn', disk_full)
   with pytest.raises(ckpt_lib.CheckpointWriteError) as e:
     train.train_and_evaluate(tiny_config(), str(workdir))
@@ -285,11 +305,13 @@ def test_nan_in_data_names_the_logged_step_range(tmp_path, monkeypatch):
   real_iterator = pipeline.train_iterator
 
   def poisoned(config, *, start_step=0, **kwargs):
-    for step, batch in enumerate(real_iterator(config, start_step=start_step, **kwargs),
-                                 start=start_step + 1):
+    for step, batch in enumerate(
+      real_iterator(config, start_step=start_step, **kwargs), start=start_step + 1
+    ):
       if step == 2:
         batch['labeled']['image'] = np.full_like(batch['labeled']['image'], np.nan)
       yield batch
+
   monkeypatch.setattr(pipeline, 'train_iterator', poisoned)
   # Supervised steps only (no DC compilation): the check does not depend on it.
   config = tiny_config(**{'log_every': 3, 'checkpoint_every': 4, 'cac.unsup_start_step': 100})

@@ -1,4 +1,5 @@
 """Where the authors' code is the reference: head initialisation and BatchNorm statistics."""
+
 import functools
 
 import flax
@@ -12,10 +13,10 @@ import torch
 from cac_jax.models import deeplabv3plus, layers
 
 
-@pytest.mark.parametrize('high_channels,low_channels', [(2048, 256), (320, 24)],
-                         ids=['resnet50', 'mobilenet_v2'])
-def test_head_and_classifier_kernels_start_kaiming_normal_fan_in(high_channels,
-                                                                 low_channels):
+@pytest.mark.parametrize(
+  'high_channels,low_channels', [(2048, 256), (320, 24)], ids=['resnet50', 'mobilenet_v2']
+)
+def test_head_and_classifier_kernels_start_kaiming_normal_fan_in(high_channels, low_channels):
   """std of every ASPP/decoder/classifier kernel = sqrt(2 / (kh * kw * C_in)).
 
   A kernel of n entries drawn from N(0, s^2) has a sample std within
@@ -28,10 +29,12 @@ def test_head_and_classifier_kernels_start_kaiming_normal_fan_in(high_channels,
   high = jnp.zeros((1, 4, 4, high_channels))
   low = jnp.zeros((1, 16, 16, low_channels))
   head = deeplabv3plus.Head().init(key, high, low, train=False)['params']
-  classifier = deeplabv3plus.Classifier(21).init(key, jnp.zeros((1, 4, 4, 256)),
-                                                 train=False)['params']
-  kernels = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(head).items()
-             if k[-1] == 'kernel'}
+  classifier = deeplabv3plus.Classifier(21).init(key, jnp.zeros((1, 4, 4, 256)), train=False)[
+    'params'
+  ]
+  kernels = {
+    '/'.join(k): v for k, v in flax.traverse_util.flatten_dict(head).items() if k[-1] == 'kernel'
+  }
   kernels['classifier'] = classifier['conv']['kernel']
   assert len(kernels) == 10  # ASPP b0-b3, pool, project; decoder low, fuse1, fuse2; classifier
   for name, kernel in kernels.items():
@@ -72,23 +75,25 @@ def test_batchnorm_running_statistics_equal_torch(shape):
     flax_variables = {**flax_variables, **flax_updates}
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_flax))
   stats = variables['batch_stats']
-  np.testing.assert_allclose(stats['mean'], reference.running_mean.numpy(), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(stats['var'], reference.running_var.numpy(), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(stats['mean'], reference.running_mean.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats['var'], reference.running_var.numpy(), rtol=1e-5, atol=1e-5)
   # Flax's own BatchNorm keeps the biased variance: measurably different here.
-  assert not np.allclose(flax_variables['batch_stats']['var'],
-                         reference.running_var.numpy(), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(
+    flax_variables['batch_stats']['var'], reference.running_var.numpy(), rtol=1e-4, atol=1e-4
+  )
   # Evaluation mode normalises with the running statistics.
-  eval_y = layers.BatchNorm(use_running_average=True).apply(variables, jnp.asarray(
-      inputs[0], jnp.float32))
+  eval_y = layers.BatchNorm(use_running_average=True).apply(
+    variables, jnp.asarray(inputs[0], jnp.float32)
+  )
   want = (inputs[0] - reference.running_mean.numpy()) / np.sqrt(
-      reference.running_var.numpy() + 1e-5)
+    reference.running_var.numpy() + 1e-5
+  )
   np.testing.assert_allclose(eval_y, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('size', [(300, 410), (128, 96), (700, 900), (513, 257)],
-                         ids=['down', 'down_4x', 'up', 'mixed'])
+@pytest.mark.parametrize(
+  'size', [(300, 410), (128, 96), (700, 900), (513, 257)], ids=['down', 'down_4x', 'up', 'mixed']
+)
 def test_image_resize_is_pil_bicubic(size):
   """augment.resize_image against PIL's BICUBIC on real photos (skimage), up and down.
 
@@ -102,26 +107,34 @@ def test_image_resize_is_pil_bicubic(size):
   import skimage.data
   import tensorflow as tf
   from PIL import Image
+
   from cac_jax.data import augment
+
   h, w = size
   for photo in (skimage.data.astronaut(), skimage.data.chelsea()):
     want = np.asarray(Image.fromarray(photo).resize((w, h), Image.BICUBIC), np.float64)
     got = augment.resize_image(tf.constant(photo), h, w).numpy()
     assert got.shape == want.shape
     diff = np.abs(got - want)
-    assert diff.mean() < 0.4 and np.percentile(diff, 99) < 1.5, (diff.mean(),
-                                                                 np.percentile(diff, 99))
+    assert diff.mean() < 0.4 and np.percentile(diff, 99) < 1.5, (
+      diff.mean(),
+      np.percentile(diff, 99),
+    )
 
 
 def test_colour_jitter_order_is_a_uniform_random_permutation_per_call():
   """All 24 orders appear, at their expected rate (chi-square, 2,400 seeds)."""
   import itertools
+
   import tensorflow as tf
   from scipy import stats
+
   from cac_jax.data import augment
+
   base = int(np.random.default_rng().integers(2**30))
-  orders = [tuple(augment.jitter_order(tf.constant([base, i], tf.int64)).numpy())
-            for i in range(2400)]
+  orders = [
+    tuple(augment.jitter_order(tf.constant([base, i], tf.int64)).numpy()) for i in range(2400)
+  ]
   counts = [orders.count(p) for p in itertools.permutations(range(4))]
   assert sum(counts) == 2400 and min(counts) > 0
   # p < 1e-4 only for a biased draw (or one fixed order: chi2 ~ 55,000).
@@ -131,8 +144,11 @@ def test_colour_jitter_order_is_a_uniform_random_permutation_per_call():
 def test_colour_jitter_applies_the_ops_in_the_drawn_order():
   """random_color_jitter == the four torchvision ops composed in jitter_order (NumPy)."""
   import colorsys
+
   import tensorflow as tf
+
   from cac_jax.data import augment
+
   rng = np.random.default_rng()
   image = rng.uniform(0, 255, (6, 7, 3))
   gray_w = np.array([0.299, 0.587, 0.114])
@@ -143,16 +159,19 @@ def test_colour_jitter_applies_the_ops_in_the_drawn_order():
       h, s_, v = colorsys.rgb_to_hsv(*(x[idx] / 255))
       out[idx] = np.array(colorsys.hsv_to_rgb((h + delta) % 1.0, s_, v)) * 255
     return out
+
   orders_seen, order_effects = set(), []
   for i in range(12):
     seed = tf.constant([int(rng.integers(2**30)), i], tf.int64)
     seeds = augment.split_seed(seed, 4)
     b, c, s = (float(tf.random.stateless_uniform([], seeds[k], 0.6, 1.4)) for k in range(3))
     delta = float(tf.random.stateless_uniform([], seeds[3], -0.1, 0.1))
-    ops = [lambda x: np.clip(x * b, 0, 255),
-           lambda x: np.clip(c * x + (1 - c) * (x @ gray_w).mean(), 0, 255),
-           lambda x: np.clip(s * x + (1 - s) * (x @ gray_w)[..., None], 0, 255),
-           lambda x: np.clip(hue(x, delta), 0, 255)]
+    ops = [
+      lambda x: np.clip(x * b, 0, 255),
+      lambda x: np.clip(c * x + (1 - c) * (x @ gray_w).mean(), 0, 255),
+      lambda x: np.clip(s * x + (1 - s) * (x @ gray_w)[..., None], 0, 255),
+      lambda x: np.clip(hue(x, delta), 0, 255),
+    ]
     order = augment.jitter_order(seed).numpy()
     orders_seen.add(tuple(order))
     want = image
@@ -187,10 +206,13 @@ def test_batched_sharded_evaluation_equals_a_per_image_loop(tmp_path):
   wrong padding moves hundreds (the border rows and columns of every image).
   """
   from PIL import Image
-  from cac_jax import evaluate as eval_lib, predict, sharding
+
+  from cac_jax import evaluate as eval_lib
+  from cac_jax import predict, sharding
   from cac_jax.data import pipeline
   from cac_jax.models import build_model
   from train_utils import tiny_config
+
   rng = np.random.default_rng()
   sizes = [(37, 50), (64, 64), (50, 37), (64, 64), (33, 41), (64, 64), (40, 48)]
   root = tmp_path / 'data'
@@ -204,11 +226,18 @@ def test_batched_sharded_evaluation_equals_a_per_image_loop(tmp_path):
     Image.fromarray(mask).save(root / 'masks' / f'{name}.png')
   for split in ('labeled', 'unlabeled', 'val'):
     (root / 'splits' / f'{split}.txt').write_text('\n'.join(names) + '\n')
-  config = tiny_config(**{'data.name': 'folder', 'data.root': str(root),
-                          'data.num_classes': 3, 'data.unlabeled_split_file': ''})
+  config = tiny_config(
+    **{
+      'data.name': 'folder',
+      'data.root': str(root),
+      'data.num_classes': 3,
+      'data.unlabeled_split_file': '',
+    }
+  )
   model = build_model(config.model, num_classes=3)
-  variables = model.init(jax.random.key(int(rng.integers(2**31))),
-                         jnp.zeros((1, 64, 64, 3)), train=False)
+  variables = model.init(
+    jax.random.key(int(rng.integers(2**31))), jnp.zeros((1, 64, 64, 3)), train=False
+  )
   mesh = sharding.make_mesh()
   assert mesh.devices.size == 8
   with jax.set_mesh(mesh):
@@ -227,9 +256,14 @@ def test_batched_sharded_evaluation_equals_a_per_image_loop(tmp_path):
   assert np.abs(batched - loop).sum() <= 4, (batched, loop)
 
 
-@pytest.mark.parametrize('backbone,output_stride,flips', [
-    ('resnet_tiny', 16, (False, True)), ('resnet_tiny', 8, (False,)),
-    ('mobilenet_v2', 16, (False,))])
+@pytest.mark.parametrize(
+  'backbone,output_stride,flips',
+  [
+    ('resnet_tiny', 16, (False, True)),
+    ('resnet_tiny', 8, (False,)),
+    ('mobilenet_v2', 16, (False,)),
+  ],
+)
 def test_shared_canvas_computes_each_image_as_if_alone(backbone, output_stride, flips):
   """`layers.valid_region`: logits on a shared canvas equal each image run alone.
 
@@ -246,26 +280,38 @@ def test_shared_canvas_computes_each_image_as_if_alone(backbone, output_stride, 
   can fail).
   """
   import ml_collections
+
   from cac_jax import evaluate as eval_lib
   from cac_jax.models import build_model
+
   rng = np.random.default_rng()
-  cfg = ml_collections.ConfigDict(dict(backbone=backbone, output_stride=output_stride,
-                                       projector=True, proj_dim=16, dtype='float32'))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      backbone=backbone, output_stride=output_stride, projector=True, proj_dim=16, dtype='float32'
+    )
+  )
   model = build_model(cfg, num_classes=5)
-  variables = model.init(jax.random.key(int(rng.integers(2**31))),
-                         jnp.zeros((1, 64, 64, 3)), train=False)
+  variables = model.init(
+    jax.random.key(int(rng.integers(2**31))), jnp.zeros((1, 64, 64, 3)), train=False
+  )
   stats = flax.traverse_util.flatten_dict(variables['batch_stats'])
-  stats = {k: (rng.normal(0, 0.2, v.shape) if k[-1] == 'mean'
-               else rng.uniform(0.5, 2.0, v.shape)).astype(np.float32)
-           for k, v in stats.items()}
-  variables = {'params': variables['params'],
-               'batch_stats': flax.traverse_util.unflatten_dict(stats)}
-  sizes = np.array([(64, 64), (8, 8)] + [tuple(8 * rng.integers(1, 8, 2)) for _ in range(3)],
-                   np.int32)
+  stats = {
+    k: (rng.normal(0, 0.2, v.shape) if k[-1] == 'mean' else rng.uniform(0.5, 2.0, v.shape)).astype(
+      np.float32
+    )
+    for k, v in stats.items()
+  }
+  variables = {
+    'params': variables['params'],
+    'batch_stats': flax.traverse_util.unflatten_dict(stats),
+  }
+  sizes = np.array(
+    [(64, 64), (8, 8)] + [tuple(8 * rng.integers(1, 8, 2)) for _ in range(3)], np.int32
+  )
   images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
   canvas = rng.normal(size=(len(sizes), 64, 64, 3)).astype(np.float32)
   for i, image in enumerate(images):
-    canvas[i, :image.shape[0], :image.shape[1]] = image
+    canvas[i, : image.shape[0], : image.shape[1]] = image
   for flip in flips:
     predict = jax.jit(functools.partial(eval_lib.predict_logits, model, flip=flip))
     got = np.asarray(predict(variables, canvas, sizes=jnp.asarray(sizes)))

@@ -5,13 +5,13 @@ stops at unsup_start_step, forked into a run with the same settings, ends
 bit for bit where the uninterrupted run ends (same step-indexed batches,
 same keys, same state). Forks with other settings run from the same state.
 """
+
 import jax
 import numpy as np
 import pytest
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib
-from cac_jax import train
+from cac_jax import config_lib, train
 from train_utils import restored_state, tiny_config
 
 
@@ -58,7 +58,8 @@ def test_fork_that_changes_the_model_is_a_clear_error(warmup, tmp_path):
   with pytest.raises(config_lib.ConfigError, match='not the model or the optimiser'):
     train.train_and_evaluate(config, str(tmp_path / 'fork'))
   assert not (tmp_path / 'fork' / 'checkpoints').exists() or not any(
-      (tmp_path / 'fork' / 'checkpoints').iterdir())
+    (tmp_path / 'fork' / 'checkpoints').iterdir()
+  )
 
 
 def test_fork_step_that_does_not_exist_names_the_steps(warmup, tmp_path):
@@ -73,6 +74,7 @@ def test_missing_source_is_a_clear_error_and_only_a_start_reads_it(warmup, tmp_p
     train.train_and_evaluate(config, str(tmp_path / 'fork'))
   # A fork that has checkpoints of its own resumes without its source.
   import shutil
+
   source = tmp_path / 'source'
   shutil.copytree(warmup, source)
   config = tiny_config(fork_from=str(source))

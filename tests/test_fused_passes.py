@@ -7,6 +7,7 @@ Whole DC steps are checked against the three-pass step from the same state
 and batches, dropout on: the fused call draws each group's masks with that
 pass's own key, so the two steps differ by float summation order only.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,6 @@ import pytest
 from cac_jax import optim, sharding, train_state, train_step
 from cac_jax.data import pipeline
 from cac_jax.models import build_model, layers
-
 from train_utils import assert_updates_close, tiny_config
 
 MOMENTUM = 0.1  # torch's convention
@@ -47,17 +47,17 @@ def test_grouped_batch_norm_matches_float64(spatial, stat_groups):
   rng = np.random.default_rng()
   c = 6
   # Groups with different offsets and spreads, so that pooled statistics fail.
-  parts = [rng.normal(3 * g - 2, 1 + g, (4,) + spatial + (c,)).astype(np.float32)
-           for g in range(3)]
+  parts = [rng.normal(3 * g - 2, 1 + g, (4,) + spatial + (c,)).astype(np.float32) for g in range(3)]
   scale, bias = rng.uniform(0.5, 2, c), rng.normal(0, 1, c)
   mean, var = rng.normal(0, 0.3, c), rng.uniform(0.5, 2, c)
-  variables = {'params': {'bn': {'scale': scale.astype(np.float32),
-                                 'bias': bias.astype(np.float32)}},
-               'batch_stats': {'bn': {'mean': mean.astype(np.float32),
-                                      'var': var.astype(np.float32)}}}
+  variables = {
+    'params': {'bn': {'scale': scale.astype(np.float32), 'bias': bias.astype(np.float32)}},
+    'batch_stats': {'bn': {'mean': mean.astype(np.float32), 'var': var.astype(np.float32)}},
+  }
   with layers.batch_groups(3, shards=2, stat_groups=stat_groups) as groups:
-    y, mutated = _Norm().apply(variables, groups.merge([jnp.asarray(p) for p in parts]),
-                               mutable=['batch_stats'])
+    y, mutated = _Norm().apply(
+      variables, groups.merge([jnp.asarray(p) for p in parts]), mutable=['batch_stats']
+    )
   got = groups.split(y)
   want, want_mean, want_var = _numpy_grouped_bn(parts, scale, bias, mean, var, stat_groups)
   # float32 sums of <= 100 values: a few EPS of the normalised output (O(1-10)).
@@ -111,13 +111,11 @@ def setup():
   it = pipeline.train_iterator(config, start_step=config.cac.unsup_start_step)
   for _ in range(STEPS):
     batch = jax.tree.map(np.copy, next(it))
-    for split, key in (('labeled', 'image'), ('unlabeled', 'image1'),
-                       ('unlabeled', 'image2')):
+    for split, key in (('labeled', 'image'), ('unlabeled', 'image1'), ('unlabeled', 'image2')):
       batch[split][key] = rng.normal(size=batch[split][key].shape).astype(np.float32)
     batches.append(batch)
   host = jax.device_get(state)
-  return dict(model=model, tx=tx, host=host, batches=batches,
-              start=config.cac.unsup_start_step)
+  return dict(model=model, tx=tx, host=host, batches=batches, start=config.cac.unsup_start_step)
 
 
 def _run(setup, devices, mode, fused):
@@ -129,8 +127,7 @@ def _run(setup, devices, mode, fused):
     host = setup['host'].replace(step=np.int32(setup['start']))
     state = jax.device_put(host, repl)
     shardings = jax.tree.map(lambda _: repl, state)
-    step = train_step.make_train_step(setup['model'], setup['tx'], config, shardings,
-                                      with_dc=True)
+    step = train_step.make_train_step(setup['model'], setup['tx'], config, shardings, with_dc=True)
     metrics = []
     for batch in setup['batches']:
       state, m = step(state, sharding.to_global(batch, mesh))
@@ -159,10 +156,17 @@ def test_fused_step_equals_three_passes(setup, n_devices, mode):
   want, want_m = _run(setup, devices, mode, 'off')
   got, got_m = _run(setup, devices, mode, 'on')
   init = setup['host']
-  assert_updates_close(got.params, want.params, init.params, steps=STEPS,
-                       flip_frac=0.2, smooth_frac=1e-2)
-  assert_updates_close(got.batch_stats, want.batch_stats, init.batch_stats, steps=STEPS,
-                       flip_frac=0.2, smooth_frac=1e-2)
+  assert_updates_close(
+    got.params, want.params, init.params, steps=STEPS, flip_frac=0.2, smooth_frac=1e-2
+  )
+  assert_updates_close(
+    got.batch_stats,
+    want.batch_stats,
+    init.batch_stats,
+    steps=STEPS,
+    flip_frac=0.2,
+    smooth_frac=1e-2,
+  )
   assert np.array_equal(got.step, want.step)
   for k, (g, w) in enumerate(zip(got_m, want_m)):
     assert set(g) == set(w)

@@ -18,11 +18,11 @@ on the CPU backend: a replicated or single-device array is handed to NumPy
 without a copy, unchecked (measured: with the points' 'allow' removed this
 run still passes), hence the trace.
 """
+
 import jax
 import jax.numpy as jnp
 
 from cac_jax import train
-
 from train_utils import tiny_config
 
 # jax's own annotations of a device->host fetch (jax/_src/array.py).
@@ -35,16 +35,22 @@ def _trace(fn):
   options.python_tracer_level = 0  # annotations only: no per-function events
   with jax.profiler.trace(profiler_options=options) as session:
     result = fn()
-  events = [(ev.name, ev.start_ns, ev.start_ns + ev.duration_ns)
-            for plane in session.profile_data.planes if plane.name.startswith('/host')
-            for line in plane.lines for ev in line.events]
+  events = [
+    (ev.name, ev.start_ns, ev.start_ns + ev.duration_ns)
+    for plane in session.profile_data.planes
+    if plane.name.startswith('/host')
+    for line in plane.lines
+    for ev in line.events
+  ]
   return result, events
 
 
 def _fetches(events):
   """{sync-point kind or None (outside every point): fetches} inside the loop."""
+
   def spans(match):
     return [(n, s, e) for n, s, e in events if match(n)]
+
   loops = spans(lambda n: n == train.TRAIN_LOOP)
   points = spans(lambda n: n.startswith(train.HOST_SYNC))
   assert loops, 'no loop annotation in the trace'
@@ -52,20 +58,21 @@ def _fetches(events):
   for name, start, end in spans(lambda n: n in FETCHES):
     if not any(a <= start and end <= b for _, a, b in loops):
       continue
-    kind = next((n[len(train.HOST_SYNC):] for n, a, b in points
-                 if a <= start and end <= b), None)
+    kind = next((n[len(train.HOST_SYNC) :] for n, a, b in points if a <= start and end <= b), None)
     out.setdefault(kind, []).append((name, start))
   return out
 
 
 def test_fetches_outside_a_sync_point_are_found():
   """The check itself: a fetch in the loop but outside a point is reported."""
+
   def loop():
     x = jax.jit(lambda: jnp.ones(()))()
     with jax.profiler.TraceAnnotation(train.TRAIN_LOOP):
       with jax.profiler.TraceAnnotation(train.HOST_SYNC + 'log'):
         jax.device_get({'loss': x})
       return float(x)  # what a hot-path float(metrics[...]) looks like
+
   _, events = _trace(loop)
   fetches = _fetches(events)
   assert set(fetches) == {'log', None}, fetches
@@ -77,8 +84,11 @@ def test_loop_fetches_only_at_log_eval_and_checkpoint_points(tmp_path):
   # the metrics of steps 1-3 must stay on the device until then. The
   # compiled programs are those of the other tiny runs (same cache entries).
   config = tiny_config(log_every=4, checkpoint_every=4)
-  scores, events = _trace(lambda: train.train_and_evaluate(
-      config, str(tmp_path / 'run'), transfer_guard='disallow_explicit'))
+  scores, events = _trace(
+    lambda: train.train_and_evaluate(
+      config, str(tmp_path / 'run'), transfer_guard='disallow_explicit'
+    )
+  )
   assert 0.0 <= scores['miou'] <= 1.0
   fetches = _fetches(events)
   hot = fetches.pop(None, [])

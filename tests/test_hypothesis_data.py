@@ -8,6 +8,7 @@ inside the padded image, overlap boxes of equal size in multiples of 8,
 inside the unpadded image (padding never in a box), and both views showing
 the same pixels in their boxes.
 """
+
 import io
 
 import numpy as np
@@ -71,8 +72,9 @@ def _check_geometry(geo, crop):
 @quick
 @given(size=sizes, seed=seeds, crop=crops)
 def test_pair_geometry_invariants(size, seed, crop):
-  geo = pairs.pair_geometry(tf.constant(seed, tf.int64), size[0], size[1],
-                            crop_size=crop, base_size=BASE)
+  geo = pairs.pair_geometry(
+    tf.constant(seed, tf.int64), size[0], size[1], crop_size=crop, base_size=BASE
+  )
   g = _check_geometry(geo, crop)
   # The long side is scaled into [0.8, 2.0] x base, the aspect ratio kept.
   long_side = max(int(g['scaled_height']), int(g['scaled_width']))
@@ -91,8 +93,9 @@ def test_sample_pair_on_decoded_pngs(size, seed, mode):
   assert image.dtype == tf.uint8 and tuple(image.shape) == (*size, 3)
   seed = tf.constant(seed, tf.int64)
   out = pairs.sample_pair(image, seed, crop_size=CROP, base_size=BASE, photometric=False)
-  geo = _check_geometry(pairs.pair_geometry(seed, size[0], size[1], crop_size=CROP,
-                                            base_size=BASE), CROP)
+  geo = _check_geometry(
+    pairs.pair_geometry(seed, size[0], size[1], crop_size=CROP, base_size=BASE), CROP
+  )
   views = []
   for v in (1, 2):
     view = out[f'image{v}'].numpy()
@@ -114,8 +117,9 @@ def test_labeled_example_on_decoded_pngs(size, seed, mode, jitter):
   buffer = io.BytesIO()
   Image.fromarray(classes).save(buffer, format='PNG')
   label = sources.decode_label(tf.constant(buffer.getvalue()), from_files=False)
-  out = augment.labeled_example(image, label, tf.constant(seed, tf.int64), crop_size=CROP,
-                                base_size=BASE, color_jitter=jitter)
+  out = augment.labeled_example(
+    image, label, tf.constant(seed, tf.int64), crop_size=CROP, base_size=BASE, color_jitter=jitter
+  )
   x, y = out['image'].numpy(), out['label'].numpy()
   assert x.shape == (CROP, CROP, 3) and y.shape == (CROP, CROP) and y.dtype == np.int32
   assert np.isfinite(x).all()

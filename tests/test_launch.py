@@ -1,4 +1,5 @@
 """The launch scripts: TPU pod dry run and shellcheck."""
+
 import os
 import shutil
 import subprocess
@@ -9,16 +10,30 @@ from train_utils import REPO
 
 
 def _dry_run(*steps, **env):
-  env = dict(os.environ, PROJECT='my-proj', ZONE='us-central2-b', ACCELERATOR='v4-16',
-             NAME='cac-test', WORKDIR='gs://bucket/run', **env)
-  out = subprocess.run(['bash', 'launch/tpu_pod.sh', '--dry-run', *steps], cwd=REPO,
-                       env=env, capture_output=True, text=True, check=True)
+  env = dict(
+    os.environ,
+    PROJECT='my-proj',
+    ZONE='us-central2-b',
+    ACCELERATOR='v4-16',
+    NAME='cac-test',
+    WORKDIR='gs://bucket/run',
+    **env,
+  )
+  out = subprocess.run(
+    ['bash', 'launch/tpu_pod.sh', '--dry-run', *steps],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   return out.stdout.splitlines()
 
 
 def test_tpu_dry_run_prints_every_gcloud_command():
-  lines = _dry_run('all', CONFIG='configs/voc_r50.py:split=662',
-                   EXTRA_FLAGS='--config.data.root=/data/voc')
+  lines = _dry_run(
+    'all', CONFIG='configs/voc_r50.py:split=662', EXTRA_FLAGS='--config.data.root=/data/voc'
+  )
   assert all(line.startswith('gcloud ') for line in lines), lines
   create = [l for l in lines if 'queued-resources create' in l]
   assert len(create) == 1 and '--accelerator-type=v4-16' in create[0]
@@ -36,17 +51,28 @@ def test_tpu_dry_run_prints_every_gcloud_command():
 
 def test_tpu_script_requires_project_and_workdir():
   env = dict(os.environ, PROJECT='')
-  out = subprocess.run(['bash', 'launch/tpu_pod.sh', '--dry-run', 'create'], cwd=REPO,
-                       env=env, capture_output=True, text=True)
+  out = subprocess.run(
+    ['bash', 'launch/tpu_pod.sh', '--dry-run', 'create'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 2 and 'PROJECT' in out.stderr
   env = dict(os.environ, PROJECT='p', WORKDIR='')
-  out = subprocess.run(['bash', 'launch/tpu_pod.sh', '--dry-run', 'train'], cwd=REPO,
-                       env=env, capture_output=True, text=True)
+  out = subprocess.run(
+    ['bash', 'launch/tpu_pod.sh', '--dry-run', 'train'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 2 and 'WORKDIR' in out.stderr
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None,
-                    reason='shellcheck not installed (apt-get install shellcheck)')
+@pytest.mark.skipif(
+  shutil.which('shellcheck') is None, reason='shellcheck not installed (apt-get install shellcheck)'
+)
 def test_shellcheck_clean():
   scripts = sorted(str(p) for p in (REPO / 'launch').glob('*.sh'))
   out = subprocess.run(['shellcheck', *scripts], capture_output=True, text=True)

@@ -11,7 +11,6 @@ by ~(logit error) x (its terms, <= 2/τ per component), i.e. relative to the
 largest gradient entry, not to each entry. Real errors are far larger: a
 wrong mask or weight changes the loss by > 1e-2 relative.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 from cac_jax import losses
-
 
 # ----------------------------------------------------------------------------
 # Cross-entropy.
@@ -32,8 +30,8 @@ def test_cross_entropy_matches_torch_with_ignore():
   labels = rng.integers(0, 7, size=(2, 5, 6))
   labels[rng.random(labels.shape) < 0.3] = 255
   ref = torch.nn.CrossEntropyLoss(ignore_index=255)(
-      torch.from_numpy(logits.astype(np.float64)).permute(0, 3, 1, 2),
-      torch.from_numpy(labels)).item()
+    torch.from_numpy(logits.astype(np.float64)).permute(0, 3, 1, 2), torch.from_numpy(labels)
+  ).item()
   got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
   # Per pixel l = log Σ exp(x_j - m) - (x_y - m): the sum is >= 1 (its max
   # term is exactly 1), so its log is good to a few EPS absolute, and x_y - m
@@ -42,12 +40,11 @@ def test_cross_entropy_matches_torch_with_ignore():
   # (measured 6e-8). Counting the ignored pixels changes the loss by ~30%.
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
   # bf16 logits are upcast, not computed in bf16.
-  got16 = losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16),
-                               jnp.asarray(labels))
+  got16 = losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels))
   ref16 = torch.nn.CrossEntropyLoss(ignore_index=255)(
-      torch.from_numpy(np.asarray(jnp.asarray(logits, jnp.bfloat16),
-                                  np.float64)).permute(0, 3, 1, 2),
-      torch.from_numpy(labels)).item()
+    torch.from_numpy(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64)).permute(0, 3, 1, 2),
+    torch.from_numpy(labels),
+  ).item()
   # The same float32 arithmetic on the bf16-rounded logits (which the
   # reference also uses): the same rtol. Computing in bf16 would be off by
   # ~2^-9 = 2e-3.
@@ -71,9 +68,22 @@ def test_cross_entropy_rejects_bad_shapes():
 # Directional contrastive loss: float64 reference with an analytic gradient.
 
 
-def reference_dc(anchor, target, anchor_conf, target_conf, anchor_label,
-                 valid, neg_feats, neg_labels, neg_valid, *, temperature,
-                 pos_threshold, directional, filter_negatives):
+def reference_dc(
+  anchor,
+  target,
+  anchor_conf,
+  target_conf,
+  anchor_label,
+  valid,
+  neg_feats,
+  neg_labels,
+  neg_valid,
+  *,
+  temperature,
+  pos_threshold,
+  directional,
+  filter_negatives,
+):
   """Returns (loss, d loss / d anchor), float64, dense."""
   a = anchor.astype(np.float64)
   t = target.astype(np.float64)
@@ -108,15 +118,15 @@ def unit(x):
 def random_problem(seed, n=64, k=300, d=16, num_classes=5, valid_frac=0.8):
   rng = np.random.default_rng(seed)
   return dict(
-      anchor=unit(rng.normal(size=(n, d))).astype(np.float32),
-      target=unit(rng.normal(size=(n, d))).astype(np.float32),
-      anchor_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
-      target_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
-      anchor_label=rng.integers(0, num_classes, n),
-      valid=rng.random(n) < valid_frac,
-      neg_feats=unit(rng.normal(size=(k, d))).astype(np.float32),
-      neg_labels=rng.integers(0, num_classes, k),
-      neg_valid=rng.random(k) < 0.9,
+    anchor=unit(rng.normal(size=(n, d))).astype(np.float32),
+    target=unit(rng.normal(size=(n, d))).astype(np.float32),
+    anchor_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
+    target_conf=rng.uniform(0.2, 1.0, n).astype(np.float32),
+    anchor_label=rng.integers(0, num_classes, n),
+    valid=rng.random(n) < valid_frac,
+    neg_feats=unit(rng.normal(size=(k, d))).astype(np.float32),
+    neg_labels=rng.integers(0, num_classes, k),
+    neg_valid=rng.random(k) < 0.9,
   )
 
 
@@ -126,19 +136,21 @@ def jax_value_and_grads(problem, **kw):
   def f(anchor, target, neg_feats):
     args = dict(problem, anchor=anchor, target=target, neg_feats=neg_feats)
     return losses.directional_contrastive_loss(
-        **{key: jnp.asarray(v) for key, v in args.items()}, **kw)
+      **{key: jnp.asarray(v) for key, v in args.items()}, **kw
+    )
 
   value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(
-      *[jnp.asarray(problem[name]) for name in names])
+    *[jnp.asarray(problem[name]) for name in names]
+  )
   return float(value), [np.asarray(g) for g in grads]
 
 
 SWITCHES = [
-    dict(pos_threshold=0.75, directional=True, filter_negatives=True),
-    dict(pos_threshold=0.75, directional=False, filter_negatives=True),
-    dict(pos_threshold=0.75, directional=True, filter_negatives=False),
-    dict(pos_threshold=0.0, directional=True, filter_negatives=True),
-    dict(pos_threshold=0.0, directional=False, filter_negatives=False),
+  dict(pos_threshold=0.75, directional=True, filter_negatives=True),
+  dict(pos_threshold=0.75, directional=False, filter_negatives=True),
+  dict(pos_threshold=0.75, directional=True, filter_negatives=False),
+  dict(pos_threshold=0.0, directional=True, filter_negatives=True),
+  dict(pos_threshold=0.0, directional=False, filter_negatives=False),
 ]
 
 
@@ -151,8 +163,8 @@ def test_dc_loss_matches_reference(switches, anchor_block):
   problem = random_problem(seed=hash(tuple(switches.values())) % 1000)
   ref_loss, ref_grad = reference_dc(**problem, temperature=0.1, **switches)
   loss, (g_anchor, g_target, g_neg) = jax_value_and_grads(
-      problem, temperature=0.1, chunk_size=128, anchor_block=anchor_block,
-      **switches)
+    problem, temperature=0.1, chunk_size=128, anchor_block=anchor_block, **switches
+  )
   assert ref_loss > 1.0  # a real, non-trivial loss
   # τ = 0.1, D = 16: a logit is off by ~sqrt(16) EPS / 0.1 = 2.4e-6, so
   # l_k = lse - pos by ~5e-6 of l ~ 9, and the weighted mean averages these:
@@ -164,8 +176,7 @@ def test_dc_loss_matches_reference(switches, anchor_block):
   # absolute tolerance, ~5e-6 of max|grad| at worst; 1e-5 of it (measured
   # 2e-7). No rtol on top: it only let the largest entries be 10x further
   # off.
-  np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-5 * np.abs(ref_grad).max(), rtol=0)
+  np.testing.assert_allclose(g_anchor, ref_grad, atol=1e-5 * np.abs(ref_grad).max(), rtol=0)
   assert np.abs(ref_grad).max() > 0
   assert np.all(g_target == 0.0) and np.all(g_neg == 0.0)
 
@@ -179,7 +190,8 @@ def test_dc_loss_chunking_and_shift_modes(temperature, chunk_size):
   kw = dict(pos_threshold=0.5, directional=True, filter_negatives=True)
   ref_loss, ref_grad = reference_dc(**problem, temperature=temperature, **kw)
   loss, (g_anchor, _, _) = jax_value_and_grads(
-      problem, temperature=temperature, chunk_size=chunk_size, **kw)
+    problem, temperature=temperature, chunk_size=chunk_size, **kw
+  )
   # At τ = 0.02 logits reach 50: a D = 8 logit is off by ~sqrt(8) EPS · 50 =
   # 8.5e-6 absolute, l_k by ~2e-5 on a loss of ~50: 4e-7 relative, and the
   # accumulator (up to 300 sequential adds and online-max rescales at
@@ -192,8 +204,7 @@ def test_dc_loss_chunking_and_shift_modes(temperature, chunk_size):
   # each q) x their terms (<= 2 x max|grad|): <= 6e-5 of max|grad| at worst,
   # hence atol 1e-4 of it and no rtol (measured 5e-7 of it); the
   # double-counted negative above moves it by ~q_j/τ ~ 3e-3 of max|grad|.
-  np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-4 * np.abs(ref_grad).max(), rtol=0)
+  np.testing.assert_allclose(g_anchor, ref_grad, atol=1e-4 * np.abs(ref_grad).max(), rtol=0)
 
 
 def test_dc_loss_tiny_temperature_is_stable():
@@ -204,8 +215,7 @@ def test_dc_loss_tiny_temperature_is_stable():
   # worst case) plus rtol 1e-5 (7e-3 here); measured 9e-5. A missing or
   # wrong shift gives inf/NaN or an O(1) error.
   problem = random_problem(seed=3)
-  kw = dict(temperature=1e-3, pos_threshold=0.0, directional=False,
-            filter_negatives=True)
+  kw = dict(temperature=1e-3, pos_threshold=0.0, directional=False, filter_negatives=True)
   ref_loss, ref_grad = reference_dc(**problem, **kw)
   loss, (g_anchor, _, _) = jax_value_and_grads(problem, chunk_size=128, **kw)
   assert np.isfinite(loss) and np.all(np.isfinite(g_anchor))
@@ -214,15 +224,13 @@ def test_dc_loss_tiny_temperature_is_stable():
   # Gradient: each q moves by the logit error (2.4e-4 relative, 1e-3 at
   # worst), times terms <= 2 x max|grad|: atol 1e-3 of max|grad| (measured
   # 4e-6 of it: the near one-hot softmax damps δq = q(1 - q) δs).
-  np.testing.assert_allclose(g_anchor, ref_grad,
-                             atol=1e-3 * np.abs(ref_grad).max())
+  np.testing.assert_allclose(g_anchor, ref_grad, atol=1e-3 * np.abs(ref_grad).max())
 
 
 def test_dc_loss_no_active_anchor_is_zero_with_finite_grads():
   problem = random_problem(seed=4)
   problem['target_conf'] = np.zeros_like(problem['target_conf'])  # < γ
-  loss, (g_anchor, _, _) = jax_value_and_grads(
-      problem, temperature=0.1, chunk_size=128)
+  loss, (g_anchor, _, _) = jax_value_and_grads(problem, temperature=0.1, chunk_size=128)
   assert loss == 0.0
   assert np.all(g_anchor == 0.0)
 
@@ -232,8 +240,7 @@ def test_dc_loss_all_negatives_filtered():
   problem = random_problem(seed=5)
   problem['anchor_label'] = np.full_like(problem['anchor_label'], 2)
   problem['neg_labels'] = np.full_like(problem['neg_labels'], 2)
-  kw = dict(temperature=0.1, pos_threshold=0.0, directional=False,
-            filter_negatives=True)
+  kw = dict(temperature=0.1, pos_threshold=0.0, directional=False, filter_negatives=True)
   loss, (g_anchor, _, _) = jax_value_and_grads(problem, chunk_size=128, **kw)
   ref_loss, _ = reference_dc(**problem, **kw)
   assert ref_loss == 0.0
@@ -258,23 +265,19 @@ def test_dc_loss_without_negatives():
 def test_dc_loss_rejects_bad_inputs():
   problem = {k: jnp.asarray(v) for k, v in random_problem(seed=7).items()}
   with pytest.raises(ValueError, match='neg_feats must be'):
-    losses.directional_contrastive_loss(
-        **dict(problem, neg_feats=problem['neg_feats'][:, :3]))
+    losses.directional_contrastive_loss(**dict(problem, neg_feats=problem['neg_feats'][:, :3]))
   with pytest.raises(ValueError, match='anchor_conf must be'):
-    losses.directional_contrastive_loss(
-        **dict(problem, anchor_conf=problem['anchor_conf'][:3]))
+    losses.directional_contrastive_loss(**dict(problem, anchor_conf=problem['anchor_conf'][:3]))
   with pytest.raises(ValueError, match='temperature'):
     losses.directional_contrastive_loss(**problem, temperature=0.0)
 
 
 def _temp_bytes(num_negatives, chunk, n=256, d=32):
   problem = random_problem(seed=0, n=n, k=num_negatives, d=d)
-  args = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype)
-          for k, v in problem.items()}
+  args = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype) for k, v in problem.items()}
 
   def loss_fn(anchor, rest):
-    return losses.directional_contrastive_loss(anchor=anchor, **rest,
-                                               chunk_size=chunk)
+    return losses.directional_contrastive_loss(anchor=anchor, **rest, chunk_size=chunk)
 
   rest = {k: v for k, v in args.items() if k != 'anchor'}
   compiled = jax.jit(jax.grad(loss_fn)).lower(args['anchor'], rest).compile()
@@ -298,9 +301,11 @@ def test_contrastive_weights_ties_and_threshold_are_strict():
   anchor_conf = jnp.array([0.8, 0.7, 0.5, 0.9, 0.6])
   target_conf = jnp.array([0.8, 0.75, 0.9, 0.95, 0.9])
   valid = jnp.array([True, True, True, True, False])
-  w = losses.contrastive_weights(anchor_conf, target_conf, valid,
-                                 pos_threshold=0.75, directional=True)
+  w = losses.contrastive_weights(
+    anchor_conf, target_conf, valid, pos_threshold=0.75, directional=True
+  )
   np.testing.assert_array_equal(np.asarray(w), [0, 0, 1, 1, 0])
-  w = losses.contrastive_weights(anchor_conf, target_conf, valid,
-                                 pos_threshold=0.0, directional=False)
+  w = losses.contrastive_weights(
+    anchor_conf, target_conf, valid, pos_threshold=0.0, directional=False
+  )
   np.testing.assert_array_equal(np.asarray(w), [1, 1, 1, 1, 0])

@@ -10,6 +10,7 @@ float32 error of the sums involved (EPS = 2^-24 per rounding; a blocked sum of
 n terms is off by ~sqrt(n) EPS of its typical size); a wrong padding, stride,
 dilation or layout change gives O(1) errors.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cac_jax.bench.torch_deeplab import TorchDeepLab, TorchResNet
 from cac_jax.models import build_model, convert, deeplabv3plus, layers, resnet
@@ -31,8 +33,9 @@ RTOL = 1e-4
 
 
 def _model_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = dict(backbone='resnet_tiny', output_stride=16, projector=True,
-             proj_dim=128, dtype='float32')
+  cfg = dict(
+    backbone='resnet_tiny', output_stride=16, projector=True, proj_dim=128, dtype='float32'
+  )
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -89,26 +92,32 @@ SMALL_STAGES, SMALL_WIDTHS, SMALL_STEM = (1, 2, 2, 3), (4, 8, 8, 16), 8
 
 
 def _small_flax_resnet(output_stride):
-  return resnet.ResNet(resnet.Bottleneck, SMALL_STAGES, SMALL_WIDTHS,
-                       stem_width=SMALL_STEM, output_stride=output_stride)
+  return resnet.ResNet(
+    resnet.Bottleneck,
+    SMALL_STAGES,
+    SMALL_WIDTHS,
+    stem_width=SMALL_STEM,
+    output_stride=output_stride,
+  )
 
 
 def _small_torch_resnet(output_stride, seed):
   strides, base = resnet.layer_plan(output_stride)
   # Dilations written out from the spec (docs/method.md §3), not from code.
-  dilations = {16: [[1], [1, 1], [1, 1], [2, 4, 8]],
-               8: [[1], [1, 1], [2, 2], [4, 8, 16]]}[output_stride]
+  dilations = {16: [[1], [1, 1], [1, 1], [2, 4, 8]], 8: [[1], [1, 1], [2, 2], [4, 8, 16]]}[
+    output_stride
+  ]
   assert strides == {16: (1, 2, 2, 1), 8: (1, 2, 1, 1)}[output_stride]
   del base
-  return _randomise(TorchResNet(SMALL_STAGES, SMALL_WIDTHS, SMALL_STEM, strides,
-                                dilations), seed)
+  return _randomise(TorchResNet(SMALL_STAGES, SMALL_WIDTHS, SMALL_STEM, strides, dilations), seed)
 
 
 # --------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (17, 9)), ((9, 6), (4, 11)),
-                                          ((1, 3), (4, 4)), ((6, 6), (6, 6))])
+@pytest.mark.parametrize(
+  'in_hw,out_hw', [((5, 7), (17, 9)), ((9, 6), (4, 11)), ((1, 3), (4, 4)), ((6, 6), (6, 6))]
+)
 def test_resize_matches_torch_align_corners(in_hw, out_hw):
   x = np.random.default_rng(0).standard_normal((2,) + in_hw + (3,)).astype(np.float32)
   ref = F.interpolate(_nchw(x), out_hw, mode='bilinear', align_corners=True)
@@ -126,7 +135,8 @@ def test_bottleneck_resnet_matches_torch(output_stride):
   torch_net = _small_torch_resnet(output_stride, seed=output_stride)
   flax_net = _small_flax_resnet(output_stride)
   variables = convert.convert_state_dict(
-      _state_dict(torch_net), convert.abstract_variables(flax_net))
+    _state_dict(torch_net), convert.abstract_variables(flax_net)
+  )
   # Odd sizes exercise PyTorch's floor arithmetic of strided padded windows.
   x = np.random.default_rng(output_stride).standard_normal((2, 45, 38, 3)).astype(np.float32)
   with torch.no_grad():
@@ -142,14 +152,26 @@ def test_deeplabv3plus_matches_torch(output_stride):
   """Backbone + ASPP + decoder + classifier + projector, eval mode."""
   rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
   k, proj_dim = 5, 16
-  torch_net = _randomise(TorchDeepLab(
-      _small_torch_resnet(output_stride, seed=1), SMALL_WIDTHS[3] * 4,
-      SMALL_WIDTHS[0] * 4, rates, k, proj_dim), seed=2)
+  torch_net = _randomise(
+    TorchDeepLab(
+      _small_torch_resnet(output_stride, seed=1),
+      SMALL_WIDTHS[3] * 4,
+      SMALL_WIDTHS[0] * 4,
+      rates,
+      k,
+      proj_dim,
+    ),
+    seed=2,
+  )
   flax_net = deeplabv3plus.DeepLabV3Plus(
-      backbone=_small_flax_resnet(output_stride), num_classes=k,
-      output_stride=output_stride, proj_dim=proj_dim)
+    backbone=_small_flax_resnet(output_stride),
+    num_classes=k,
+    output_stride=output_stride,
+    proj_dim=proj_dim,
+  )
   variables = convert.convert_state_dict(
-      _state_dict(torch_net), convert.abstract_variables(flax_net))
+    _state_dict(torch_net), convert.abstract_variables(flax_net)
+  )
   x = np.random.default_rng(3).standard_normal((2, 48, 40, 3)).astype(np.float32)
   with torch.no_grad():
     logits_ref, logits8_ref, proj8_ref = torch_net(_nchw(x))
@@ -162,8 +184,11 @@ def test_deeplabv3plus_matches_torch(output_stride):
 def _init(model, x):
   # Jitted: eager Flax dispatches (and compiles) every op on its own, which is
   # ~10x slower here than one compiled program from the persistent cache.
-  init = jax.jit(lambda y: model.init(
-      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, y, train=False))
+  init = jax.jit(
+    lambda y: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, y, train=False
+    )
+  )
   return init(x)
 
 
@@ -174,12 +199,18 @@ def _apply(model, variables, x, **kwargs):
 def test_resnet_tiny_output_shapes_and_contract():
   model = build_model(_model_config(), num_classes=6)
   x = jax.random.normal(jax.random.key(5), (2, 64, 96, 3))
-  variables = _init(model, x)       # dc_outputs=False, yet projector is created
+  variables = _init(model, x)  # dc_outputs=False, yet projector is created
   assert set(variables['params']) == {'backbone', 'head', 'classifier', 'projector'}
   assert set(variables['batch_stats']) == {'backbone', 'head'}
-  feats = _apply(resnet.resnet_tiny(),
-                 {'params': variables['params']['backbone'],
-                  'batch_stats': variables['batch_stats']['backbone']}, x, train=False)
+  feats = _apply(
+    resnet.resnet_tiny(),
+    {
+      'params': variables['params']['backbone'],
+      'batch_stats': variables['batch_stats']['backbone'],
+    },
+    x,
+    train=False,
+  )
   assert feats['low'].shape == (2, 16, 24, 16)
   assert feats['high'].shape == (2, 4, 6, 128)
 
@@ -187,9 +218,15 @@ def test_resnet_tiny_output_shapes_and_contract():
   assert set(eval_out) == {'logits'}
   assert eval_out['logits'].shape == (2, 64, 96, 6)
 
-  out, new_state = _apply(model, variables, x, train=True, dc_outputs=True,
-                          rngs={'dropout': jax.random.key(2)},
-                          mutable=['batch_stats'])
+  out, new_state = _apply(
+    model,
+    variables,
+    x,
+    train=True,
+    dc_outputs=True,
+    rngs={'dropout': jax.random.key(2)},
+    mutable=['batch_stats'],
+  )
   assert out['logits'].shape == (2, 64, 96, 6) and out['logits'].dtype == jnp.float32
   assert out['logits8'].shape == (2, 8, 12, 6) and out['logits8'].dtype == jnp.float32
   assert out['proj8'].shape == (2, 8, 12, 128) and out['proj8'].dtype == jnp.float32
@@ -215,11 +252,13 @@ def test_resnet_tiny_output_shapes_and_contract():
 
 def test_mobilenet_v2_feature_shapes():
   from cac_jax.models import mobilenet_v2
+
   x = jax.ShapeDtypeStruct((1, 96, 64, 3), jnp.float32)
   for output_stride, high_hw in ((16, (6, 4)), (32, (3, 2))):
     net = mobilenet_v2.MobileNetV2(output_stride=output_stride)
-    out = jax.eval_shape(lambda y, net=net: net.init_with_output(
-        jax.random.key(0), y, train=False)[0], x)
+    out = jax.eval_shape(
+      lambda y, net=net: net.init_with_output(jax.random.key(0), y, train=False)[0], x
+    )
     assert out['low'].shape == (1, 24, 16, 24)
     assert out['high'].shape == (1,) + high_hw + (320,)
 
@@ -231,9 +270,14 @@ def test_batchnorm_is_global_under_sharded_jit():
   variables = _init(model, x)
 
   def step(v, images):
-    out, state = model.apply(v, images, train=True, dc_outputs=True,
-                             rngs={'dropout': jax.random.key(0)},
-                             mutable=['batch_stats'])
+    out, state = model.apply(
+      v,
+      images,
+      train=True,
+      dc_outputs=True,
+      rngs={'dropout': jax.random.key(0)},
+      mutable=['batch_stats'],
+    )
     return out['proj8'], state['batch_stats']
 
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
@@ -288,19 +332,27 @@ def test_parameter_count_deeplabv3plus_r50_os16():
   """
   model = build_model(_model_config(backbone='resnet50'), num_classes=21)
   abstract = jax.eval_shape(
-      lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                         jnp.zeros((1, 64, 64, 3)), train=False))
+    lambda: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+      jnp.zeros((1, 64, 64, 3)),
+      train=False,
+    )
+  )
   counts = {k: convert.count_params(v) for k, v in abstract['params'].items()}
   total = sum(counts.values())
   print('DeepLabv3+ R50 OS16 parameters:', counts, 'total', f'{total:,}')
-  assert counts == {'backbone': 23_508_032, 'head': 15_535_104 + 1_303_648,
-                    'classifier': 5_397, 'projector': 98_688}
+  assert counts == {
+    'backbone': 23_508_032,
+    'head': 15_535_104 + 1_303_648,
+    'classifier': 5_397,
+    'projector': 98_688,
+  }
   assert total == 40_450_869
 
 
 def test_l2_normalize_matches_float64_and_has_finite_gradient_at_zero():
   x = np.random.default_rng(11).standard_normal((4, 5, 7)).astype(np.float32)
-  x[0, 0] = 0.0                      # an all-zero feature vector
+  x[0, 0] = 0.0  # an all-zero feature vector
   ref = x.astype(np.float64)
   ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
   # Per element x_i / ||x||, no cancellation: relative error of a sum of 7
@@ -319,13 +371,13 @@ def test_l2_normalize_matches_float64_and_has_finite_gradient_at_zero():
 # stride 2 on an odd map, the per-tap kernel gradient (>= 256 inputs, with
 # and without dilation), a strided 3x3 and a depthwise dilated 3x3 (XLA's).
 CONV_CASES = [
-    (2, 10, 10, 256, 24, 3, 1, 12, 1),
-    (2, 10, 5, 32, 16, 3, 1, 6, 1),
-    (2, 9, 7, 32, 16, 1, 2, 1, 1),
-    (1, 11, 9, 260, 8, 3, 1, 1, 1),
-    (2, 12, 12, 256, 16, 3, 1, 4, 1),
-    (2, 12, 12, 8, 8, 3, 2, 1, 1),
-    (1, 6, 6, 16, 16, 3, 1, 2, 16),
+  (2, 10, 10, 256, 24, 3, 1, 12, 1),
+  (2, 10, 5, 32, 16, 3, 1, 6, 1),
+  (2, 9, 7, 32, 16, 1, 2, 1, 1),
+  (1, 11, 9, 260, 8, 3, 1, 1, 1),
+  (2, 12, 12, 256, 16, 3, 1, 4, 1),
+  (2, 12, 12, 8, 8, 3, 2, 1, 1),
+  (1, 6, 6, 16, 16, 3, 1, 2, 16),
 ]
 
 
@@ -345,18 +397,19 @@ def test_conv2d_value_and_gradients_match_torch_float64(case):
   b, h, w, c_in, c_out, k, stride, dilation, groups = case
   rng = np.random.default_rng()
   x = rng.standard_normal((b, h, w, c_in)).astype(np.float32)
-  kernel = (rng.standard_normal((k, k, c_in // groups, c_out)) /
-            np.sqrt(k * k * c_in / groups)).astype(np.float32)
-  conv = lambda x_, k_: layers.conv2d(x_, k_, strides=stride,
-                                      dilation=dilation, groups=groups)
+  kernel = (
+    rng.standard_normal((k, k, c_in // groups, c_out)) / np.sqrt(k * k * c_in / groups)
+  ).astype(np.float32)
+  conv = lambda x_, k_: layers.conv2d(x_, k_, strides=stride, dilation=dilation, groups=groups)
   y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(kernel))
   g = rng.standard_normal(y.shape).astype(np.float32)
   dx, dkernel = vjp(jnp.asarray(g))
 
   xt = torch.from_numpy(x.astype(np.float64).transpose(0, 3, 1, 2)).requires_grad_()
   kt = torch.from_numpy(kernel.astype(np.float64).transpose(3, 2, 0, 1)).requires_grad_()
-  yt = F.conv2d(xt, kt, stride=stride, padding=dilation * (k // 2),
-                dilation=dilation, groups=groups)
+  yt = F.conv2d(
+    xt, kt, stride=stride, padding=dilation * (k // 2), dilation=dilation, groups=groups
+  )
   yt.backward(torch.from_numpy(g.astype(np.float64).transpose(0, 3, 1, 2)))
   _close(y, _nhwc(yt.detach()), rtol=1e-5)
   _close(dx, _nhwc(xt.grad), rtol=1e-5)
@@ -365,18 +418,19 @@ def test_conv2d_value_and_gradients_match_torch_float64(case):
 
 def test_live_taps_rule():
   """Taps whose offset reaches past the map only ever read padding."""
-  assert layers.live_taps(3, 12, 10) == 0    # ASPP rate 12 on 10x10: 1x1
-  assert layers.live_taps(3, 18, 21) == 1    # VOC crop 321 keeps all taps
+  assert layers.live_taps(3, 12, 10) == 0  # ASPP rate 12 on 10x10: 1x1
+  assert layers.live_taps(3, 18, 21) == 1  # VOC crop 321 keeps all taps
   assert layers.live_taps(3, 6, 7) == 1
-  assert layers.live_taps(3, 7, 7) == 0      # offset 7 on a 7-wide map
-  assert layers.live_taps(7, 1, 2) == 1      # a 7x7 kernel on a 2-wide map
+  assert layers.live_taps(3, 7, 7) == 0  # offset 7 on a 7-wide map
+  assert layers.live_taps(7, 1, 2) == 1  # a 7x7 kernel on a 2-wide map
 
 
 def test_xla_convolutions_switch_traces_the_plain_convolution():
   """Benchmarks' before/after switch: inside it, conv2d is lax's conv alone."""
   x, k = jnp.ones((1, 10, 10, 8)), jnp.ones((1, 1, 8, 4))
-  prims = lambda: {e.primitive.name for e in jax.make_jaxpr(
-      lambda a, b: layers.conv2d(a, b))(x, k).eqns}
+  prims = lambda: {
+    e.primitive.name for e in jax.make_jaxpr(lambda a, b: layers.conv2d(a, b))(x, k).eqns
+  }
   assert 'dot_general' in prims() and 'conv_general_dilated' not in prims()
   with layers.xla_convolutions():
     assert prims() == {'conv_general_dilated'}

@@ -8,14 +8,14 @@ re-implementation of the CAC pair sampler's geometry (docs/method.md §2).
 Tolerances: float32 vs float64 with logits ≤ 1/τ = 10, derived as in
 test_losses.py (EPS = 2^-24 per rounding) and stated at each assertion.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from cac_jax import losses
-from cac_jax import overlap
+from cac_jax import losses, overlap
 
 STRIDE = 8
 
@@ -40,10 +40,8 @@ def cac_boxes(rng, crop):
       dy, dx = ddy, ddx
       break
   hs, ws = h_img // STRIDE * STRIDE, w_img // STRIDE * STRIDE
-  box1 = [max(0, dy), max(0, dx), min(crop, crop + dy, hs),
-          min(crop, crop + dx, ws)]
-  box2 = [max(0, -dy), max(0, -dx), min(crop, crop - dy, hs),
-          min(crop, crop - dx, ws)]
+  box1 = [max(0, dy), max(0, dx), min(crop, crop + dy, hs), min(crop, crop + dx, ws)]
+  box2 = [max(0, -dy), max(0, -dx), min(crop, crop - dy, hs), min(crop, crop - dx, ws)]
   assert box1[2] - box1[0] == box2[2] - box2[0]
   assert box1[3] - box1[1] == box2[3] - box2[1]
   return box1, box2
@@ -52,27 +50,29 @@ def cac_boxes(rng, crop):
 def make_batch(seed, b=4, crop=56, d=8, num_classes=4, bank_size=20):
   rng = np.random.default_rng(seed)
   h = w = crop // STRIDE
-  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(
-      np.float32)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
   boxes = [cac_boxes(rng, crop) for _ in range(b)]
   box1 = np.array([bx[0] for bx in boxes], np.int32)
   box2 = np.array([bx[1] for bx in boxes], np.int32)
   box1[-1] = box2[-1] = 0  # one image without any overlap
   return dict(
-      proj1=unit(rng.normal(size=(b, h, w, d))),
-      proj2=unit(rng.normal(size=(b, h, w, d))),
-      logits1=(3 * rng.normal(size=(b, h, w, num_classes))).astype(np.float32),
-      logits2=(3 * rng.normal(size=(b, h, w, num_classes))).astype(np.float32),
-      box1=box1, box2=box2,
-      flip1=rng.random(b) < 0.5, flip2=rng.random(b) < 0.5,
-      bank_feats=unit(rng.normal(size=(bank_size, d))),
-      bank_labels=rng.integers(0, num_classes, bank_size).astype(np.int32),
-      bank_valid=rng.random(bank_size) < 0.7,
+    proj1=unit(rng.normal(size=(b, h, w, d))),
+    proj2=unit(rng.normal(size=(b, h, w, d))),
+    logits1=(3 * rng.normal(size=(b, h, w, num_classes))).astype(np.float32),
+    logits2=(3 * rng.normal(size=(b, h, w, num_classes))).astype(np.float32),
+    box1=box1,
+    box2=box2,
+    flip1=rng.random(b) < 0.5,
+    flip2=rng.random(b) < 0.5,
+    bank_feats=unit(rng.normal(size=(bank_size, d))),
+    bank_labels=rng.integers(0, num_classes, bank_size).astype(np.int32),
+    bank_valid=rng.random(bank_size) < 0.7,
   )
 
 
-def torch_reference(batch, *, temperature, pos_threshold, directional,
-                    filter_negatives, negatives=None):
+def torch_reference(
+  batch, *, temperature, pos_threshold, directional, filter_negatives, negatives=None
+):
   """Returns (loss_12, loss_21, d(loss)/d proj1, d(loss)/d proj2)."""
   p1 = torch.tensor(batch['proj1'], dtype=torch.float64, requires_grad=True)
   p2 = torch.tensor(batch['proj2'], dtype=torch.float64, requires_grad=True)
@@ -86,8 +86,10 @@ def torch_reference(batch, *, temperature, pos_threshold, directional,
         f, lg = torch.flip(f, dims=[1]), torch.flip(lg, dims=[1])
       prob = torch.softmax(lg, dim=-1)
       views.append((f, prob.max(-1).values, prob.argmax(-1)))
-    for (f, c, y), box, tag in ((views[0], batch['box1'][i], '1'),
-                                (views[1], batch['box2'][i], '2')):
+    for (f, c, y), box, tag in (
+      (views[0], batch['box1'][i], '1'),
+      (views[1], batch['box2'][i], '2'),
+    ):
       t, l, b, r = (int(v) // STRIDE for v in box)
       parts['f' + tag].append(f[t:b, l:r].reshape(-1, f.shape[-1]))
       parts['c' + tag].append(c[t:b, l:r].reshape(-1))
@@ -102,8 +104,12 @@ def torch_reference(batch, *, temperature, pos_threshold, directional,
     neg_y = torch.tensor(np.asarray(negatives[1]))
   neg_f = torch.cat([neg_f, torch.tensor(batch['bank_feats'], dtype=torch.float64)])
   neg_y = torch.cat([neg_y, torch.tensor(batch['bank_labels']).long()])
-  neg_ok = torch.cat([torch.ones(len(neg_y) - len(batch['bank_valid']), dtype=bool),
-                      torch.tensor(batch['bank_valid'])])
+  neg_ok = torch.cat(
+    [
+      torch.ones(len(neg_y) - len(batch['bank_valid']), dtype=bool),
+      torch.tensor(batch['bank_valid']),
+    ]
+  )
 
   def one_direction(a, t, ca, ct, ya):
     t = t.detach()
@@ -133,9 +139,9 @@ def run_jax(batch, **kw):
     args.update(proj1=proj1, proj2=proj2)
     return losses.dc_loss_from_views(**args, **kw)
 
-  (loss, aux), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1),
-                                                  has_aux=True))(
-      jnp.asarray(batch['proj1']), jnp.asarray(batch['proj2']))
+  (loss, aux), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+    jnp.asarray(batch['proj1']), jnp.asarray(batch['proj2'])
+  )
   return float(loss), aux, [np.asarray(g) for g in grads]
 
 
@@ -166,18 +172,16 @@ def test_overlap_rejects_bad_boxes():
 
 
 SWITCHES = [
-    dict(pos_threshold=0.75, directional=True, filter_negatives=True),
-    dict(pos_threshold=0.0, directional=False, filter_negatives=False),
+  dict(pos_threshold=0.75, directional=True, filter_negatives=True),
+  dict(pos_threshold=0.0, directional=False, filter_negatives=False),
 ]
 
 
 @pytest.mark.parametrize('switches', SWITCHES)
 def test_dc_loss_from_views_matches_per_image_reference(switches):
   batch = make_batch(seed=int(switches['directional']))
-  ref12, ref21, ref_g1, ref_g2 = torch_reference(batch, temperature=0.1,
-                                                 **switches)
-  loss, aux, (g1, g2) = run_jax(batch, key=None, temperature=0.1,
-                                chunk_size=64, **switches)
+  ref12, ref21, ref_g1, ref_g2 = torch_reference(batch, temperature=0.1, **switches)
+  loss, aux, (g1, g2) = run_jax(batch, key=None, temperature=0.1, chunk_size=64, **switches)
   assert ref12 > 0.5 and ref21 > 0.5  # both directions have active anchors
   # D = 8, τ = 0.1: a logit is off by ~sqrt(8) EPS / τ = 1.7e-6, l_k = lse -
   # pos by ~3.4e-6 of ~10: 3e-7 relative, the weighted means less. rtol
@@ -197,8 +201,7 @@ def test_dc_loss_from_views_matches_per_image_reference(switches):
   sizes = [(bx[2] - bx[0]) * (bx[3] - bx[1]) // 64 for bx in batch['box1']]
   # An exact count over an exact count: one float32 rounding, <= EPS. rtol
   # 1e-6; one cell off changes it by 1/196 = 5e-3.
-  np.testing.assert_allclose(float(aux['overlap_frac']),
-                             sum(sizes) / (b * h * w), rtol=1e-6)
+  np.testing.assert_allclose(float(aux['overlap_frac']), sum(sizes) / (b * h * w), rtol=1e-6)
   if switches['directional']:
     assert 0 < float(aux['active_frac_12']) + float(aux['active_frac_21']) <= 1
   else:  # γ = 0 and no direction: every overlap cell is active both ways
@@ -211,17 +214,14 @@ def test_dc_loss_from_views_subsampled_negatives():
   batch = make_batch(seed=2)
   b, h, w, d = batch['proj1'].shape
   n = 5
-  kw = dict(temperature=0.1, pos_threshold=0.5, directional=True,
-            filter_negatives=True)
-  loss, aux, (g1, _) = run_jax(batch, key=jax.random.key(0), neg_per_image=n,
-                               chunk_size=16, **kw)
+  kw = dict(temperature=0.1, pos_threshold=0.5, directional=True, filter_negatives=True)
+  loss, aux, (g1, _) = run_jax(batch, key=jax.random.key(0), neg_per_image=n, chunk_size=16, **kw)
   feats = np.asarray(aux['new_neg_feats']).reshape(b, 2, n, d)
   labels = np.asarray(aux['new_neg_labels']).reshape(b, 2, n)
   # Each sampled negative is a distinct cell of that image's view, with the
   # argmax pseudo-label of that cell.
   for i in range(b):
-    for v, (proj, logits) in enumerate((('proj1', 'logits1'),
-                                        ('proj2', 'logits2'))):
+    for v, (proj, logits) in enumerate((('proj1', 'logits1'), ('proj2', 'logits2'))):
       cells = batch[proj][i].reshape(-1, d)
       cell_labels = batch[logits][i].reshape(-1, batch[logits].shape[-1]).argmax(-1)
       idx = [int(np.argmin(np.abs(cells - f).sum(-1))) for f in feats[i, v]]
@@ -230,7 +230,8 @@ def test_dc_loss_from_views_subsampled_negatives():
       np.testing.assert_array_equal(cell_labels[idx], labels[i, v])
   # And the loss uses exactly those negatives (plus the bank).
   ref12, ref21, ref_g1, _ = torch_reference(
-      batch, negatives=(aux['new_neg_feats'], aux['new_neg_labels']), **kw)
+    batch, negatives=(aux['new_neg_feats'], aux['new_neg_labels']), **kw
+  )
   # Tolerances as derived in the test above (same τ, D); a wrong sampled
   # negative changes a per-anchor loss by O(1/#negatives) = O(1e-2).
   np.testing.assert_allclose(loss, ref12 + ref21, rtol=1e-5)
@@ -243,12 +244,20 @@ def test_dc_loss_from_views_sharded_on_8_devices_matches_one_device():
   # The train step runs this under jax.jit on a global batch sharded on the
   # mesh axis 'data', with a replicated bank; the result must not depend on
   # the partitioning (every anchor still sees every image's negatives).
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
   batch = make_batch(seed=3, b=8, crop=32)
-  kw = dict(key=jax.random.key(1), temperature=0.1, pos_threshold=0.5,
-            directional=True, filter_negatives=True, neg_per_image=6,
-            chunk_size=32)
+  kw = dict(
+    key=jax.random.key(1),
+    temperature=0.1,
+    pos_threshold=0.5,
+    directional=True,
+    filter_negatives=True,
+    neg_per_image=6,
+    chunk_size=32,
+  )
   bank_keys = ('bank_feats', 'bank_labels', 'bank_valid')
 
   def f(proj1, proj2, rest):
@@ -257,14 +266,14 @@ def test_dc_loss_from_views_sharded_on_8_devices_matches_one_device():
 
   grad_fn = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
   rest = {k: v for k, v in batch.items() if k not in ('proj1', 'proj2')}
-  (want, want_negs), want_g = jax.jit(grad_fn)(batch['proj1'], batch['proj2'],
-                                               rest)
+  (want, want_negs), want_g = jax.jit(grad_fn)(batch['proj1'], batch['proj2'], rest)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-  sharded = {k: put(v, P() if k in bank_keys else P('data'))
-             for k, v in batch.items()}
+  sharded = {k: put(v, P() if k in bank_keys else P('data')) for k, v in batch.items()}
   (got, got_negs), got_g = jax.jit(grad_fn)(
-      sharded['proj1'], sharded['proj2'],
-      {k: v for k, v in sharded.items() if k not in ('proj1', 'proj2')})
+    sharded['proj1'],
+    sharded['proj2'],
+    {k: v for k, v in sharded.items() if k not in ('proj1', 'proj2')},
+  )
   assert sharded['proj1'].sharding.spec == P('data')
   # Same float32 arithmetic per anchor; only the sums over anchors (Σ w l
   # and Σ w over 8*16 cells: per-device partials, then an all-reduce) may
@@ -278,5 +287,6 @@ def test_dc_loss_from_views_sharded_on_8_devices_matches_one_device():
   # relative to its terms (<= 2x the largest entry), not to itself: atol
   # 1e-5 of the largest entry, no rtol (measured: 1 ulp, 1e-7 of it).
   for g, w in zip(got_g, want_g):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0,
-                               atol=1e-5 * np.abs(np.asarray(w)).max())
+    np.testing.assert_allclose(
+      np.asarray(g), np.asarray(w), rtol=0, atol=1e-5 * np.abs(np.asarray(w)).max()
+    )

@@ -5,6 +5,7 @@ of the spec's loop on random inputs; the full sampler is checked for its
 geometric invariants over 200 seeds and several image shapes (including images
 smaller than the crop), pixel-exactly with photometric=False.
 """
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -45,11 +46,16 @@ def test_select_second_crop_matches_reference_loop():
     tries = int(rng.integers(1, 8))
     cy = rng.integers(0, span_y + 1, tries)
     cx = rng.integers(0, span_x + 1, tries)
-    ref = _reference_second_crop(y1, x1, cy.tolist(), cx.tolist(), c,
-                                 iou_range, S)
+    ref = _reference_second_crop(y1, x1, cy.tolist(), cx.tolist(), c, iou_range, S)
     got = pairs.select_second_crop(
-        tf.constant(y1), tf.constant(x1), tf.constant(cy, tf.int32),
-        tf.constant(cx, tf.int32), crop_size=c, iou_range=iou_range, stride=S)
+      tf.constant(y1),
+      tf.constant(x1),
+      tf.constant(cy, tf.int32),
+      tf.constant(cx, tf.int32),
+      crop_size=c,
+      iou_range=iou_range,
+      stride=S,
+    )
     assert (int(got[0]), int(got[1]), bool(got[2])) == ref
     accepted_any |= ref[2]
     rejected_any |= not ref[2]
@@ -58,7 +64,7 @@ def test_select_second_crop_matches_reference_loop():
 
 def _unflip_box(view, box, flip):
   view = view[:, ::-1] if flip else view
-  return view[box[0]:box[2], box[1]:box[3]]
+  return view[box[0] : box[2], box[1] : box[3]]
 
 
 SHAPES = [(30, 50), (64, 48), (17, 90), (100, 100), (12, 12), (200, 40)]
@@ -74,10 +80,13 @@ def test_pair_geometry_and_pixels(shape):
   for s in range(seeds):
     seed = tf.constant([s, shape[0]], tf.int64)
     kw = dict(crop_size=C, base_size=BASE, iou_range=iou_range, stride=S)
-    geo = {k: v.numpy() for k, v in pairs.pair_geometry(
-        seed, shape[0], shape[1], scale_range=(0.8, 2.0), **kw).items()}
-    out = {k: v.numpy() for k, v in pairs.sample_pair(
-        image, seed, photometric=False, **kw).items()}
+    geo = {
+      k: v.numpy()
+      for k, v in pairs.pair_geometry(
+        seed, shape[0], shape[1], scale_range=(0.8, 2.0), **kw
+      ).items()
+    }
+    out = {k: v.numpy() for k, v in pairs.sample_pair(image, seed, photometric=False, **kw).items()}
     h, w = geo['scaled_height'], geo['scaled_width']
     assert max(h, w) in range(int(0.8 * BASE), 2 * BASE + 1)
     hp, wp = max(h, C), max(w, C)
@@ -126,21 +135,21 @@ def test_overlap_never_contains_padding_pixels():
   for shape in [(16, 40), (40, 16), (20, 20)]:
     image = np.broadcast_to(colour, shape + (3,)).astype(np.uint8)
     for s in range(10):
-      out = pairs.sample_pair(image, tf.constant([s, 9]), crop_size=C,
-                              base_size=28, photometric=False)
+      out = pairs.sample_pair(
+        image, tf.constant([s, 9]), crop_size=C, base_size=28, photometric=False
+      )
       for v in (1, 2):
-        region = _unflip_box(out[f'image{v}'].numpy(), out[f'box{v}'].numpy(),
-                             bool(out[f'flip{v}']))
+        region = _unflip_box(
+          out[f'image{v}'].numpy(), out[f'box{v}'].numpy(), bool(out[f'flip{v}'])
+        )
         assert region.size
         # Resizing a constant image: float32 weights summing to 1 within a
         # few EPS (2^-24), so ~4 EPS * 250 = 6e-5 (measured 6.1e-5). atol
         # 1e-3 (it was 0.5); a padding pixel is >= 100 off, a blend of one
         # at the overlap's edge >= 1 grey level.
-        np.testing.assert_allclose(region, np.broadcast_to(colour, region.shape),
-                                   atol=1e-3)
+        np.testing.assert_allclose(region, np.broadcast_to(colour, region.shape), atol=1e-3)
       # Padding (mean colour) is in the crop exactly when the image is small.
-      geo = pairs.pair_geometry(tf.constant([s, 9]), *shape, crop_size=C,
-                                base_size=28)
+      geo = pairs.pair_geometry(tf.constant([s, 9]), *shape, crop_size=C, base_size=28)
       small = min(int(geo['scaled_height']), int(geo['scaled_width'])) < C
       full = out['image1'].numpy()
       # A padding pixel is the mean colour rounded to float32 (<= 7.4e-6
@@ -157,8 +166,9 @@ def test_same_crop_ablation():
   # base 64: the scaled short side is >= 38 > C, so the overlap is the full crop.
   for s in range(16):
     seed = tf.constant([s, 2])
-    out = pairs.sample_pair(image, seed, crop_size=C, base_size=64,
-                            same_crop=True, photometric=False)
+    out = pairs.sample_pair(
+      image, seed, crop_size=C, base_size=64, same_crop=True, photometric=False
+    )
     np.testing.assert_array_equal(out['box1'], out['box2'])
     np.testing.assert_array_equal(out['box1'], [0, 0, C, C])
     a, b = out['image1'].numpy(), out['image2'].numpy()
@@ -166,8 +176,9 @@ def test_same_crop_ablation():
       flips_differ = True
       b = b[:, ::-1]
     np.testing.assert_array_equal(a, b)
-    col = pairs.sample_pair(image, seed, crop_size=C, base_size=64,
-                            same_crop=True, photometric=True)
+    col = pairs.sample_pair(
+      image, seed, crop_size=C, base_size=64, same_crop=True, photometric=True
+    )
     a, b = col['image1'].numpy(), col['image2'].numpy()
     if bool(col['flip1']) != bool(col['flip2']):
       b = b[:, ::-1]
@@ -183,8 +194,8 @@ def test_eager_equals_tf_data_map():
   seeds = np.array([[i, 5] for i in range(5)], np.int64)
   kw = dict(crop_size=C, base_size=BASE)
   ds = tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: pairs.sample_pair(image, s, **kw), num_parallel_calls=2,
-      deterministic=True)
+    lambda s: pairs.sample_pair(image, s, **kw), num_parallel_calls=2, deterministic=True
+  )
   for s, g in zip(seeds, ds.as_numpy_iterator()):
     e = pairs.sample_pair(image, tf.constant(s), **kw)
     for k in g:
@@ -196,8 +207,6 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='multiple of the feature stride'):
     pairs.sample_pair(img, [0, 0], crop_size=30, base_size=40)
   with pytest.raises(ValueError, match='iou_range'):
-    pairs.sample_pair(img, [0, 0], crop_size=32, base_size=40,
-                      iou_range=(0.5, 0.1))
+    pairs.sample_pair(img, [0, 0], crop_size=32, base_size=40, iou_range=(0.5, 0.1))
   with pytest.raises(ValueError, match='scale_range'):
-    pairs.sample_pair(img, [0, 0], crop_size=32, base_size=40,
-                      scale_range=(0.0, 1.0))
+    pairs.sample_pair(img, [0, 0], crop_size=32, base_size=40, scale_range=(0.0, 1.0))

@@ -4,6 +4,7 @@ One tiny run (4 steps) is trained per module; predictions are checked for
 file format and sizes, against an independent forward pass, and the command
 line for its exit status and report of bad files.
 """
+
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from cac_jax import checkpoint as ckpt_lib
 from cac_jax import optim, predict, restore, sharding, train_state
 from cac_jax.data import embedded
 from cac_jax.models import build_model
-
 from train_utils import REPO, tiny_config
 
 NUM_CLASSES = tiny_config().data.num_classes
@@ -49,7 +49,8 @@ def _independent_mask(workdir, image_u8):
   manager = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
   # The run evaluates (and records an mIoU) only at step 4: the best step.
   state = ckpt_lib.restore(
-      manager, train_state.abstract_state(model, tx, config, sharding.make_mesh()), 4)
+    manager, train_state.abstract_state(model, tx, config, sharding.make_mesh()), 4
+  )
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   mean = 255 * np.array([0.485, 0.456, 0.406])
   std = 255 * np.array([0.229, 0.224, 0.225])
@@ -89,8 +90,12 @@ def test_predict_writes_palette_masks_and_reports_bad_files(run, images, tmp_pat
   captured = capsys.readouterr()
   assert captured.out.strip().splitlines()[-1] == '2 predicted, 1 skipped'
   assert 'broken.jpg' in captured.err
-  assert sorted(os.listdir(out)) == ['odd.png', 'odd_overlay.jpg',
-                                     'square.png', 'square_overlay.jpg']
+  assert sorted(os.listdir(out)) == [
+    'odd.png',
+    'odd_overlay.jpg',
+    'square.png',
+    'square_overlay.jpg',
+  ]
   palette = embedded.PALETTE
   for name, (h, w) in SIZES.items():
     mask = Image.open(os.path.join(out, f'{name}.png'))
@@ -98,7 +103,7 @@ def test_predict_writes_palette_masks_and_reports_bad_files(run, images, tmp_pat
     values = np.asarray(mask)
     assert values.min() >= 0 and values.max() < NUM_CLASSES
     # The palette is the dataset's: class k is drawn in PALETTE[k].
-    stored = np.asarray(mask.getpalette()[:3 * NUM_CLASSES], np.uint8).reshape(-1, 3)
+    stored = np.asarray(mask.getpalette()[: 3 * NUM_CLASSES], np.uint8).reshape(-1, 3)
     np.testing.assert_array_equal(stored, palette)
     overlay = Image.open(os.path.join(out, f'{name}_overlay.jpg'))
     assert overlay.size == (2 * w + 4, h)  # image | gap | blend
@@ -130,18 +135,34 @@ def test_nothing_readable_returns_1(run, tmp_path, capsys):
 
 def test_command_line(run, images, tmp_path):
   workdir, _ = run
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
-             JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
-  cmd = [sys.executable, '-m', 'cac_jax.predict', f'--workdir={workdir}',
-         f'--images={images}', f'--out={tmp_path / "cli"}', '--which=latest']
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES='',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
+  cmd = [
+    sys.executable,
+    '-m',
+    'cac_jax.predict',
+    f'--workdir={workdir}',
+    f'--images={images}',
+    f'--out={tmp_path / "cli"}',
+    '--which=latest',
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == '2 predicted, 1 skipped'
   assert 'skipped' in proc.stderr and 'broken.jpg' in proc.stderr
   assert (tmp_path / 'cli' / 'odd.png').exists()
   # A workdir without checkpoints: a message, no stack trace, status 2.
-  bad = subprocess.run(cmd[:3] + [f'--workdir={tmp_path}'] + cmd[4:], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    cmd[:3] + [f'--workdir={tmp_path}'] + cmd[4:],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2
   assert 'error:' in bad.stderr and 'Traceback' not in bad.stderr

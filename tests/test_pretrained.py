@@ -6,6 +6,7 @@ key/layout conversion and the Flax MobileNetV2 (symmetric strided padding,
 depthwise convolutions, ReLU6, BatchNorm in eval mode). A wrong transpose or
 a padding offset would not keep skimage's coffee photo at 'espresso'.
 """
+
 import os
 import pathlib
 
@@ -43,7 +44,8 @@ def test_mobilenet_v2_imagenet_classifies_coffee_as_espresso(state_dict):
   variables = convert.convert_mobilenet_v2_classifier(state_dict)
   model = mobilenet_v2.MobileNetV2(output_stride=32, include_top=True)
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, jnp.asarray(_coffee_batch()))
+    variables, jnp.asarray(_coffee_batch())
+  )
   probs = np.asarray(jax.nn.softmax(logits[0]))
   top5 = np.argsort(-probs)[:5]
   print('top-5 classes', top5, 'probabilities', probs[top5])
@@ -54,19 +56,28 @@ def test_mobilenet_v2_imagenet_classifies_coffee_as_espresso(state_dict):
 def test_backbone_file_matches_model_and_loads(state_dict):
   """The cached backbone msgpack merges into a DeepLabv3+ MobileNetV2 model."""
   import ml_collections
+
   from cac_jax.models import build_model
+
   path = weights.mobilenet_imagenet_path(fetch=True)
   backbone = convert.load_backbone(path)
-  cfg = ml_collections.ConfigDict(dict(backbone='mobilenet_v2', output_stride=16,
-                                       projector=True, proj_dim=128, dtype='float32'))
+  cfg = ml_collections.ConfigDict(
+    dict(backbone='mobilenet_v2', output_stride=16, projector=True, proj_dim=128, dtype='float32')
+  )
   model = build_model(cfg, num_classes=6)
   abstract = jax.eval_shape(
-      lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                         jnp.zeros((1, 64, 64, 3)), train=False))
+    lambda: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+      jnp.zeros((1, 64, 64, 3)),
+      train=False,
+    )
+  )
   merged = convert.merge_backbone(abstract, backbone)
   np.testing.assert_array_equal(
-      merged['params']['backbone']['features_0_0']['kernel'],
-      np.transpose(state_dict['features.0.0.weight'], (2, 3, 1, 0)))
+    merged['params']['backbone']['features_0_0']['kernel'],
+    np.transpose(state_dict['features.0.0.weight'], (2, 3, 1, 0)),
+  )
   np.testing.assert_array_equal(
-      merged['batch_stats']['backbone']['features_17']['conv_3']['var'],
-      state_dict['features.17.conv.3.running_var'])
+    merged['batch_stats']['backbone']['features_17']['conv_3']['var'],
+    state_dict['features.17.conv.3.running_var'],
+  )

@@ -7,6 +7,7 @@ shares this checkout's .venv, so the set-up script finds everything installed
 and goes straight to its job; `test_venv_script_installs_what_is_missing`
 covers the install branch with a stand-in interpreter.
 """
+
 import os
 import pathlib
 import re
@@ -21,12 +22,14 @@ pytestmark = pytest.mark.slow
 
 # What makes the default run tiny (resnet_tiny on the tests' 24-image
 # embedded set, 4 steps); nothing about paths or the command changes.
-TINY = ('--config.total_steps=4 --config.eval_every=2 --config.checkpoint_every=2 '
-        '--config.log_every=1 --config.model.backbone=resnet_tiny --config.init_from= '
-        '--config.model.proj_dim=32 --config.data.embedded.num_train=24 '
-        '--config.data.embedded.num_val=8 --config.data.embedded.image_size=64 '
-        '--config.data.num_labeled=8 --config.data.base_size=64 '
-        '--config.cac.unsup_start_step=2 --config.cac.pos_threshold=0')
+TINY = (
+  '--config.total_steps=4 --config.eval_every=2 --config.checkpoint_every=2 '
+  '--config.log_every=1 --config.model.backbone=resnet_tiny --config.init_from= '
+  '--config.model.proj_dim=32 --config.data.embedded.num_train=24 '
+  '--config.data.embedded.num_val=8 --config.data.embedded.image_size=64 '
+  '--config.data.num_labeled=8 --config.data.base_size=64 '
+  '--config.cac.unsup_start_step=2 --config.cac.pos_threshold=0'
+)
 
 
 def readme_commands() -> list[str]:
@@ -47,8 +50,13 @@ def command(prefix: str) -> str:
 
 def _copy_repository(target: pathlib.Path) -> None:
   """The files a clone has (tracked, plus new files not ignored), and the shared .venv."""
-  listed = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.split('\n')
+  listed = subprocess.run(
+    ['git', 'ls-files', '-co', '--exclude-standard'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split('\n')
   for name in filter(None, listed):
     source = REPO / name
     if source.is_file():
@@ -58,11 +66,16 @@ def _copy_repository(target: pathlib.Path) -> None:
 
 
 def _run(line: str, cwd, timeout=600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
-             JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
+  env = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES='',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
   env.pop('JAX_NUM_CPU_DEVICES', None)  # one CPU device, as a user's laptop
-  return subprocess.run(['bash', '-c', line], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    ['bash', '-c', line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +87,7 @@ def clone(tmp_path_factory):
 
 def test_readme_lists_the_two_setup_commands_and_the_test_command():
   text = (REPO / 'README.md').read_text()
-  setup = text[text.index('## Set-up'):text.index('## Tests')]
+  setup = text[text.index('## Set-up') : text.index('## Tests')]
   blocks = re.findall(r'```bash\n(.*?)```', setup, flags=re.S)
   assert blocks == ['bash launch/train.sh\nbash launch/test.sh\n']
   # CI runs the README's test command.
@@ -83,12 +96,15 @@ def test_readme_lists_the_two_setup_commands_and_the_test_command():
 
 def test_main_job_resume_predict_and_evaluate_verbatim(clone):
   from PIL import Image
+
   from cac_jax.data import embedded
+
   train = command('bash launch/train.sh')
   first = _run(f'{train} {TINY}', clone)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert re.search(r'^final val mIoU: 0\.\d+ \(best 0\.\d+ at step \d+\)$', first.stdout,
-                   flags=re.M), first.stdout
+  assert re.search(
+    r'^final val mIoU: 0\.\d+ \(best 0\.\d+ at step \d+\)$', first.stdout, flags=re.M
+  ), first.stdout
   # Relative to where the command ran: the copy's workdirs/, not this checkout's.
   workdir = clone / 'workdirs' / 'default'
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
@@ -129,15 +145,22 @@ def test_venv_script_installs_what_is_missing(tmp_path):
   fake.parent.mkdir(parents=True)
   fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
   fake.chmod(0o755)
-  out = subprocess.run(['bash', 'launch/train.sh', '--config.total_steps=1'], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    ['bash', 'launch/train.sh', '--config.total_steps=1'],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   calls = log.read_text().splitlines()
   assert calls[-2] == '-m pip install -q --disable-pip-version-check -r requirements.txt'
-  assert calls[-1] == ('-m cac_jax.main --config=configs/default.py '
-                       '--workdir=workdirs/default --config.total_steps=1')
+  assert calls[-1] == (
+    '-m cac_jax.main --config=configs/default.py --workdir=workdirs/default --config.total_steps=1'
+  )
   # A second call finds the stamp and installs nothing.
   log.write_text('')
   subprocess.run(['bash', 'launch/train.sh'], cwd=tmp_path, check=True, timeout=60)
   assert log.read_text().splitlines() == [
-      '-m cac_jax.main --config=configs/default.py --workdir=workdirs/default']
+    '-m cac_jax.main --config=configs/default.py --workdir=workdirs/default'
+  ]

@@ -7,6 +7,7 @@ them. What a backbone does not support (MobileNetV2 at output stride 8) is a
 config error that the training command line turns into exit status 2, before
 any model is built or anything is written.
 """
+
 import io
 import os
 import subprocess
@@ -23,7 +24,6 @@ from PIL import Image
 from cac_jax import backbones, config_lib, datasets, predict
 from cac_jax.data import sources, validate
 from cac_jax.models import build_model, builder, convert
-
 from train_utils import REPO, tiny_config
 
 TOY_CLASSES = ('background', 'square', 'disc')
@@ -32,6 +32,7 @@ TOY_PALETTE = np.array([[0, 0, 0], [200, 30, 30], [30, 30, 200]], np.uint8)
 
 class ToyBackbone(nn.Module):
   """Two strided convolutions: the smallest module with the backbone contract."""
+
   output_stride: int = 8
   dtype: Any = jnp.float32
 
@@ -39,8 +40,7 @@ class ToyBackbone(nn.Module):
   def __call__(self, x, train):
     del train  # no BatchNorm
     low = nn.relu(nn.Conv(8, (3, 3), strides=4, dtype=self.dtype, name='low')(x))
-    high = nn.Conv(16, (3, 3), strides=self.output_stride // 4, dtype=self.dtype,
-                   name='high')(low)
+    high = nn.Conv(16, (3, 3), strides=self.output_stride // 4, dtype=self.dtype, name='high')(low)
     return {'low': low, 'high': high}
 
 
@@ -65,9 +65,14 @@ def toy_source(data_config, split: str) -> sources.Source:
     images.append(_png(image))
     labels.append(_png(label))
   return sources.Source(
-      ids=tuple(ids), images=tuple(images),
-      labels=None if split == 'unlabeled' else tuple(labels), from_files=False,
-      num_classes=len(names), class_names=names, palette=palette)
+    ids=tuple(ids),
+    images=tuple(images),
+    labels=None if split == 'unlabeled' else tuple(labels),
+    from_files=False,
+    num_classes=len(names),
+    class_names=names,
+    palette=palette,
+  )
 
 
 @pytest.fixture
@@ -82,8 +87,11 @@ def toy_backbone(monkeypatch):
 def toy_dataset(monkeypatch):
   """'toy_shapes' in a copy of the dataset table."""
   monkeypatch.setattr(datasets, 'DATASETS', dict(datasets.DATASETS))
-  datasets.register(datasets.Dataset('toy_shapes', toy_source, num_classes=3,
-                                     class_names=TOY_CLASSES, palette=TOY_PALETTE))
+  datasets.register(
+    datasets.Dataset(
+      'toy_shapes', toy_source, num_classes=3, class_names=TOY_CLASSES, palette=TOY_PALETTE
+    )
+  )
   return 'toy_shapes'
 
 
@@ -101,8 +109,7 @@ def test_a_registered_backbone_validates_and_builds(toy_backbone):
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   assert set(variables['params']['backbone']) == {'low', 'high'}
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, dc_outputs=True), variables, x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, dc_outputs=True), variables, x)
   assert out['logits'].shape == (2, 32, 32, config.data.num_classes)
   assert out['proj8'].shape == (2, 4, 4, config.model.proj_dim)
   # Its table entry says stride 8 only, so validation and the builder refuse 16.
@@ -114,8 +121,11 @@ def test_a_registered_backbone_validates_and_builds(toy_backbone):
   assert toy_backbone not in backbones.convertible()
   with pytest.raises(ValueError, match='unknown --arch'):
     convert.convert_backbone(toy_backbone, {})
-  message = _problems(tiny_config(**{'model.backbone': toy_backbone,
-                                     'model.output_stride': 8, 'init_from': 'imagenet'}))
+  message = _problems(
+    tiny_config(
+      **{'model.backbone': toy_backbone, 'model.output_stride': 8, 'init_from': 'imagenet'}
+    )
+  )
   assert "for toy it has no ImageNet weights: set init_from=''" in message
 
 
@@ -159,18 +169,30 @@ def test_table_entries_must_fit_the_head_and_their_classes():
 
 @pytest.mark.slow
 def test_unsupported_stride_is_an_exit_2_error_before_anything_is_built(tmp_path):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', TF_CPP_MIN_LOG_LEVEL='3',
-             CUDA_VISIBLE_DEVICES='')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', TF_CPP_MIN_LOG_LEVEL='3', CUDA_VISIBLE_DEVICES='')
   workdir = tmp_path / 'run'
   proc = subprocess.run(
-      [sys.executable, '-m', 'cac_jax.main', '--config=configs/tiny.py',
-       f'--workdir={workdir}', '--config.model.backbone=mobilenet_v2',
-       '--config.model.output_stride=8'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'cac_jax.main',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      '--config.model.backbone=mobilenet_v2',
+      '--config.model.output_stride=8',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert errors == ['error: invalid config:'], proc.stderr[-3000:]
-  assert ('model.output_stride=8 is not supported by mobilenet_v2 (it supports 16); '
-          'set --config.model.output_stride=16') in proc.stderr
+  assert (
+    'model.output_stride=8 is not supported by mobilenet_v2 (it supports 16); '
+    'set --config.model.output_stride=16'
+  ) in proc.stderr
   assert not workdir.exists() or not any(workdir.iterdir())  # nothing written

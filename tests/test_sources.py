@@ -1,5 +1,6 @@
 """VOC, Cityscapes and folder sources on tiny fixtures in the real on-disk formats,
 and exact label decoding (gray, palette, 16-bit, low bit depth, label maps)."""
+
 import io
 import os
 import zlib
@@ -77,12 +78,12 @@ def test_decode_label_gray_palette_and_bit_depths():
   np.testing.assert_array_equal(sources.decode_label(tricky, False).numpy(), mask)
   # 16-bit gray and 1-bit gray keep the stored values (libpng rescales them).
   np.testing.assert_array_equal(
-      sources.decode_label(_png_bytes(mask.astype(np.uint16)), False).numpy(), mask)
+    sources.decode_label(_png_bytes(mask.astype(np.uint16)), False).numpy(), mask
+  )
   bits = (mask % 2).astype(bool)
   one_bit = _png_bytes(bits)
   assert one_bit[24:26] == b'\x01\x00'  # bit depth 1, gray
-  np.testing.assert_array_equal(
-      sources.decode_label(one_bit, False).numpy(), bits.astype(np.uint8))
+  np.testing.assert_array_equal(sources.decode_label(one_bit, False).numpy(), bits.astype(np.uint8))
   # A 4-bit palette PNG (PIL packs small palettes when asked).
   small = mask % 16
   four_bit = _png_bytes(small, datasets.voc_palette(16), bits=4)
@@ -90,8 +91,7 @@ def test_decode_label_gray_palette_and_bit_depths():
   np.testing.assert_array_equal(sources.decode_label(four_bit, False).numpy(), small)
   # Label map and tf.data graph mode give the same result.
   label_map = rng.integers(0, 256, 256).astype(np.uint8)
-  ds = tf.data.Dataset.from_tensors(tricky).map(
-      lambda b: sources.decode_label(b, False, label_map))
+  ds = tf.data.Dataset.from_tensors(tricky).map(lambda b: sources.decode_label(b, False, label_map))
   np.testing.assert_array_equal(next(iter(ds)).numpy(), label_map[mask])
 
 
@@ -107,8 +107,9 @@ def test_decode_image_gray_rgba_and_16_bit():
   rgba = np.concatenate([rgb, rng.integers(0, 256, (7, 5, 1), dtype=np.uint8)], -1)
   np.testing.assert_array_equal(sources.decode_image(_png_bytes(rgba), False).numpy(), rgb)
   gray = rgb[..., 0]
-  np.testing.assert_array_equal(sources.decode_image(_png_bytes(gray), False).numpy(),
-                                np.repeat(gray[..., None], 3, -1))
+  np.testing.assert_array_equal(
+    sources.decode_image(_png_bytes(gray), False).numpy(), np.repeat(gray[..., None], 3, -1)
+  )
   deep = rng.integers(0, 65536, (7, 5), dtype=np.uint16)
   got = sources.decode_image(_png_bytes(deep), False).numpy()
   # 16 -> 8 bits is v / 257 rounded either way: allow one step.
@@ -132,19 +133,22 @@ def voc_root(tmp_path):
   masks = {}
   for i in TRAIN + VAL:
     shape = (int(rng.integers(10, 20)), int(rng.integers(10, 20)))
-    _save(str(root / 'JPEGImages' / f'{i}.jpg'),
-          rng.integers(0, 256, (*shape, 3), dtype=np.uint8), quality=95)
+    _save(
+      str(root / 'JPEGImages' / f'{i}.jpg'),
+      rng.integers(0, 256, (*shape, 3), dtype=np.uint8),
+      quality=95,
+    )
     masks[i] = _random_mask(rng, shape, 21)
     if i == VAL[1]:  # only in VOC's own palette-PNG folder
-      _save(str(root / 'SegmentationClass' / f'{i}.png'), masks[i],
-            datasets.voc_palette())
+      _save(str(root / 'SegmentationClass' / f'{i}.png'), masks[i], datasets.voc_palette())
     else:
       _save(str(root / 'SegmentationClassAug' / f'{i}.png'), masks[i])
   (root / 'ImageSets' / 'Segmentation').mkdir(parents=True)
   (root / 'ImageSets' / 'Segmentation' / 'train_aug.txt').write_text('\n'.join(TRAIN) + '\n')
   # The authors' line format for val.
-  (root / 'val.txt').write_text(''.join(
-      f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n' for i in VAL))
+  (root / 'val.txt').write_text(
+    ''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n' for i in VAL)
+  )
   return tmp_path, root, masks
 
 
@@ -159,8 +163,9 @@ def test_voc_draws_and_labels(voc_root):
   assert unlabeled.labels is None and labeled.from_files
   assert val.ids == tuple(VAL) and val.labels[1].endswith(f'SegmentationClass/{VAL[1]}.png')
   assert labeled.class_names[15] == 'person'
-  np.testing.assert_array_equal(labeled.palette[[0, 1, 15]],
-                                [[0, 0, 0], [128, 0, 0], [192, 128, 128]])
+  np.testing.assert_array_equal(
+    labeled.palette[[0, 1, 15]], [[0, 0, 0], [128, 0, 0], [192, 128, 128]]
+  )
   for source in (labeled, val):
     for i, image, label in zip(source.ids, source.images, source.labels):
       np.testing.assert_array_equal(sources.decode_label(label, True).numpy(), masks[i])
@@ -169,8 +174,10 @@ def test_voc_draws_and_labels(voc_root):
       assert decoded.shape == reference.shape
       # Both use libjpeg; IDCT variants may differ by a grey level or two.
       assert np.abs(decoded.astype(int) - reference).mean() < 2
-  draws = {sources.get_source(_data_config('voc', parent, 21, num_labeled=3, split_seed=s),
-                              'labeled').ids for s in range(6)}
+  draws = {
+    sources.get_source(_data_config('voc', parent, 21, num_labeled=3, split_seed=s), 'labeled').ids
+    for s in range(6)
+  }
   assert len(draws) > 1  # the seed selects the draw
   assert sources.get_source(config, 'labeled').ids == labeled.ids
 
@@ -178,10 +185,12 @@ def test_voc_draws_and_labels(voc_root):
 def test_voc_authors_split_files(voc_root, tmp_path):
   parent, root, _ = voc_root
   labeled_file, unlabeled_file = tmp_path / 'l.txt', tmp_path / 'u.txt'
-  labeled_file.write_text(''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n'
-                                  for i in (TRAIN[5], TRAIN[1])))
-  unlabeled_file.write_text(''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n'
-                                    for i in TRAIN[2:4]))
+  labeled_file.write_text(
+    ''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n' for i in (TRAIN[5], TRAIN[1]))
+  )
+  unlabeled_file.write_text(
+    ''.join(f'/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n' for i in TRAIN[2:4])
+  )
   config = _data_config('voc', root, 21, labeled_split_file=str(labeled_file))
   assert sources.get_source(config, 'labeled').ids == (TRAIN[5], TRAIN[1])
   unlabeled = sources.get_source(config, 'unlabeled')
@@ -193,11 +202,12 @@ def test_voc_authors_split_files(voc_root, tmp_path):
 def test_voc_tfds_builder(voc_root, tmp_path):
   _, root, masks = voc_root
   builder = voc.VocAug(data_dir=str(tmp_path / 'tfds'))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   for split, ids in (('train', TRAIN), ('val', VAL)):
-    got = {ex['id'].decode(): ex['segmentation_mask'][..., 0]
-           for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    got = {
+      ex['id'].decode(): ex['segmentation_mask'][..., 0]
+      for ex in tfds.as_numpy(builder.as_dataset(split=split))
+    }
     assert sorted(got) == sorted(ids)
     for i in ids:
       np.testing.assert_array_equal(got[i], masks[i])
@@ -216,16 +226,37 @@ def cityscapes_root(tmp_path):
     for city in cities:
       for k in range(3):
         i = f'{city}_{k:06d}_000019'
-        _save(str(tmp_path / 'leftImg8bit' / split / city / f'{i}_leftImg8bit.png'),
-              rng.integers(0, 256, (8, 16, 3), dtype=np.uint8))
+        _save(
+          str(tmp_path / 'leftImg8bit' / split / city / f'{i}_leftImg8bit.png'),
+          rng.integers(0, 256, (8, 16, 3), dtype=np.uint8),
+        )
         raw[i] = rng.integers(0, 34, (8, 16)).astype(np.uint8)  # ids 0..33
         _save(str(tmp_path / 'gtFine' / split / city / f'{i}_gtFine_labelIds.png'), raw[i])
   return tmp_path, raw
 
 
 # Independent statement of cityscapesscripts' id -> trainId table.
-_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+_TRAIN_ID = {
+  7: 0,
+  8: 1,
+  11: 2,
+  12: 3,
+  13: 4,
+  17: 5,
+  19: 6,
+  20: 7,
+  21: 8,
+  22: 9,
+  23: 10,
+  24: 11,
+  25: 12,
+  26: 13,
+  27: 14,
+  28: 15,
+  31: 16,
+  32: 17,
+  33: 18,
+}
 
 
 def test_cityscapes_label_ids_are_mapped_to_train_ids(cityscapes_root):
@@ -250,11 +281,14 @@ def test_cityscapes_train_ids_and_authors_split_file(cityscapes_root, tmp_path):
   root, raw = cityscapes_root
   for path in (root / 'gtFine').rglob('*_labelIds.png'):
     train_ids = np.vectorize(lambda v: _TRAIN_ID.get(int(v), 255))(
-        np.asarray(Image.open(path))).astype(np.uint8)
+      np.asarray(Image.open(path))
+    ).astype(np.uint8)
     _save(str(path).replace('_labelIds', '_labelTrainIds'), train_ids)
   split = tmp_path / 'labeled.txt'
-  split.write_text('leftImg8bit/train/bochum/bochum_000001_000019_leftImg8bit.png '
-                   'gtFine/train/bochum/bochum_000001_000019_gtFine_labelTrainIds.png\n')
+  split.write_text(
+    'leftImg8bit/train/bochum/bochum_000001_000019_leftImg8bit.png '
+    'gtFine/train/bochum/bochum_000001_000019_gtFine_labelTrainIds.png\n'
+  )
   config = _data_config('cityscapes', root, 19, labeled_split_file=str(split))
   labeled = sources.get_source(config, 'labeled')
   assert labeled.ids == ('bochum_000001_000019',) and labeled.label_map is None
@@ -327,7 +361,8 @@ def test_split_draw_matches_an_independent_reference():
   chosen = set(np.random.default_rng(11).permutation(50)[:7].tolist())
   assert sources.split_ids(config, ids, 'labeled') == [f'x{i}' for i in sorted(chosen)]
   assert sources.split_ids(config, ids, 'unlabeled') == [
-      f'x{i}' for i in range(50) if i not in chosen]
+    f'x{i}' for i in range(50) if i not in chosen
+  ]
   config.num_labeled = 51
   with pytest.raises(sources.DataError, match='num_labeled=51'):
     sources.split_ids(config, ids, 'labeled')

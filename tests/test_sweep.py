@@ -5,6 +5,7 @@ uninterrupted run) is tested in test_fork.py; here the runs are stand-ins:
 workdirs with a final checkpoint directory and TensorBoard scalars written
 by clu, as training writes them.
 """
+
 import json
 
 import numpy as np
@@ -15,9 +16,14 @@ from cac_jax.bench import ablation, sweep
 
 
 def _args(tmp_path, **kw):
-  argv = [f'--workdirs={tmp_path / "w"}', f'--out={tmp_path / "out" / "sweep"}',
-          '--seeds=3', '--dc_steps=160,640', '--arms=supervised,cac,no_projector',
-          '--settings=context_biased']
+  argv = [
+    f'--workdirs={tmp_path / "w"}',
+    f'--out={tmp_path / "out" / "sweep"}',
+    '--seeds=3',
+    '--dc_steps=160,640',
+    '--arms=supervised,cac,no_projector',
+    '--settings=context_biased',
+  ]
   return argv + [f'--{k}={v}' for k, v in kw.items()]
 
 
@@ -30,6 +36,7 @@ def _parsed(tmp_path):
   def spy(args):
     captured['args'] = args
     return real_plan(args)
+
   sweep.plan = spy
   try:
     sweep.main(_args(tmp_path) + ['--estimate_only'])
@@ -82,8 +89,10 @@ def test_cost_fit_recovers_the_per_step_costs():
   rng = np.random.default_rng()
   start, sup, dc = rng.uniform(20, 60), rng.uniform(0.2, 0.6), rng.uniform(0.8, 2.0)
   shapes = [(80, 0), (160, 0), (0, 160), (0, 640), (640, 0)]
-  ledger = {str(i): {'seconds': start + sup * s + dc * d, 'sup_steps': s, 'dc_steps': d}
-            for i, (s, d) in enumerate(shapes)}
+  ledger = {
+    str(i): {'seconds': start + sup * s + dc * d, 'sup_steps': s, 'dc_steps': d}
+    for i, (s, d) in enumerate(shapes)
+  }
   np.testing.assert_allclose(sweep.fit_costs(ledger), (start, sup, dc), rtol=1e-9)
   assert sweep.fit_costs(dict(list(ledger.items())[:2])) is None  # too few shapes
 
@@ -94,7 +103,7 @@ def _fake_run(run, curve, diag=None):
   writer = metric_writers.create_default_writer(str(run.workdir))
   for step, value in curve:
     writer.write_scalars(step, {'val/miou': value})
-  for step, value in (diag or []):
+  for step, value in diag or []:
     writer.write_scalars(step, {'train/dc_loss_gap_12': value})
   writer.flush()
   writer.close()
@@ -114,15 +123,19 @@ def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
     elif run.kind in finals:
       f = float(finals[run.kind][seed])
       # Steps <= 80 in a fork's own events must be ignored (the warm-up's count).
-      _fake_run(run, [(80, 0.99), (120, f - 0.04), (160, f + 0.05), (200, f - 0.01), (240, f)],
-                diag=[(240, 1.5)])
+      _fake_run(
+        run,
+        [(80, 0.99), (120, f - 0.04), (160, f + 0.05), (200, f - 0.01), (240, f)],
+        diag=[(240, 1.5)],
+      )
   results = sweep.summarise(runs, args)
   cac = results['dc160']['context_biased']['cac']
   run0 = cac['runs'][0]
   assert [s for s, _ in run0['curve']] == [40, 80, 120, 160, 200, 240]
   assert run0['curve'][1][1] == pytest.approx(0.10)
-  assert run0['last3_miou'] == pytest.approx(np.mean([finals['cac'][0] + d
-                                                      for d in (0.05, -0.01, 0)]), abs=1e-6)
+  assert run0['last3_miou'] == pytest.approx(
+    np.mean([finals['cac'][0] + d for d in (0.05, -0.01, 0)]), abs=1e-6
+  )
   assert run0['best_step'] == 160
   assert run0['diagnostics']['dc_loss_gap_12'] == [(240, 1.5)]
   assert results['dc160']['context_biased']['no_projector']['runs'] == []
@@ -150,10 +163,17 @@ def test_bad_arm_is_a_clear_error(tmp_path, capsys):
 
 def test_scalars_picture_of_a_real_run_shows_the_dc_diagnostics(tiny_run, tmp_path):
   from cac_jax.bench import tb_scalars
+
   workdir, _ = tiny_run
   drawn = tb_scalars.main([f'--workdir={workdir}', f'--out={tmp_path / "tb.png"}'])
-  for tag in ('train/loss_ce', 'train/dc_loss_gap_12', 'train/dc_valid_negatives_21',
-              'train/dc_anchor_label_acc_12', 'train/dc_false_neg_rate_12', 'val/miou'):
+  for tag in (
+    'train/loss_ce',
+    'train/dc_loss_gap_12',
+    'train/dc_valid_negatives_21',
+    'train/dc_anchor_label_acc_12',
+    'train/dc_false_neg_rate_12',
+    'val/miou',
+  ):
     assert tag in drawn
   assert (tmp_path / 'tb.png').stat().st_size > 10_000
   with pytest.raises(SystemExit, match='holds no scalars'):

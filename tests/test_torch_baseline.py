@@ -16,6 +16,7 @@ mode, random BatchNorm statistics; resnet_tiny, 64 px), and its ResNet-50
 DeepLab has exactly our parameter names, shapes and count. The timing path
 runs end to end at tiny size (figures checked for consistency, not speed).
 """
+
 import json
 
 import jax
@@ -42,27 +43,45 @@ def _problem(seed):
   rng = np.random.default_rng(seed)
   box1, box2 = bench.synthetic_boxes(CROP, B)
   return dict(
-      proj1=_unit(rng.normal(size=(B, CELLS, CELLS, D))).astype(np.float32),
-      proj2=_unit(rng.normal(size=(B, CELLS, CELLS, D))).astype(np.float32),
-      # Scale 2: confidences spread over (0.2, 1), so that the threshold
-      # 0.75 and the direction both keep and drop anchors.
-      logits1=(2 * rng.normal(size=(B, CELLS, CELLS, K))).astype(np.float32),
-      logits2=(2 * rng.normal(size=(B, CELLS, CELLS, K))).astype(np.float32),
-      box1=box1, box2=box2,
-      flip1=np.array([True, False]), flip2=np.array([True, True]) ^ (seed % 2 == 0),
-      bank_feats=_unit(rng.normal(size=(BANK, D))).astype(np.float32),
-      bank_labels=rng.integers(0, K, BANK).astype(np.int32))
+    proj1=_unit(rng.normal(size=(B, CELLS, CELLS, D))).astype(np.float32),
+    proj2=_unit(rng.normal(size=(B, CELLS, CELLS, D))).astype(np.float32),
+    # Scale 2: confidences spread over (0.2, 1), so that the threshold
+    # 0.75 and the direction both keep and drop anchors.
+    logits1=(2 * rng.normal(size=(B, CELLS, CELLS, K))).astype(np.float32),
+    logits2=(2 * rng.normal(size=(B, CELLS, CELLS, K))).astype(np.float32),
+    box1=box1,
+    box2=box2,
+    flip1=np.array([True, False]),
+    flip2=np.array([True, True]) ^ (seed % 2 == 0),
+    bank_feats=_unit(rng.normal(size=(BANK, D))).astype(np.float32),
+    bank_labels=rng.integers(0, K, BANK).astype(np.int32),
+  )
 
 
 def _jax_dc(p, switches, chunk_size):
   def f(proj1, proj2):
     return losses.dc_loss_from_views(
-        proj1, proj2, p['logits1'], p['logits2'], p['box1'], p['box2'], p['flip1'],
-        p['flip2'], p['bank_feats'], p['bank_labels'], np.ones(BANK, bool), key=None,
-        temperature=0.1, chunk_size=chunk_size, diagnostics=False, **switches)
+      proj1,
+      proj2,
+      p['logits1'],
+      p['logits2'],
+      p['box1'],
+      p['box2'],
+      p['flip1'],
+      p['flip2'],
+      p['bank_feats'],
+      p['bank_labels'],
+      np.ones(BANK, bool),
+      key=None,
+      temperature=0.1,
+      chunk_size=chunk_size,
+      diagnostics=False,
+      **switches,
+    )
 
   (value, aux), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
-      p['proj1'], p['proj2'])
+    p['proj1'], p['proj2']
+  )
   return float(value), aux, [np.asarray(g) for g in grads]
 
 
@@ -71,8 +90,10 @@ def _t64(x, grad=False):
   return t.requires_grad_(grad)
 
 
-SWITCHES = [dict(pos_threshold=0.75, directional=True, filter_negatives=True),
-            dict(pos_threshold=0.0, directional=False, filter_negatives=False)]
+SWITCHES = [
+  dict(pos_threshold=0.75, directional=True, filter_negatives=True),
+  dict(pos_threshold=0.0, directional=False, filter_negatives=False),
+]
 
 
 @pytest.mark.parametrize('switches', SWITCHES)
@@ -84,10 +105,22 @@ def test_authors_dc_loss_equals_ours(switches, checkpoint):
   value, aux, (g1, g2) = _jax_dc(p, switches, chunk_size=100)
   t1, t2 = _t64(p['proj1'], True), _t64(p['proj2'], True)
   ref, new_feats, new_labels = torch_step.dc_loss_authors(
-      t1, t2, _t64(p['logits1']), _t64(p['logits2']), p['box1'], p['box2'], p['flip1'],
-      p['flip2'], torch.from_numpy(p['bank_feats'].astype(np.float64)),
-      torch.from_numpy(p['bank_labels'].astype(np.int64)), temperature=0.1,
-      chunk_size=96, eps=0.0, checkpoint=checkpoint, **switches)
+    t1,
+    t2,
+    _t64(p['logits1']),
+    _t64(p['logits2']),
+    p['box1'],
+    p['box2'],
+    p['flip1'],
+    p['flip2'],
+    torch.from_numpy(p['bank_feats'].astype(np.float64)),
+    torch.from_numpy(p['bank_labels'].astype(np.int64)),
+    temperature=0.1,
+    chunk_size=96,
+    eps=0.0,
+    checkpoint=checkpoint,
+    **switches,
+  )
   ref.backward()
   # A real problem: both directions have active anchors and a loss ~ log(512).
   assert min(float(aux['active_frac_12']), float(aux['active_frac_21'])) > 0.05
@@ -104,8 +137,9 @@ def test_authors_dc_loss_equals_ours(switches, checkpoint):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
   # The bank's new rows: the same cells (as a set: the authors keep the view
   # frame, we unflip), exact copies of the features and their pseudo-labels.
-  ours = np.concatenate([np.asarray(aux['new_neg_feats'], np.float64),
-                         np.asarray(aux['new_neg_labels'])[:, None]], 1)
+  ours = np.concatenate(
+    [np.asarray(aux['new_neg_feats'], np.float64), np.asarray(aux['new_neg_labels'])[:, None]], 1
+  )
   theirs = np.concatenate([new_feats.numpy(), new_labels.numpy()[:, None]], 1)
   sort = lambda x: x[np.lexsort(x.T[::-1])]
   np.testing.assert_array_equal(sort(ours), sort(theirs))
@@ -125,8 +159,9 @@ def _randomise_eval(net, seed):
 
 
 def _model_config(backbone, proj_dim=16):
-  return ml_collections.ConfigDict(dict(backbone=backbone, output_stride=16,
-                                        projector=True, proj_dim=proj_dim, dtype='float32'))
+  return ml_collections.ConfigDict(
+    dict(backbone=backbone, output_stride=16, projector=True, proj_dim=proj_dim, dtype='float32')
+  )
 
 
 def test_torch_network_forward_equals_ours():
@@ -135,20 +170,22 @@ def test_torch_network_forward_equals_ours():
   net = _randomise_eval(torch_deeplab.build_deeplab('resnet_tiny', K, 16, 16), seed=1)
   flax_net = build_model(_model_config('resnet_tiny'), num_classes=K)
   variables = convert.convert_state_dict(
-      {k: v.numpy() for k, v in net.state_dict().items()},
-      convert.abstract_variables(flax_net))
+    {k: v.numpy() for k, v in net.state_dict().items()}, convert.abstract_variables(flax_net)
+  )
   x = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
   out = jax.jit(lambda v, y: flax_net.apply(v, y, train=False, dc_outputs=True))(
-      variables, jnp.asarray(x))
+    variables, jnp.asarray(x)
+  )
   # float32 on both sides through ~15 conv/BN layers (tests/test_models.py's
   # RTOL derivation): 1e-4 of the largest output; a wrong dilation, padding
   # or pooling is O(1).
   for name, theirs in zip(('logits', 'logits8', 'proj8'), ref):
     theirs = theirs.numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(np.asarray(out[name]), theirs, rtol=0,
-                               atol=1e-4 * np.abs(theirs).max())
+    np.testing.assert_allclose(
+      np.asarray(out[name]), theirs, rtol=0, atol=1e-4 * np.abs(theirs).max()
+    )
 
 
 def test_torch_resnet50_deeplab_has_our_parameters():
@@ -157,29 +194,37 @@ def test_torch_resnet50_deeplab_has_our_parameters():
   target = convert.abstract_variables(flax_net)
   # Every Flax leaf found with its shape, no torch tensor left over.
   converted = convert.convert_state_dict(
-      {k: v.detach().numpy() for k, v in net.state_dict().items()}, target)
+    {k: v.detach().numpy() for k, v in net.state_dict().items()}, target
+  )
   assert convert.count_params(converted['params']) == torch_deeplab.param_count(net)
   assert torch_deeplab.param_count(net) == convert.count_params(target['params'])
   # Dilations and strides are not parameters: written out from the spec
   # (docs/method.md §3: layer4 multi-grid (1, 2, 4) x 2 at OS16, x 4 at
   # OS8 with layer3 dilated by 2).
-  assert torch_deeplab.block_dilations((3, 4, 6, 3), 16) == [
-      [1] * 3, [1] * 4, [1] * 6, [2, 4, 8]]
-  assert torch_deeplab.block_dilations((3, 4, 6, 3), 8) == [
-      [1] * 3, [1] * 4, [2] * 6, [4, 8, 16]]
+  assert torch_deeplab.block_dilations((3, 4, 6, 3), 16) == [[1] * 3, [1] * 4, [1] * 6, [2, 4, 8]]
+  assert torch_deeplab.block_dilations((3, 4, 6, 3), 8) == [[1] * 3, [1] * 4, [2] * 6, [4, 8, 16]]
   assert [b.conv2.dilation[0] for b in net.backbone.layer4] == [2, 4, 8]
-  assert [layer[0].conv2.stride[0] for layer in (
-      net.backbone.layer1, net.backbone.layer2, net.backbone.layer3,
-      net.backbone.layer4)] == [1, 2, 2, 1]
-  assert [b.conv.dilation[0] for b in (net.head.aspp.b1, net.head.aspp.b2,
-                                       net.head.aspp.b3)] == [6, 12, 18]
+  assert [
+    layer[0].conv2.stride[0]
+    for layer in (
+      net.backbone.layer1,
+      net.backbone.layer2,
+      net.backbone.layer3,
+      net.backbone.layer4,
+    )
+  ] == [1, 2, 2, 1]
+  assert [b.conv.dilation[0] for b in (net.head.aspp.b1, net.head.aspp.b2, net.head.aspp.b3)] == [
+    6,
+    12,
+    18,
+  ]
 
 
 def test_torch_step_trains_and_keeps_a_fifo_bank():
-  config = bench.bench_config(backbone='resnet_tiny', crop=CROP, labeled=2, unlabeled=2,
-                              bank_steps=2)
-  step = torch_step.TorchTrainStep(config, bench.synthetic_batch(config, True),
-                                   with_dc=True)
+  config = bench.bench_config(
+    backbone='resnet_tiny', crop=CROP, labeled=2, unlabeled=2, bank_steps=2
+  )
+  step = torch_step.TorchTrainStep(config, bench.synthetic_batch(config, True), with_dc=True)
   lrs = [g['lr'] for g in step.opt.param_groups]
   assert lrs == pytest.approx([1e-3, 1e-2])  # backbone at lr / 10
   grouped = sum(len(g['params']) for g in step.opt.param_groups)
@@ -206,9 +251,19 @@ def test_time_interleaved_alternates_the_order():
 def test_cli_torch_smoke(tmp_path):
   path = tmp_path / 'out.json'
   # test_bench.py's shapes, so the JAX steps are persistent-cache hits.
-  bench.main(['--torch', '--backbone=resnet_tiny', '--crop=64', '--labeled=2',
-              '--unlabeled=2', '--steps=2', '--warmup=0', '--no-dc-share',
-              f'--json={path}'])
+  bench.main(
+    [
+      '--torch',
+      '--backbone=resnet_tiny',
+      '--crop=64',
+      '--labeled=2',
+      '--unlabeled=2',
+      '--steps=2',
+      '--warmup=0',
+      '--no-dc-share',
+      f'--json={path}',
+    ]
+  )
   data = json.loads(path.read_text())
   assert isinstance(data['under_load'], bool) and data['load_note']
   assert data['torch_threads'] >= 1

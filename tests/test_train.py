@@ -1,14 +1,14 @@
 """End-to-end training: sharded step, checkpoints, resume, TensorBoard."""
+
 import jax
 import numpy as np
 import pytest
 
+from cac_jax import checkpoint as ckpt_lib
 from cac_jax import optim, sharding, train, train_state, train_step
 from cac_jax.data import pipeline
 from cac_jax.models import build_model
-from cac_jax import checkpoint as ckpt_lib
-
-from train_utils import EPS, assert_updates_close, read_scalars, tiny_config
+from train_utils import assert_updates_close, read_scalars, tiny_config
 
 
 def _params(workdir, step=None):
@@ -38,7 +38,7 @@ def test_train_and_evaluate_end_to_end(tmp_path):
   assert scalars['train/bank_fill'][4][0] == 1.0  # bank_steps=1: full after one DC step
   assert 'val/miou' in scalars and 4 in scalars['val/miou']
   # Input | ground truth | prediction for 3 val images, as PNGs.
-  (images,), = read_scalars(workdir, images=True)['val/examples'].values()
+  ((images,),) = read_scalars(workdir, images=True)['val/examples'].values()
   assert len(images) == 2 + 3  # clu: width, height, then one PNG per image
   assert bytes(images[2])[:8] == b'\x89PNG\r\n\x1a\n'
   assert (tmp_path / 'run' / 'config.json').exists()
@@ -57,8 +57,6 @@ def test_kill_and_resume_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, full.bank.feats, split.bank.feats)
 
 
-
-
 def test_sharded_step_equals_single_device_step():
   """The same global batch on 8 devices and on 1 device gives the same update."""
   config = tiny_config()
@@ -71,7 +69,8 @@ def test_sharded_step_equals_single_device_step():
     mesh = sharding.make_mesh(devices)
     with jax.set_mesh(mesh):
       state, shardings = train_state.create_sharded_state(
-          model, tx, config, mesh, jax.random.key(0))
+        model, tx, config, mesh, jax.random.key(0)
+      )
       # The same key in both runs; read before the first step donates the state.
       init = jax.device_get(state.params)
       sup = train_step.make_train_step(model, tx, config, shardings, with_dc=False)
@@ -142,8 +141,7 @@ def test_dc_step_with_and_without_projector(projector):
   mesh = sharding.make_mesh()
   batch = next(pipeline.train_iterator(config, start_step=0))
   with jax.set_mesh(mesh):
-    state, shardings = train_state.create_sharded_state(model, tx, config, mesh,
-                                                        jax.random.key(0))
+    state, shardings = train_state.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
     assert state.bank.feats.shape[1] == (config.model.proj_dim if projector else 256)
     dc = train_step.make_train_step(model, tx, config, shardings, with_dc=True)
     state, metrics = dc(state, sharding.to_global(batch, mesh))

@@ -6,16 +6,14 @@ command line), faults exit 1; nothing already written is lost. The command
 line mapping itself (exit code, one `error:` line, short stderr) is checked
 in subprocesses for a few representative cases at the end.
 """
+
 import errno
 import json
 import os
-import pathlib
 import re
-import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -26,9 +24,7 @@ from cac_jax import checkpoint as ckpt_lib
 from cac_jax import config_lib, paths, predict, restore, run_dir, train
 from cac_jax.data import masks, pipeline, sources, validate
 from cac_jax.data.sources import DataError
-
-from train_utils import REPO, tiny_config
-from train_utils import write_image
+from train_utils import REPO, tiny_config, write_image
 
 K = 3  # classes of the folder datasets below
 
@@ -43,8 +39,11 @@ def folder(tmp_path):
   """labeled a..h, unlabeled u0..u7, val v0..v3; (root, tiny config on it)."""
   rng = np.random.default_rng(0)
   root = tmp_path / 'data'
-  ids = {'labeled': [f'{c}' for c in 'abcdefgh'], 'unlabeled': [f'u{i}' for i in range(8)],
-         'val': [f'v{i}' for i in range(4)]}
+  ids = {
+    'labeled': [f'{c}' for c in 'abcdefgh'],
+    'unlabeled': [f'u{i}' for i in range(8)],
+    'val': [f'v{i}' for i in range(4)],
+  }
   for split, names in ids.items():
     for name in names:
       write_image(root / 'images' / f'{name}.png', rng.integers(0, 256, (64, 64, 3), np.uint8))
@@ -54,8 +53,15 @@ def folder(tmp_path):
         write_image(root / 'masks' / f'{name}.png', mask)
     (root / 'splits').mkdir(parents=True, exist_ok=True)
     (root / 'splits' / f'{split}.txt').write_text('\n'.join(names) + '\n')
-  config = tiny_config(**{'data.name': 'folder', 'data.root': str(root),
-                          'data.num_classes': K, 'total_steps': 2, 'eval_every': 1000})
+  config = tiny_config(
+    **{
+      'data.name': 'folder',
+      'data.root': str(root),
+      'data.num_classes': K,
+      'total_steps': 2,
+      'eval_every': 1000,
+    }
+  )
   return root, config
 
 
@@ -79,7 +85,8 @@ def _bad_mask(root, name, value):
 
 @pytest.mark.parametrize('split,name', [('val', 'v2'), ('labeled', 'c')])
 def test_mask_value_outside_the_classes_is_a_data_error_naming_the_file(
-    folder, tmp_path, split, name):
+  folder, tmp_path, split, name
+):
   """Before: val ids >= K vanished from the confusion matrix; train ids gave NaN."""
   root, config = folder
   path = _bad_mask(root, name, K + 2)
@@ -87,7 +94,8 @@ def test_mask_value_outside_the_classes_is_a_data_error_naming_the_file(
   message = _data_error(lambda: train.train_and_evaluate(config, str(tmp_path / 'run')))
   assert path in message and f'[{K + 2}]' in message and 'num_classes' in message
   assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(
-      tmp_path / 'run' / 'checkpoints')
+    tmp_path / 'run' / 'checkpoints'
+  )
   # ... and, with the check off, by the pipelines' own decoder.
   config.data.validate = False
   if split == 'val':
@@ -133,11 +141,14 @@ def test_palette_mask_with_zero_filled_palette_keeps_ignore(tmp_path):
   np.testing.assert_array_equal(got, index)
   # Inside tf.data (graph mode) as in training.
   ds = tf.data.Dataset.from_tensors(str(tmp_path / 'm.png')).map(
-      lambda p: sources.decode_label(p, True, num_classes=2))
+    lambda p: sources.decode_label(p, True, num_classes=2)
+  )
   np.testing.assert_array_equal(next(iter(ds)).numpy(), index)
 
 
-@pytest.mark.parametrize('field,value,needle', [
+@pytest.mark.parametrize(
+  'field,value,needle',
+  [
     ('optim.lr', -0.01, 'optim.lr=-0.01 must be positive'),
     ('optim.lr', 0.0, 'optim.lr=0.0 must be positive'),
     ('cac.weight', -0.1, 'cac.weight=-0.1 must be >= 0'),
@@ -148,7 +159,8 @@ def test_palette_mask_with_zero_filled_palette_keeps_ignore(tmp_path):
     ('data.iou_range', (0.1, 1.5), 'data.iou_range=(0.1, 1.5) must be'),
     ('data.iou_range', (0.5, 0.2), 'data.iou_range=(0.5, 0.2) must be'),
     ('data.base_size', 0, 'data.base_size=0 must be positive'),
-])
+  ],
+)
 def test_config_ranges(field, value, needle):
   config = tiny_config(**{field: value})
   with pytest.raises(config_lib.ConfigError) as info:
@@ -157,8 +169,7 @@ def test_config_ranges(field, value, needle):
 
 
 def test_split_ids_keep_their_dots(tmp_path):
-  (tmp_path / 's.txt').write_text('2007.000032\n/JPEGImages/2008.1.jpg /Seg/2008.1.png\n'
-                                  'a.b.PNG\n')
+  (tmp_path / 's.txt').write_text('2007.000032\n/JPEGImages/2008.1.jpg /Seg/2008.1.png\na.b.PNG\n')
   assert sources.read_split_file(str(tmp_path / 's.txt')) == ['2007.000032', '2008.1', 'a.b']
 
 
@@ -167,19 +178,22 @@ def test_split_ids_keep_their_dots(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-_HOLD_LOCK = ('import sys, time\n'
-              'from cac_jax import run_dir\n'
-              'lock = run_dir.WorkdirLock(sys.argv[1])\n'
-              'lock.acquire()\n'
-              'print("locked", flush=True)\n'
-              'time.sleep(120)\n')
+_HOLD_LOCK = (
+  'import sys, time\n'
+  'from cac_jax import run_dir\n'
+  'lock = run_dir.WorkdirLock(sys.argv[1])\n'
+  'lock.acquire()\n'
+  'print("locked", flush=True)\n'
+  'time.sleep(120)\n'
+)
 
 
 def test_second_training_in_one_workdir_is_refused(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(workdir)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, '-c', _HOLD_LOCK, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(config_lib.ConfigError) as info:
@@ -208,12 +222,13 @@ def test_incompatible_config_is_refused_before_anything_is_written(tmp_path):
   message = str(info.value)
   assert 'data.crop_size: 64 -> 32' in message and 'data.num_classes: 6 -> 4' in message
   assert 'total_steps' not in message.split('. These')[0]  # allowed to change
-  assert {p: p.read_bytes() for p in workdir.rglob('*')
-          if p.is_file() and p.name != '.lock'} == before
+  assert {
+    p: p.read_bytes() for p in workdir.rglob('*') if p.is_file() and p.name != '.lock'
+  } == before
   refused, allowed = run_dir.config_differences(
-      json.loads((workdir / 'config.json').read_text()),
-      tiny_config(**{'total_steps': 9, 'eval_every': 1000, 'eval.flip': True,
-                     'log_every': 3}))
+    json.loads((workdir / 'config.json').read_text()),
+    tiny_config(**{'total_steps': 9, 'eval_every': 1000, 'eval.flip': True, 'log_every': 3}),
+  )
   assert refused == [] and allowed == ['eval.flip', 'log_every', 'total_steps']
 
 
@@ -227,8 +242,7 @@ def _damage(workdir, step, how):
 
 
 @pytest.mark.parametrize('how', ['truncated', 'no_metadata'])
-def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, how,
-                                                                      capsys):
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, how, capsys):
   workdir = tmp_path / 'run'
   config = tiny_config(**{'total_steps': 4, 'eval_every': 1000})
   train.train_and_evaluate(config, str(workdir))
@@ -245,8 +259,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
   scores = train.train_and_evaluate(config, str(workdir))
   assert 'miou' in scores
   err = capsys.readouterr().err
-  assert re.search(r'checkpoint 4 is damaged and was skipped .*moved to .*damaged_checkpoints',
-                   err), err
+  assert re.search(
+    r'checkpoint 4 is damaged and was skipped .*moved to .*damaged_checkpoints', err
+  ), err
   assert len(os.listdir(workdir / 'damaged_checkpoints')) == 1
   assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints')) == [2, 4]
 
@@ -278,8 +293,7 @@ def _missing_mask(root):
 
 
 @pytest.mark.parametrize('fault', [_rgb_mask, _size_mismatch, _truncated_image, _missing_mask])
-def test_data_faults_are_found_before_the_first_step_and_inside_tf_data(folder, tmp_path,
-                                                                       fault):
+def test_data_faults_are_found_before_the_first_step_and_inside_tf_data(folder, tmp_path, fault):
   root, config = folder
   path, needle = fault(root)
   message = _data_error(lambda: train.train_and_evaluate(config, str(tmp_path / 'run')))
@@ -322,8 +336,12 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
   # Read-only: root may write anywhere, except on a read-only mount.
   readonly = tmp_path / 'ro'
   readonly.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(readonly)],
-                    capture_output=True).returncode != 0:
+  if (
+    subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(readonly)], capture_output=True
+    ).returncode
+    != 0
+  ):
     os.chmod(readonly, 0o555)  # not root: permissions suffice
     if os.geteuid() == 0:
       pytest.skip('cannot mount a read-only tmpfs here')
@@ -336,10 +354,10 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
     subprocess.run(['umount', str(readonly)], capture_output=True, check=False)
 
 
-def test_checkpoint_write_error_blames_the_disk_only_for_storage_errors(tmp_path,
-                                                                      monkeypatch):
+def test_checkpoint_write_error_blames_the_disk_only_for_storage_errors(tmp_path, monkeypatch):
   async def bug(self, x, directory):
     raise TypeError('unsupported type in the config')
+
   monkeypatch.setattr(ocp.JsonCheckpointHandler, '_save_fn', bug)
   with pytest.raises(ckpt_lib.CheckpointWriteError) as info:
     train.train_and_evaluate(tiny_config(**{'total_steps': 2}), str(tmp_path / 'run'))
@@ -360,8 +378,9 @@ def test_supervised_only_by_accident_is_warned():
   warnings = config_lib.warnings_for(tiny_config(**{'cac.unsup_start_step': 4}))
   assert len(warnings) == 1 and 'never starts' in warnings[0]
   assert not config_lib.warnings_for(tiny_config(**{'cac.unsup_start_step': 3}))
-  assert not config_lib.warnings_for(tiny_config(**{'cac.unsup_start_step': 9,
-                                                    'cac.supervised_only': True}))
+  assert not config_lib.warnings_for(
+    tiny_config(**{'cac.unsup_start_step': 9, 'cac.supervised_only': True})
+  )
 
 
 def test_readme_sections_named_in_messages_exist(tmp_path):
@@ -380,8 +399,9 @@ def test_paths_are_resolved_once_urls_kept(tmp_path, monkeypatch):
   assert paths.resolve('runs/a') == str(tmp_path / 'runs' / 'a')
   assert paths.resolve('~/w') == str(tmp_path / 'home' / 'w')
   assert paths.resolve('gs://bucket/run') == 'gs://bucket/run' and paths.resolve('') == ''
-  config = tiny_config(**{'data.root': 'data', 'init_from': 'w.msgpack',
-                          'data.labeled_split_file': '~/l.txt'})
+  config = tiny_config(
+    **{'data.root': 'data', 'init_from': 'w.msgpack', 'data.labeled_split_file': '~/l.txt'}
+  )
   paths.resolve_config(config)
   assert config.data.root == str(tmp_path / 'data')
   assert config.init_from == str(tmp_path / 'w.msgpack')
@@ -397,10 +417,16 @@ def test_paths_are_resolved_once_urls_kept(tmp_path, monkeypatch):
 
 
 def _cli(*args, cwd=REPO, timeout=300):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', TF_CPP_MIN_LOG_LEVEL='3',
-             CUDA_VISIBLE_DEVICES='', JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'))
-  return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  env = dict(
+    os.environ,
+    JAX_NUM_CPU_DEVICES='8',
+    TF_CPP_MIN_LOG_LEVEL='3',
+    CUDA_VISIBLE_DEVICES='',
+    JAX_COMPILATION_CACHE_DIR=str(REPO / '.cache' / 'jax'),
+  )
+  return subprocess.run(
+    [sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _one_error_line(proc) -> str:
@@ -414,13 +440,23 @@ def test_cli_user_errors_exit_2(tmp_path):
   (tmp_path / 'file').write_text('x')
   proc = _cli('cac_jax.main', '--config=configs/tiny.py', f'--workdir={tmp_path / "file"}')
   assert proc.returncode == 2 and 'is a file' in _one_error_line(proc)
-  proc = _cli('cac_jax.main', '--config=configs/tiny.py', f'--workdir={tmp_path / "w"}',
-              '--validate_only', '--config.data.iou_range=(0.1,1.5)', '--config.optim.lr=-1')
+  proc = _cli(
+    'cac_jax.main',
+    '--config=configs/tiny.py',
+    f'--workdir={tmp_path / "w"}',
+    '--validate_only',
+    '--config.data.iou_range=(0.1,1.5)',
+    '--config.optim.lr=-1',
+  )
   assert proc.returncode == 2
   assert 'data.iou_range' in proc.stderr and 'optim.lr=-1' in proc.stderr
   (tmp_path / 'empty').mkdir()
-  proc = _cli('cac_jax.predict', f'--workdir={tmp_path}', f'--images={tmp_path / "empty"}',
-              f'--out={tmp_path / "out"}')
+  proc = _cli(
+    'cac_jax.predict',
+    f'--workdir={tmp_path}',
+    f'--images={tmp_path / "empty"}',
+    f'--out={tmp_path / "out"}',
+  )
   assert proc.returncode == 2 and 'no images found' in _one_error_line(proc)
 
 
@@ -428,8 +464,12 @@ def test_cli_user_errors_exit_2(tmp_path):
 def test_disk_full_at_checkpoint_time_ends_with_a_short_stderr(tmp_path):
   mount = tmp_path / 'small'
   mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)],
-                    capture_output=True).returncode != 0:
+  if (
+    subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)], capture_output=True
+    ).returncode
+    != 0
+  ):
     pytest.skip('cannot mount a tmpfs here (needs root)')
   try:
     proc = _cli('cac_jax.main', '--config=configs/tiny.py', f'--workdir={mount / "run"}')
@@ -440,8 +480,11 @@ def test_disk_full_at_checkpoint_time_ends_with_a_short_stderr(tmp_path):
   assert 'No space left on device' in line and 'Fix the checkpoint directory' in line
   assert 'Event loop is closed' not in proc.stderr
   # Start-up lines aside, what remains is a handful of lines, not thousands.
-  noise = [l for l in proc.stderr.splitlines()
-           if not re.match(r'^(I\d{4}|I0000|W\d{4}.*dataset_builder|WARNING: All log)', l)]
+  noise = [
+    l
+    for l in proc.stderr.splitlines()
+    if not re.match(r'^(I\d{4}|I0000|W\d{4}.*dataset_builder|WARNING: All log)', l)
+  ]
   assert len(noise) <= 10, '\n'.join(noise)
 
 
@@ -451,14 +494,21 @@ def _png(width, height, bit_depth, color_type, pixel_bytes):
   import zlib
 
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+    return (
+      struct.pack('>I', len(data))
+      + kind
+      + data
+      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
   row = pixel_bytes * width
   raw = b''.join(b'\x00' + row for _ in range(height))
-  return (b'\x89PNG\r\n\x1a\n'
-          + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, bit_depth, color_type,
-                                       0, 0, 0))
-          + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, bit_depth, color_type, 0, 0, 0))
+    + chunk(b'IDAT', zlib.compress(raw))
+    + chunk(b'IEND', b'')
+  )
 
 
 def test_sixteen_bit_gray_alpha_mask_is_refused_by_name():
@@ -466,13 +516,15 @@ def test_sixteen_bit_gray_alpha_mask_is_refused_by_name():
   with pytest.raises(masks.MaskError, match='m.png decodes to'):
     masks.read_mask(data, 'm.png')
   # 16-bit gray without alpha is read as the stored values.
-  np.testing.assert_array_equal(masks.read_mask(_png(5, 4, 16, 0, b'\x00\x02'), 'g.png'),
-                                np.full((4, 5), 2, np.uint8))
+  np.testing.assert_array_equal(
+    masks.read_mask(_png(5, 4, 16, 0, b'\x00\x02'), 'g.png'), np.full((4, 5), 2, np.uint8)
+  )
 
 
 def test_relative_paths_saved_before_resolution_still_resume():
-  saved = json.loads(json.dumps(tiny_config(**{
-      'data.labeled_split_file': 'splits/l.txt'}).to_dict()))
+  saved = json.loads(
+    json.dumps(tiny_config(**{'data.labeled_split_file': 'splits/l.txt'}).to_dict())
+  )
   now = tiny_config(**{'data.labeled_split_file': '/home/me/cac/splits/l.txt'})
   assert run_dir.config_differences(saved, now) == ([], [])
   other = tiny_config(**{'data.labeled_split_file': '/home/me/cac/splits/other.txt'})

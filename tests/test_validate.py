@@ -1,5 +1,6 @@
 """validate.py: every kind of bad input gives a DataError naming the file and the fix,
 and all problems of a dataset are reported together."""
+
 import io
 
 import numpy as np
@@ -67,7 +68,7 @@ def test_image_without_mask(dataset):
 def test_truncated_empty_and_unreadable_files(dataset):
   root, config = dataset
   data = (root / 'images' / 'a.png').read_bytes()
-  (root / 'images' / 'a.png').write_bytes(data[:len(data) // 2])
+  (root / 'images' / 'a.png').write_bytes(data[: len(data) // 2])
   (root / 'images' / 'e.png').write_bytes(b'')
   (root / 'masks' / 'f.png').write_bytes(b'not an image at all')
   problems = _problems(config)
@@ -137,16 +138,28 @@ def test_validate_source_on_bytes_and_label_map():
   Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(jpeg, format='JPEG')
   label_map = np.full(256, 255, np.uint8)
   label_map[7], label_map[8] = 0, 1
-  source = sources.Source(ids=('x', 'x'), images=(jpeg.getvalue(), b''),
-                          labels=(png.getvalue(), png.getvalue()), from_files=False,
-                          num_classes=2, class_names=('a', 'b'),
-                          palette=np.zeros((2, 3), np.uint8), label_map=label_map)
+  source = sources.Source(
+    ids=('x', 'x'),
+    images=(jpeg.getvalue(), b''),
+    labels=(png.getvalue(), png.getvalue()),
+    from_files=False,
+    num_classes=2,
+    class_names=('a', 'b'),
+    palette=np.zeros((2, 3), np.uint8),
+    label_map=label_map,
+  )
   problems = validate.source_problems(source)
   assert _one(problems, 'duplicate ids')
   assert _one(problems, 'image of id x', 'empty')
   assert len(problems) == 2  # with the map, raw ids 0 and 33 are ignore: valid
-  unmapped = sources.Source(ids=('y',), images=(jpeg.getvalue(),), labels=(png.getvalue(),),
-                            from_files=False, num_classes=2, class_names=('a', 'b'),
-                            palette=np.zeros((2, 3), np.uint8))
+  unmapped = sources.Source(
+    ids=('y',),
+    images=(jpeg.getvalue(),),
+    labels=(png.getvalue(),),
+    from_files=False,
+    num_classes=2,
+    class_names=('a', 'b'),
+    palette=np.zeros((2, 3), np.uint8),
+  )
   with pytest.raises(DataError, match=r'\[7, 8, 33\]'):
     validate.validate_source(unmapped)

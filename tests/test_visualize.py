@@ -1,4 +1,5 @@
 """cac_jax.visualize: colours, blends and strips against hand-built arrays."""
+
 import numpy as np
 import pytest
 
@@ -7,10 +8,10 @@ from cac_jax import visualize
 
 def test_colorize_matches_hand_built_expectation():
   palette = np.array([[10, 20, 30], [200, 100, 0], [0, 255, 7]], np.uint8)
-  label = np.array([[0, 1, 2],
-                    [2, 255, 0]])
-  expected = np.array([[[10, 20, 30], [200, 100, 0], [0, 255, 7]],
-                       [[0, 255, 7], [0, 0, 0], [10, 20, 30]]], np.uint8)
+  label = np.array([[0, 1, 2], [2, 255, 0]])
+  expected = np.array(
+    [[[10, 20, 30], [200, 100, 0], [0, 255, 7]], [[0, 255, 7], [0, 0, 0], [10, 20, 30]]], np.uint8
+  )
   out = visualize.colorize(label, palette)
   assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
   np.testing.assert_array_equal(out, expected)
@@ -45,13 +46,13 @@ def test_side_by_side_pads_shorter_images_and_inserts_gap():
   out = visualize.side_by_side(a, b, gap=1, fill=255)
   assert out.shape == (2, 4, 3)
   np.testing.assert_array_equal(out[:, 0], 7)
-  np.testing.assert_array_equal(out[:, 1], 255)       # gap
+  np.testing.assert_array_equal(out[:, 1], 255)  # gap
   np.testing.assert_array_equal(out[0, 2:], 9)
-  np.testing.assert_array_equal(out[1, 2:], 255)      # b padded at the bottom
+  np.testing.assert_array_equal(out[1, 2:], 255)  # b padded at the bottom
 
 
 def test_voc_palette_first_colours():
   # The published VOC colour map: background, aeroplane, bicycle, bird, ...
   np.testing.assert_array_equal(
-      visualize.voc_palette(5),
-      [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]])
+    visualize.voc_palette(5), [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+  )

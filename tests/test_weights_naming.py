@@ -1,9 +1,9 @@
 """The converter names torchvision's V1 ResNet files and warns on the V2 ones."""
+
 import hashlib
 import subprocess
 
 from cac_jax.models import convert
-
 from train_utils import REPO
 
 
@@ -21,8 +21,15 @@ def test_sha256_prefix_and_warning(tmp_path, monkeypatch):
 
 def test_repository_names_only_v1_files_as_the_ones_to_use():
   """Every mention of a V2 file is in the converter's warning tables or docstring."""
-  out = subprocess.run(['git', 'grep', '-n', '-e', '11ad3fa6', '-e', 'cd907fc2', '--',
-                        '*.py', '*.md', '*.sh'], cwd=REPO, capture_output=True, text=True)
-  hits = [l for l in out.stdout.splitlines() if not l.startswith(
-      ('cac_jax/models/convert.py', 'tests/test_weights_naming.py'))]
+  out = subprocess.run(
+    ['git', 'grep', '-n', '-e', '11ad3fa6', '-e', 'cd907fc2', '--', '*.py', '*.md', '*.sh'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  hits = [
+    l
+    for l in out.stdout.splitlines()
+    if not l.startswith(('cac_jax/models/convert.py', 'tests/test_weights_naming.py'))
+  ]
   assert hits == []

@@ -1,4 +1,5 @@
 """Shared helpers for the tests: a tiny config, readers, image writing."""
+
 import glob
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 from configs import tiny
 
 # float32 unit round-off: one rounding is off by at most EPS relative.
-EPS = 2.0 ** -24
+EPS = 2.0**-24
 
 
 def tiny_config(**overrides):
@@ -29,6 +30,7 @@ def read_scalars(workdir, *, images=False):
   """
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
+
   out = {}
   for path in glob.glob(f'{workdir}/events.out.tfevents.*'):
     acc = event_accumulator.EventAccumulator(path, size_guidance={'tensors': 0})
@@ -60,6 +62,7 @@ def assert_updates_close(got, want, init, *, steps, flip_frac, smooth_frac):
   - median <= smooth_frac * scale: the accumulated round-off, which moves
     every element, as would any real bug.
   """
+
   def check(path, g, w, i):
     g, w, i = (np.asarray(x, np.float64) for x in (g, w, i))
     scale = np.abs(w - i).max()
@@ -67,12 +70,14 @@ def assert_updates_close(got, want, init, *, steps, flip_frac, smooth_frac):
     name = jax.tree_util.keystr(path)
     assert excess.max() <= flip_frac * scale, (name, excess.max(), scale)
     assert np.median(excess) <= smooth_frac * scale, (name, np.median(excess), scale)
+
   jax.tree_util.tree_map_with_path(check, got, want, init)
 
 
 def write_image(path, array, palette=None, **kwargs):
   """Saves `array` as an image file (a palette 'P' image with `palette`), making dirs."""
   from PIL import Image
+
   path.parent.mkdir(parents=True, exist_ok=True)
   if palette is None:
     image = Image.fromarray(array)
@@ -87,6 +92,7 @@ def restored_state(workdir, config, step=None):
   from cac_jax import checkpoint as ckpt_lib
   from cac_jax import optim, sharding, train_state
   from cac_jax.models import build_model
+
   model = build_model(config.model, num_classes=config.data.num_classes)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   mesh = sharding.make_mesh()

@@ -37,6 +37,7 @@ XLA's compile-time `memory_analysis()`: `temp` is the scratch the program
 needs beyond its inputs and outputs, `peak` = arguments + outputs + temp.
 Nothing here imports TensorFlow.
 """
+
 import argparse
 import json
 import os
@@ -54,7 +55,7 @@ from cac_jax import losses
 DIM = 128
 NUM_CLASSES = 21
 TEMPERATURE = 0.1
-MIB = 2.0 ** 20
+MIB = 2.0**20
 CASES = ('voc', 'sweep', 'issue8')
 _DTYPES = {'bf16': 'bfloat16', 'f32': 'float32', 'auto': 'auto'}
 
@@ -74,15 +75,15 @@ def make_inputs(num_anchors, num_negatives, seed=0):
   rng = np.random.default_rng(seed)
   n, k = num_anchors, num_negatives
   arrays = dict(
-      anchor=_unit(rng, (n, DIM)),
-      target=_unit(rng, (n, DIM)),
-      anchor_conf=rng.uniform(0.3, 1.0, n).astype(np.float32),
-      target_conf=rng.uniform(0.3, 1.0, n).astype(np.float32),
-      anchor_label=rng.integers(0, NUM_CLASSES, n).astype(np.int32),
-      valid=rng.random(n) < 0.5,
-      neg_feats=_unit(rng, (k, DIM)),
-      neg_labels=rng.integers(0, NUM_CLASSES, k).astype(np.int32),
-      neg_valid=np.ones((k,), bool),
+    anchor=_unit(rng, (n, DIM)),
+    target=_unit(rng, (n, DIM)),
+    anchor_conf=rng.uniform(0.3, 1.0, n).astype(np.float32),
+    target_conf=rng.uniform(0.3, 1.0, n).astype(np.float32),
+    anchor_label=rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+    valid=rng.random(n) < 0.5,
+    neg_feats=_unit(rng, (k, DIM)),
+    neg_labels=rng.integers(0, NUM_CLASSES, k).astype(np.int32),
+    neg_valid=np.ones((k,), bool),
   )
   return {name: jnp.asarray(x) for name, x in arrays.items()}
 
@@ -93,9 +94,12 @@ def parse_variant(spec: str) -> dict:
   impl, _, block = head.partition(':')
   if impl not in ('dense', 'compact') or (block and impl == 'dense'):
     raise ValueError(f'variant {spec!r}: starts with dense or compact[:fraction]')
-  kw = dict(anchor_block=0.0 if impl == 'dense' else
-            float(block or losses.DEFAULT_ANCHOR_BLOCK),
-            shift='positive', filter_negatives=True, matmul_dtype='float32')
+  kw = dict(
+    anchor_block=0.0 if impl == 'dense' else float(block or losses.DEFAULT_ANCHOR_BLOCK),
+    shift='positive',
+    filter_negatives=True,
+    matmul_dtype='float32',
+  )
   for option in options:
     if option == 'static':
       kw['shift'] = 'static'
@@ -114,24 +118,34 @@ def _loss_fn(both_directions, loss_kw):
     # In training both views' features carry gradients (view 1 anchors
     # 1->2, view 2 anchors 2->1), so differentiate w.r.t. both.
     rest = {k: v for k, v in inputs.items() if k not in ('anchor', 'target')}
-    loss = losses.directional_contrastive_loss(anchor, target, **rest,
-                                               **loss_kw)
+    loss = losses.directional_contrastive_loss(anchor, target, **rest, **loss_kw)
     if both_directions:
       loss = loss + losses.directional_contrastive_loss(
-          target, anchor, **dict(rest, anchor_conf=inputs['target_conf'],
-                                 target_conf=inputs['anchor_conf']),
-          **loss_kw)
+        target,
+        anchor,
+        **dict(rest, anchor_conf=inputs['target_conf'], target_conf=inputs['anchor_conf']),
+        **loss_kw,
+      )
     return loss
+
   return fn
 
 
 def _active(inputs, both_directions):
   """Active anchors per direction (w = 1) under the benchmark's switches."""
   dirs = [('anchor_conf', 'target_conf')] + (
-      [('target_conf', 'anchor_conf')] if both_directions else [])
-  return [int(jnp.sum(losses.contrastive_weights(
-      inputs[a], inputs[t], inputs['valid'], pos_threshold=0.75,
-      directional=True))) for a, t in dirs]
+    [('target_conf', 'anchor_conf')] if both_directions else []
+  )
+  return [
+    int(
+      jnp.sum(
+        losses.contrastive_weights(
+          inputs[a], inputs[t], inputs['valid'], pos_threshold=0.75, directional=True
+        )
+      )
+    )
+    for a, t in dirs
+  ]
 
 
 def _rows_scored(n, active, anchor_block):
@@ -142,8 +156,9 @@ def _rows_scored(n, active, anchor_block):
   return [min(n, -(-a // rows) * rows) if a else 0 for a in active]
 
 
-def measure_variants(num_anchors, num_negatives, specs, *, both_directions=False,
-                     chunk_size=1024, repeats=3):
+def measure_variants(
+  num_anchors, num_negatives, specs, *, both_directions=False, chunk_size=1024, repeats=3
+):
   """Compiles every variant of one problem, then times them round-robin."""
   inputs = make_inputs(num_anchors, num_negatives)
   args = (inputs['anchor'], inputs['target'], inputs)
@@ -151,15 +166,20 @@ def measure_variants(num_anchors, num_negatives, specs, *, both_directions=False
   runs = []
   for spec in specs:
     kw = parse_variant(spec)
-    loss_kw = dict(kw, temperature=TEMPERATURE, pos_threshold=0.75,
-                   directional=True, chunk_size=chunk_size)
+    loss_kw = dict(
+      kw, temperature=TEMPERATURE, pos_threshold=0.75, directional=True, chunk_size=chunk_size
+    )
     t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(
-        _loss_fn(both_directions, loss_kw), argnums=(0, 1))).lower(*args).compile()
+    compiled = (
+      jax.jit(jax.value_and_grad(_loss_fn(both_directions, loss_kw), argnums=(0, 1)))
+      .lower(*args)
+      .compile()
+    )
     compile_s = time.perf_counter() - t0
     out = jax.device_get(compiled(*args))  # warm-up, and the values
-    runs.append(dict(spec=spec, kw=kw, compiled=compiled, compile_s=compile_s,
-                     out=out, walls=[], cpus=[]))
+    runs.append(
+      dict(spec=spec, kw=kw, compiled=compiled, compile_s=compile_s, out=out, walls=[], cpus=[])
+    )
   for _ in range(repeats):
     for run in runs:
       c0, w0 = time.process_time(), time.perf_counter()
@@ -176,38 +196,57 @@ def measure_variants(num_anchors, num_negatives, specs, *, both_directions=False
     mem = run['compiled'].memory_analysis()
     rows = _rows_scored(num_anchors, active, run['kw']['anchor_block'])
     wall = statistics.median(run['walls'])
-    results.append(dict(
-        variant=run['spec'], **{k: v for k, v in run['kw'].items()},
-        anchors=num_anchors, negatives=num_negatives, dim=DIM,
-        directions=directions, chunk_size=chunk_size, temperature=TEMPERATURE,
-        active=active, rows_scored=rows,
-        wall_s=wall, wall_all_s=run['walls'],
-        cpu_s=statistics.median(run['cpus']), cpu_all_s=run['cpus'],
+    results.append(
+      dict(
+        variant=run['spec'],
+        **{k: v for k, v in run['kw'].items()},
+        anchors=num_anchors,
+        negatives=num_negatives,
+        dim=DIM,
+        directions=directions,
+        chunk_size=chunk_size,
+        temperature=TEMPERATURE,
+        active=active,
+        rows_scored=rows,
+        wall_s=wall,
+        wall_all_s=run['walls'],
+        cpu_s=statistics.median(run['cpus']),
+        cpu_all_s=run['cpus'],
         compile_s=run['compile_s'],
         temp_mib=mem.temp_size_in_bytes / MIB,
-        peak_mib=(mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                  mem.temp_size_in_bytes - mem.alias_size_in_bytes) / MIB,
+        peak_mib=(
+          mem.argument_size_in_bytes
+          + mem.output_size_in_bytes
+          + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes
+        )
+        / MIB,
         gflop=dense_flop / 1e9,
         gflop_scored=dense_flop * sum(rows) / (directions * num_anchors) / 1e9,
         loss=float(loss),
         loss_rel_diff=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
-        grad_rel_diff=max(float(np.abs(g - r).max())
-                          for g, r in zip(grads, ref_grads)) / scale))
+        grad_rel_diff=max(float(np.abs(g - r).max()) for g, r in zip(grads, ref_grads)) / scale,
+      )
+    )
   return results
 
 
 def _row(r, label):
   rows = '+'.join(f'{x:,}' for x in r['rows_scored'])
-  return (f"| {label} | {r['variant']} | {r['anchors']:,} | {r['negatives']:,} | "
-          f"{r['chunk_size']:,} | {rows} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | "
-          f"{r['temp_mib']:.0f} | {r['peak_mib']:.0f} | "
-          f"{r['loss_rel_diff']:.1e} / {r['grad_rel_diff']:.1e} |")
+  return (
+    f'| {label} | {r["variant"]} | {r["anchors"]:,} | {r["negatives"]:,} | '
+    f'{r["chunk_size"]:,} | {rows} | {r["wall_s"]:.3f} | {r["cpu_s"]:.3f} | '
+    f'{r["temp_mib"]:.0f} | {r["peak_mib"]:.0f} | '
+    f'{r["loss_rel_diff"]:.1e} / {r["grad_rel_diff"]:.1e} |'
+  )
 
 
-HEADER = ('| case | variant | anchors/dir | negatives | chunk | rows scored/dir '
-          '| fwd+bwd s (median) | CPU s (median) | temp MiB | peak MiB '
-          '| vs first: loss / grad |\n'
-          '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+HEADER = (
+  '| case | variant | anchors/dir | negatives | chunk | rows scored/dir '
+  '| fwd+bwd s (median) | CPU s (median) | temp MiB | peak MiB '
+  '| vs first: loss / grad |\n'
+  '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+)
 
 
 def main(argv=None):
@@ -215,10 +254,19 @@ def main(argv=None):
   parser.add_argument('--json', default='', help='write all results here')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--cases', default=','.join(CASES))
-  parser.add_argument('--variants', '--dc_impl', default='dense,compact',
-                      help='comma list of impl[:block][/option...], see above')
-  parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
-                      help='chunk size of the voc and sweep cases')
+  parser.add_argument(
+    '--variants',
+    '--dc_impl',
+    default='dense,compact',
+    help='comma list of impl[:block][/option...], see above',
+  )
+  parser.add_argument(
+    '--chunk-size',
+    '--chunk_size',
+    type=int,
+    default=1024,
+    help='chunk size of the voc and sweep cases',
+  )
   parser.add_argument('--sweep-negatives', default='25600,51200,102400,204800')
   parser.add_argument('--issue8-chunks', default='512,1024,2048,8192')
   args = parser.parse_args(argv)
@@ -234,25 +282,40 @@ def main(argv=None):
       parser.error(str(e))
 
   load = os.getloadavg()
-  header = (f'# DC loss fwd+bwd on {jax.devices()[0].device_kind} '
-            f'({jax.default_backend()}, {os.cpu_count()} CPUs, '
-            f'{platform.processor() or platform.machine()}), jax {jax.__version__}, '
-            f'load average {load[0]:.2f} at the start')
+  header = (
+    f'# DC loss fwd+bwd on {jax.devices()[0].device_kind} '
+    f'({jax.default_backend()}, {os.cpu_count()} CPUs, '
+    f'{platform.processor() or platform.machine()}), jax {jax.__version__}, '
+    f'load average {load[0]:.2f} at the start'
+  )
   print(header)
   print(f'variants: {specs}; {args.repeats} timed rounds, round-robin\n')
   print(HEADER, flush=True)
   plan = []
   if 'voc' in cases:
-    plan.append(('voc', dict(num_anchors=12_800, num_negatives=51_200,
-                             both_directions=True, chunk_size=args.chunk_size)))
+    plan.append(
+      (
+        'voc',
+        dict(
+          num_anchors=12_800, num_negatives=51_200, both_directions=True, chunk_size=args.chunk_size
+        ),
+      )
+    )
   if 'sweep' in cases:
-    plan += [('sweep', dict(num_anchors=12_800, num_negatives=int(k),
-                            chunk_size=args.chunk_size))
-             for k in args.sweep_negatives.split(',') if k]
+    plan += [
+      ('sweep', dict(num_anchors=12_800, num_negatives=int(k), chunk_size=args.chunk_size))
+      for k in args.sweep_negatives.split(',')
+      if k
+    ]
   if 'issue8' in cases:
-    plan += [('issue8', dict(num_anchors=6_400, num_negatives=51_200,
-                             both_directions=True, chunk_size=int(c)))
-             for c in args.issue8_chunks.split(',') if c]
+    plan += [
+      (
+        'issue8',
+        dict(num_anchors=6_400, num_negatives=51_200, both_directions=True, chunk_size=int(c)),
+      )
+      for c in args.issue8_chunks.split(',')
+      if c
+    ]
   results = []
   for case, kw in plan:
     for r in measure_variants(**kw, specs=specs, repeats=args.repeats):
@@ -261,10 +324,19 @@ def main(argv=None):
   print(f'\nload average at the end: {os.getloadavg()[0]:.2f}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(dict(header=header, device=str(jax.devices()[0]),
-                     jax=jax.__version__,
-                     argv=sys.argv[1:] if argv is None else argv, load_start=load,
-                     load_end=os.getloadavg(), results=results), f, indent=1)
+      json.dump(
+        dict(
+          header=header,
+          device=str(jax.devices()[0]),
+          jax=jax.__version__,
+          argv=sys.argv[1:] if argv is None else argv,
+          load_start=load,
+          load_end=os.getloadavg(),
+          results=results,
+        ),
+        f,
+        indent=1,
+      )
     print(f'wrote {args.json}')
 
 

@@ -20,10 +20,11 @@ step: 167 GFLOP here, 125 from XLA). Code that `jax.vjp` traces but never
 uses (e.g. a forward pass inside a backward rule) is counted too; XLA
 removes it.
 """
+
 from typing import Any
 
-from jax.extend import core as jex_core
 import numpy as np
+from jax.extend import core as jex_core
 
 
 def _size(shape) -> int:
@@ -51,8 +52,7 @@ def _real_pairs(size, taps, out, stride, pad_low, lhs_dilation, rhs_dilation) ->
   o·stride + t·rhs_dilation; real pixels sit at pad_low + i·lhs_dilation,
   0 <= i < size. Everything else is zero padding or an inserted zero.
   """
-  pos = (np.arange(out)[:, None] * stride + np.arange(taps)[None, :] * rhs_dilation
-         - pad_low)
+  pos = np.arange(out)[:, None] * stride + np.arange(taps)[None, :] * rhs_dilation - pad_low
   real = (pos >= 0) & (pos % lhs_dilation == 0) & (pos // lhs_dilation < size)
   return int(real.sum())
 
@@ -73,8 +73,15 @@ def _eqn_real_flops(eqn) -> int:
   dn = p['dimension_numbers']
   pairs, out_spatial = 1, 1
   for i, (l, r, o) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
-    pairs *= _real_pairs(lhs[l], rhs[r], out[o], p['window_strides'][i],
-                         p['padding'][i][0], p['lhs_dilation'][i], p['rhs_dilation'][i])
+    pairs *= _real_pairs(
+      lhs[l],
+      rhs[r],
+      out[o],
+      p['window_strides'][i],
+      p['padding'][i][0],
+      p['lhs_dilation'][i],
+      p['rhs_dilation'][i],
+    )
     out_spatial *= out[o]
   return 2 * (_size(out) // out_spatial) * pairs * rhs[dn.rhs_spec[1]]
 

@@ -32,6 +32,7 @@ dense loss's.
 `--tiny`: resnet_tiny, crop 64, 2 + 2 images, float32, 2 steps and a smaller
 DC-alone problem: the same code path, a CPU check of the script.
 """
+
 import argparse
 import collections
 import json
@@ -42,9 +43,7 @@ import time
 
 import jax
 
-from cac_jax import losses
-from cac_jax import optim
-from cac_jax import sharding
+from cac_jax import losses, optim, sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.bench import dc_loss as dc_bench
@@ -67,8 +66,8 @@ def real_tap_gflop(config, with_dc: bool) -> float:
     state = jax.eval_shape(init, jax.random.key(0))
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
     batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        bench.synthetic_batch(config, with_dc))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bench.synthetic_batch(config, with_dc)
+    )
     step = step_lib.make_train_step(model, tx, config, shardings, with_dc=with_dc)
     return flops_lib.traced_flops(step, state, batch, real_taps=True)['flops'] / 1e9
 
@@ -87,49 +86,69 @@ def profile_summary(config, *, steps: int, warmup: int, top: int):
 
 def _step_config(args, *, mode, dc):
   return bench.bench_config(
-      backbone=args.backbone, crop=args.crop, labeled=args.labeled,
-      unlabeled=args.unlabeled, dtype=args.dtype, supervised_only=mode == 'sup',
-      chunk_size=dc['chunk_size'], dc_matmul_dtype=dc['matmul_dtype'],
-      dc_anchor_block=dc['anchor_block'])
+    backbone=args.backbone,
+    crop=args.crop,
+    labeled=args.labeled,
+    unlabeled=args.unlabeled,
+    dtype=args.dtype,
+    supervised_only=mode == 'sup',
+    chunk_size=dc['chunk_size'],
+    dc_matmul_dtype=dc['matmul_dtype'],
+    dc_anchor_block=dc['anchor_block'],
+  )
 
 
 def _fmt_mfu(gflop, step_s, peak):
   return f'{100 * gflop * 1e9 / step_s / peak:.1f}%' if peak else '–'
 
 
-TABLE = ('| step | DC loss | step s | images/s | GFLOP/step (every tap) '
-         '| GFLOP/step (real taps) | MFU every tap | MFU real taps '
-         '| DC alone s (share) | DC in step, profile ms (share) |\n'
-         '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+TABLE = (
+  '| step | DC loss | step s | images/s | GFLOP/step (every tap) '
+  '| GFLOP/step (real taps) | MFU every tap | MFU real taps '
+  '| DC alone s (share) | DC in step, profile ms (share) |\n'
+  '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+)
 
 
 def _table_row(r):
-  dc = (f"{r['dc_s']:.4f} ({100 * r['dc_share']:.0f}%)" if 'dc_s' in r else '–')
-  prof = (f"{r['profile_dc_ms']:.2f} ({100 * r['profile_dc_share']:.0f}%)"
-          if 'profile_dc_ms' in r else '–')
-  return (f"| {r['mode']} | {r['dc_variant']} | {r['step_s']:.4f} "
-          f"| {r['images_per_s']:.1f} | {r['gflop_per_step']:.1f} "
-          f"| {r['gflop_real_per_step']:.1f} | {r['mfu_every_tap']} "
-          f"| {r['mfu_real_taps']} | {dc} | {prof} |")
+  dc = f'{r["dc_s"]:.4f} ({100 * r["dc_share"]:.0f}%)' if 'dc_s' in r else '–'
+  prof = (
+    f'{r["profile_dc_ms"]:.2f} ({100 * r["profile_dc_share"]:.0f}%)'
+    if 'profile_dc_ms' in r
+    else '–'
+  )
+  return (
+    f'| {r["mode"]} | {r["dc_variant"]} | {r["step_s"]:.4f} '
+    f'| {r["images_per_s"]:.1f} | {r["gflop_per_step"]:.1f} '
+    f'| {r["gflop_real_per_step"]:.1f} | {r["mfu_every_tap"]} '
+    f'| {r["mfu_real_taps"]} | {dc} | {prof} |'
+  )
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m cac_jax.bench.gpu_report',
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument('--tiny', action='store_true',
-                      help='resnet_tiny, crop 64, 2+2, float32: a CPU check')
+  parser = argparse.ArgumentParser(
+    prog='python -m cac_jax.bench.gpu_report', description=__doc__.splitlines()[0]
+  )
+  parser.add_argument(
+    '--tiny', action='store_true', help='resnet_tiny, crop 64, 2+2, float32: a CPU check'
+  )
   parser.add_argument('--steps', type=int, default=0, help='timed steps (0: 10, tiny 2)')
   parser.add_argument('--after-anchor-block', type=float, default=losses.DEFAULT_ANCHOR_BLOCK)
-  parser.add_argument('--after-matmul-dtype', default='auto',
-                      choices=('auto', 'float32', 'bfloat16'))
+  parser.add_argument(
+    '--after-matmul-dtype', default='auto', choices=('auto', 'float32', 'bfloat16')
+  )
   parser.add_argument('--after-chunk-size', type=int, default=8192)
-  parser.add_argument('--dc-variants',
-                      default='dense/bf16,compact/bf16,compact:0.0625/bf16,'
-                              'compact:0.25/bf16,compact/bf16/static',
-                      help='DC loss alone: bench.dc_loss variants, timed at each chunk '
-                           'of --dc-chunks after the dense float32 loss')
-  parser.add_argument('--dc-chunks', default='8192,51200',
-                      help='DC loss alone: negatives per chunk (51,200 = all at once)')
+  parser.add_argument(
+    '--dc-variants',
+    default='dense/bf16,compact/bf16,compact:0.0625/bf16,compact:0.25/bf16,compact/bf16/static',
+    help='DC loss alone: bench.dc_loss variants, timed at each chunk '
+    'of --dc-chunks after the dense float32 loss',
+  )
+  parser.add_argument(
+    '--dc-chunks',
+    default='8192,51200',
+    help='DC loss alone: negatives per chunk (51,200 = all at once)',
+  )
   parser.add_argument('--top', type=int, default=15, help='profile: top ops printed')
   parser.add_argument('--json', default='')
   args = parser.parse_args(argv)
@@ -144,16 +163,23 @@ def main(argv=None) -> int:
   steps = args.steps or (2 if tiny else 10)
   warmup = 1 if tiny else 2
   dev = jax.devices()[0]
-  after = dict(anchor_block=args.after_anchor_block, matmul_dtype=args.after_matmul_dtype,
-               chunk_size=args.after_chunk_size)
-  after_name = (f"block {after['anchor_block']:g}, "
-                f"{losses.resolve_matmul_dtype(after['matmul_dtype'], dev.platform)}, "
-                f"chunk {after['chunk_size']:,}")
+  after = dict(
+    anchor_block=args.after_anchor_block,
+    matmul_dtype=args.after_matmul_dtype,
+    chunk_size=args.after_chunk_size,
+  )
+  after_name = (
+    f'block {after["anchor_block"]:g}, '
+    f'{losses.resolve_matmul_dtype(after["matmul_dtype"], dev.platform)}, '
+    f'chunk {after["chunk_size"]:,}'
+  )
   before_name = 'dense, float32 HIGHEST, chunk 1,024'
-  header = (f'# train-step report on {dev.device_kind} ({dev.platform}), jax '
-            f'{jax.__version__}: {args.backbone} OS16, crop {args.crop}, '
-            f'{args.labeled}+{args.unlabeled} images, {args.dtype}, {steps} timed steps '
-            f'after {warmup}; load average {os.getloadavg()[0]:.2f}')
+  header = (
+    f'# train-step report on {dev.device_kind} ({dev.platform}), jax '
+    f'{jax.__version__}: {args.backbone} OS16, crop {args.crop}, '
+    f'{args.labeled}+{args.unlabeled} images, {args.dtype}, {steps} timed steps '
+    f'after {warmup}; load average {os.getloadavg()[0]:.2f}'
+  )
   print(header, flush=True)
   t_start = time.perf_counter()
   results = []
@@ -161,32 +187,46 @@ def main(argv=None) -> int:
   def dump():
     if args.json:
       with open(args.json, 'w') as f:
-        json.dump({'header': header, 'argv': sys.argv[1:] if argv is None else argv,
-                   'results': results}, f, indent=1)
+        json.dump(
+          {'header': header, 'argv': sys.argv[1:] if argv is None else argv, 'results': results},
+          f,
+          indent=1,
+        )
 
-  plan = [('sup', '–', BEFORE), ('cac', f'before: {before_name}', BEFORE),
-          ('cac', f'after: {after_name}', after)]
+  plan = [
+    ('sup', '–', BEFORE),
+    ('cac', f'before: {before_name}', BEFORE),
+    ('cac', f'after: {after_name}', after),
+  ]
   peak = None
   for mode, name, dc in plan:
     config = _step_config(args, mode=mode, dc=dc)
-    r = bench.benchmark(config, with_dc=mode == 'cac', steps=steps, warmup=warmup,
-                        dc_share=True)
+    r = bench.benchmark(config, with_dc=mode == 'cac', steps=steps, warmup=warmup, dc_share=True)
     peak, _ = bench.peak_flops(dev, args.dtype)
     r['gflop_real_per_step'] = real_tap_gflop(config, mode == 'cac')
     r['mfu_every_tap'] = _fmt_mfu(r['gflop_per_step'], r['step_s'], peak)
     r['mfu_real_taps'] = _fmt_mfu(r['gflop_real_per_step'], r['step_s'], peak)
     r.update(dc_variant=name, **{f'dc_{k}': v for k, v in dc.items()})
     results.append(r)
-    print(f"{mode} ({name}): step {r['step_s']:.4f} s, {r['images_per_s']:.1f} images/s, "
-          f"compile {r['compile_s']:.1f} s", flush=True)
+    print(
+      f'{mode} ({name}): step {r["step_s"]:.4f} s, {r["images_per_s"]:.1f} images/s, '
+      f'compile {r["compile_s"]:.1f} s',
+      flush=True,
+    )
     dump()
 
   kinds, ops, dc_ms, total_ms = profile_summary(
-      _step_config(args, mode='cac', dc=after), steps=2, warmup=1, top=args.top)
-  results[-1].update(profile_dc_ms=dc_ms, profile_total_ms=total_ms,
-                     profile_dc_share=dc_ms / total_ms if total_ms else 0.0)
-  print(f'\n## Profile of the cac step (after): op time per step, {total_ms:.2f} ms in '
-        f'all (ops may overlap on CPU), {dc_ms:.2f} ms under the DC loss\'s name scope\n')
+    _step_config(args, mode='cac', dc=after), steps=2, warmup=1, top=args.top
+  )
+  results[-1].update(
+    profile_dc_ms=dc_ms,
+    profile_total_ms=total_ms,
+    profile_dc_share=dc_ms / total_ms if total_ms else 0.0,
+  )
+  print(
+    f'\n## Profile of the cac step (after): op time per step, {total_ms:.2f} ms in '
+    f"all (ops may overlap on CPU), {dc_ms:.2f} ms under the DC loss's name scope\n"
+  )
   print('| op kind | ms/step |\n|---|---:|')
   for kind, ms in kinds:
     print(f'| {kind} | {ms:.3f} |')
@@ -196,25 +236,30 @@ def main(argv=None) -> int:
 
   n, k = (512, 2048) if tiny else (12_800, 51_200)
   specs = [v for v in args.dc_variants.split(',') if v]
-  print(f'\n## DC loss alone, fwd+bwd, both directions, {n:,} anchors each x {k:,} '
-        f'negatives x {dc_bench.DIM}-d (the dense float32 loss at chunk 1,024, as '
-        'before, then per chunk the variants; differences vs the dense float32 loss '
-        'at that chunk)\n')
+  print(
+    f'\n## DC loss alone, fwd+bwd, both directions, {n:,} anchors each x {k:,} '
+    f'negatives x {dc_bench.DIM}-d (the dense float32 loss at chunk 1,024, as '
+    'before, then per chunk the variants; differences vs the dense float32 loss '
+    'at that chunk)\n'
+  )
   print(dc_bench.HEADER)
   dc_rows = []
   chunks = dict.fromkeys(min(int(c), k) for c in args.dc_chunks.split(',') if c)
   for i, chunk in enumerate([1024, *chunks]):
-    rows = dc_bench.measure_variants(n, k, ['dense/f32'] + (specs if i else []),
-                                     both_directions=True, chunk_size=chunk, repeats=3)
+    rows = dc_bench.measure_variants(
+      n, k, ['dense/f32'] + (specs if i else []), both_directions=True, chunk_size=chunk, repeats=3
+    )
     for r in rows[1:] if i else rows:
       dc_rows.append(r)
       print(dc_bench._row(r, 'alone'), flush=True)
   results.append({'dc_alone': dc_rows})
   dump()
 
-  print(f'\n{header}\nMFU peak: {bench.peak_flops(dev, args.dtype)[1]}; DC alone = '
-        'dc_loss_from_views fwd+bwd at the step\'s shapes (share of the step); '
-        f'report took {time.perf_counter() - t_start:.0f} s.')
+  print(
+    f'\n{header}\nMFU peak: {bench.peak_flops(dev, args.dtype)[1]}; DC alone = '
+    "dc_loss_from_views fwd+bwd at the step's shapes (share of the step); "
+    f'report took {time.perf_counter() - t_start:.0f} s.'
+  )
   if args.json:
     print(f'wrote {args.json}')
   print()

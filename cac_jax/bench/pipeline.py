@@ -11,6 +11,7 @@ texture-mosaic dataset; if it cannot be built, a synthetic set of random
 Reported per stream: source images/s (for pairs, each image yields two
 views) and ms per batch; plus whole training steps/s of `train_iterator`.
 """
+
 import argparse
 import importlib.util
 import io
@@ -25,8 +26,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cac_jax.data import pipeline  # noqa: E402
-from cac_jax.data import sources  # noqa: E402
+from cac_jax.data import (
+  pipeline,  # noqa: E402
+  sources,  # noqa: E402
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -39,24 +42,29 @@ def load_config(path: str):
   return module.get_config()
 
 
-def synthetic_source(n: int = 64, size: int = 128, labeled: bool = True,
-                     num_classes: int = 6) -> sources.Source:
+def synthetic_source(
+  n: int = 64, size: int = 128, labeled: bool = True, num_classes: int = 6
+) -> sources.Source:
   """Random RGB images with random class masks, as PNG bytes."""
   rng = np.random.default_rng(0)
   images, labels = [], []
   for _ in range(n):
     for array, out in [
-        (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), images),
-        (rng.integers(0, num_classes, (size, size), dtype=np.uint8), labels)]:
+      (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), images),
+      (rng.integers(0, num_classes, (size, size), dtype=np.uint8), labels),
+    ]:
       buf = io.BytesIO()
       Image.fromarray(array).save(buf, format='PNG')
       out.append(buf.getvalue())
   return sources.Source(
-      ids=tuple(str(i) for i in range(n)), images=tuple(images),
-      labels=tuple(labels) if labeled else None, from_files=False,
-      num_classes=num_classes,
-      class_names=tuple(f'class{i}' for i in range(num_classes)),
-      palette=np.zeros((num_classes, 3), np.uint8))
+    ids=tuple(str(i) for i in range(n)),
+    images=tuple(images),
+    labels=tuple(labels) if labeled else None,
+    from_files=False,
+    num_classes=num_classes,
+    class_names=tuple(f'class{i}' for i in range(num_classes)),
+    palette=np.zeros((num_classes, 3), np.uint8),
+  )
 
 
 def _time_batches(iterator, warmup: int, batches: int) -> float:
@@ -83,24 +91,29 @@ def run(config, *, warmup: int, batches: int) -> dict:
   host = dict(start_step=0, process_index=0, process_count=1)
   data = config.data
   results = {
-      'dataset': dataset, 'crop_size': data.crop_size,
-      'base_size': data.base_size, 'cpus': os.cpu_count(),
-      'machine': platform.processor() or platform.machine(),
-      'warmup_batches': warmup, 'timed_batches': batches}
+    'dataset': dataset,
+    'crop_size': data.crop_size,
+    'base_size': data.base_size,
+    'cpus': os.cpu_count(),
+    'machine': platform.processor() or platform.machine(),
+    'warmup_batches': warmup,
+    'timed_batches': batches,
+  }
   for name, build, src, batch in [
-      ('labeled', pipeline.labeled_dataset, labeled_src,
-       data.labeled_batch_size),
-      ('pairs', pipeline.unlabeled_dataset, unlabeled_src,
-       data.unlabeled_batch_size)]:
+    ('labeled', pipeline.labeled_dataset, labeled_src, data.labeled_batch_size),
+    ('pairs', pipeline.unlabeled_dataset, unlabeled_src, data.unlabeled_batch_size),
+  ]:
     ds = build(config, src, **host).prefetch(2)
     seconds = _time_batches(ds.as_numpy_iterator(), warmup, batches)
-    results[name] = {'images_per_s': batch * batches / seconds,
-                     'ms_per_batch': 1e3 * seconds / batches,
-                     'batch_size': batch}
+    results[name] = {
+      'images_per_s': batch * batches / seconds,
+      'ms_per_batch': 1e3 * seconds / batches,
+      'batch_size': batch,
+    }
   if dataset == config.data.name:
     seconds = _time_batches(
-        pipeline.train_iterator(config, process_index=0, process_count=1),
-        warmup, batches)
+      pipeline.train_iterator(config, process_index=0, process_count=1), warmup, batches
+    )
     results['train_steps_per_s'] = batches / seconds
   return results
 
@@ -112,19 +125,18 @@ def main(argv=None):
   parser.add_argument('--batches', type=int, default=100)
   parser.add_argument('--warmup', type=int, default=5)
   args = parser.parse_args(argv)
-  results = run(load_config(args.config), warmup=args.warmup,
-                batches=args.batches)
-  print(f"dataset: {results['dataset']}, crop {results['crop_size']}, "
-        f"base {results['base_size']}, {results['cpus']} CPUs")
+  results = run(load_config(args.config), warmup=args.warmup, batches=args.batches)
+  print(
+    f'dataset: {results["dataset"]}, crop {results["crop_size"]}, '
+    f'base {results["base_size"]}, {results["cpus"]} CPUs'
+  )
   print('| stream | batch | images/s | ms/batch |')
   print('|---|---|---|---|')
   for name in ('labeled', 'pairs'):
     r = results[name]
-    print(f"| {name} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-          f"{r['ms_per_batch']:.1f} |")
+    print(f'| {name} | {r["batch_size"]} | {r["images_per_s"]:.1f} | {r["ms_per_batch"]:.1f} |')
   if 'train_steps_per_s' in results:
-    print(f"train_iterator (both streams): "
-          f"{results['train_steps_per_s']:.2f} steps/s")
+    print(f'train_iterator (both streams): {results["train_steps_per_s"]:.2f} steps/s')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=2)

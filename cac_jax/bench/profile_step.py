@@ -11,6 +11,7 @@ output shape and the model path that produced it (the HLO `op_name`), so a
 slow layer can be found by name. On a multi-threaded backend ops may overlap,
 so per-op times can add up to more than the step.
 """
+
 import argparse
 import collections
 import contextlib
@@ -23,8 +24,7 @@ import tempfile
 
 import jax
 
-from cac_jax import optim
-from cac_jax import sharding
+from cac_jax import optim, sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.bench import train_step as bench
@@ -47,7 +47,8 @@ def profile(config, *, with_dc: bool, steps: int = 2, warmup: int = 2):
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   with jax.set_mesh(mesh):
     state, shardings = state_lib.create_sharded_state(
-        model, tx, config, mesh, jax.random.key(config.seed))
+      model, tx, config, mesh, jax.random.key(config.seed)
+    )
     batch = sharding.to_global(bench.synthetic_batch(config, with_dc), mesh)
     step = step_lib.make_train_step(model, tx, config, shardings, with_dc=with_dc)
     compiled = step.lower(state, batch).compile()
@@ -98,19 +99,24 @@ def main(argv=None) -> int:
   parser.add_argument('--top', type=int, default=25)
   args = parser.parse_args(argv)
   config = bench.bench_config(
-      backbone=args.backbone, crop=args.crop, labeled=args.labeled,
-      unlabeled=args.unlabeled, dtype=args.dtype,
-      supervised_only=args.mode == 'sup')
-  with (layers.xla_convolutions() if args.convs == 'xla' else contextlib.nullcontext()):
-    per_op, hlo = profile(config, with_dc=args.mode == 'cac', steps=args.steps,
-                          warmup=args.warmup)
+    backbone=args.backbone,
+    crop=args.crop,
+    labeled=args.labeled,
+    unlabeled=args.unlabeled,
+    dtype=args.dtype,
+    supervised_only=args.mode == 'sup',
+  )
+  with layers.xla_convolutions() if args.convs == 'xla' else contextlib.nullcontext():
+    per_op, hlo = profile(config, with_dc=args.mode == 'cac', steps=args.steps, warmup=args.warmup)
   index = _op_index(hlo)
   kinds = collections.Counter()
   for op, ms in per_op.items():
     kinds[re.sub(r'[.\d]+$', '', op)] += ms
-  print(f'# {args.mode} step, {args.backbone}, crop {args.crop}, {args.dtype}, '
-        f'convs={args.convs}, {jax.default_backend()}: op time, ms per step '
-        f'(sum {sum(per_op.values()):.0f})')
+  print(
+    f'# {args.mode} step, {args.backbone}, crop {args.crop}, {args.dtype}, '
+    f'convs={args.convs}, {jax.default_backend()}: op time, ms per step '
+    f'(sum {sum(per_op.values()):.0f})'
+  )
   print('\n| op kind | ms/step |\n|---|---:|')
   for kind, ms in kinds.most_common(12):
     print(f'| {kind} | {ms:.1f} |')

@@ -13,6 +13,7 @@ Geometry comes from `pairs.pair_geometry` and pixels from `pairs.sample_pair`
 with the same seed: sample_pair derives its geometry from pair_geometry, so
 the rectangles and the views agree by construction.
 """
+
 import os
 
 import matplotlib
@@ -30,8 +31,8 @@ _OUT = flags.DEFINE_string('out', 'docs/pair_example.png', 'Output PNG.')
 _INDEX = flags.DEFINE_integer('index', 3, "Which 'train' image of the embedded set.")
 _SEED = flags.DEFINE_integer('seed', 0, 'First pair seed tried (see find_pair).')
 
-IMAGE_SIZE = 256                 # the largest embedded image: most texture detail
-CROP, BASE = 160, 192            # crop / base in the ratio of VOC's 320 / 400
+IMAGE_SIZE = 256  # the largest embedded image: most texture detail
+CROP, BASE = 160, 192  # crop / base in the ratio of VOC's 320 / 400
 VIEW_COLORS = ('tab:red', 'tab:blue')
 OVERLAP_COLOR = 'yellow'
 
@@ -48,15 +49,18 @@ def find_pair(image_shape, first_seed: int, *, tries: int = 100):
   """
   for k in range(first_seed, first_seed + tries):
     seed = np.array([0, k], np.int64)
-    geo = pairs.pair_geometry(tf.constant(seed), image_shape[0], image_shape[1],
-                              crop_size=CROP, base_size=BASE)
+    geo = pairs.pair_geometry(
+      tf.constant(seed), image_shape[0], image_shape[1], crop_size=CROP, base_size=BASE
+    )
     geo = {key: v.numpy() for key, v in geo.items()}
     top, left, bottom, right = geo['box1']
     frac = (bottom - top) * (right - left) / CROP**2
     if geo['accepted'] and 0.25 <= frac <= 0.6:
       return seed, geo
-  raise RuntimeError(f'no suitable pair in seeds {first_seed}..{first_seed + tries - 1}; '
-                     'try another --seed or --index')
+  raise RuntimeError(
+    f'no suitable pair in seeds {first_seed}..{first_seed + tries - 1}; '
+    'try another --seed or --index'
+  )
 
 
 def view_box(box, flipped: bool):
@@ -68,17 +72,26 @@ def view_box(box, flipped: bool):
 
 
 def _rect(ax, top, left, bottom, right, color, style='-'):
-  ax.add_patch(patches.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top,
-                                 fill=False, edgecolor=color, linewidth=2.5,
-                                 linestyle=style))
+  ax.add_patch(
+    patches.Rectangle(
+      (left - 0.5, top - 0.5),
+      right - left,
+      bottom - top,
+      fill=False,
+      edgecolor=color,
+      linewidth=2.5,
+      linestyle=style,
+    )
+  )
 
 
 def make_figure(index: int, first_seed: int):
   """Builds the three-panel matplotlib figure; returns (figure, seed used)."""
   image, _ = embedded.generate_example('train', index, IMAGE_SIZE)
   seed, geo = find_pair(image.shape, first_seed)
-  views = pairs.sample_pair(image, tf.constant(seed), crop_size=CROP, base_size=BASE,
-                            photometric=True)
+  views = pairs.sample_pair(
+    image, tf.constant(seed), crop_size=CROP, base_size=BASE, photometric=True
+  )
   # Crop corners live in the rescaled image: map them back to the original.
   sy = image.shape[0] / geo['scaled_height']
   sx = image.shape[1] / geo['scaled_width']
@@ -102,8 +115,9 @@ def make_figure(index: int, first_seed: int):
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.suptitle('CAC: the overlap (dashed) appears in two contexts; its features '
-               'should agree', fontsize=12)
+  fig.suptitle(
+    'CAC: the overlap (dashed) appears in two contexts; its features should agree', fontsize=12
+  )
   fig.tight_layout(rect=(0, 0, 1, 0.94))  # leave room for the suptitle
   return fig, seed
 

@@ -38,6 +38,7 @@ sessions; the report uses finished runs only and marks what is missing.
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
 """
+
 import argparse
 import concurrent.futures
 import json
@@ -53,8 +54,13 @@ REPO = ablation.REPO
 # Arms whose switch changes the network: they cannot fork from the warm-up.
 NOT_FORKABLE = ('no_projector',)
 PRIORITY_ARMS = ('supervised', 'cac', 'weight_0')
-DIAGNOSTICS = ('dc_loss_gap_12', 'dc_anchor_label_acc_12', 'dc_false_neg_rate_12',
-               'dc_cos_pos_12', 'active_frac_12')
+DIAGNOSTICS = (
+  'dc_loss_gap_12',
+  'dc_anchor_label_acc_12',
+  'dc_false_neg_rate_12',
+  'dc_cos_pos_12',
+  'active_frac_12',
+)
 
 
 def eval_every_for(dc_steps: int, unsup_start: int) -> int:
@@ -73,9 +79,9 @@ class Run:
 
   def __init__(self, workdir, flags, end_step, kind, sup_steps, dc_steps, after=None):
     self.workdir, self.flags, self.end_step = workdir, flags, end_step
-    self.kind = kind                  # 'warmup' | arm name
+    self.kind = kind  # 'warmup' | arm name
     self.sup_steps, self.dc_steps = sup_steps, dc_steps  # what this run trains
-    self.after = after                # the warm-up it forks from (a Run) or None
+    self.after = after  # the warm-up it forks from (a Run) or None
 
   @property
   def key(self) -> str:
@@ -92,33 +98,52 @@ def plan(args) -> list[Run]:
   for dc in args.dc_steps:
     total = args.unsup_start + dc
     every = args.eval_every or eval_every_for(dc, args.unsup_start)
-    base = ['--config=' + args.config, f'--config.total_steps={total}',
-            f'--config.cac.unsup_start_step={args.unsup_start}',
-            f'--config.eval_every={every}', f'--config.checkpoint_every={every}',
-            f'--config.log_every={every}', '--config.keep_checkpoints=1', *args.extra]
+    base = [
+      '--config=' + args.config,
+      f'--config.total_steps={total}',
+      f'--config.cac.unsup_start_step={args.unsup_start}',
+      f'--config.eval_every={every}',
+      f'--config.checkpoint_every={every}',
+      f'--config.log_every={every}',
+      '--config.keep_checkpoints=1',
+      *args.extra,
+    ]
     for setting in args.settings:
       for seed in args.seeds:
         where = root / f'dc{dc}' / setting
         common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
-        warm = Run(where / 'warmup' / f'seed{seed}',
-                   common + [f'--stop_at_step={args.unsup_start}'], args.unsup_start,
-                   'warmup', args.unsup_start, 0)
+        warm = Run(
+          where / 'warmup' / f'seed{seed}',
+          common + [f'--stop_at_step={args.unsup_start}'],
+          args.unsup_start,
+          'warmup',
+          args.unsup_start,
+          0,
+        )
         runs.append(warm)
         for arm in args.arms:
           flags = common + ablation.ARMS[arm]
           sup = '--config.cac.supervised_only=True' in ablation.ARMS[arm]
           if arm in NOT_FORKABLE:
-            runs.append(Run(where / arm / f'seed{seed}', flags, total, arm,
-                            args.unsup_start, dc))
+            runs.append(Run(where / arm / f'seed{seed}', flags, total, arm, args.unsup_start, dc))
             continue
-          flags += [f'--config.fork_from={warm.workdir}',
-                    f'--config.fork_step={args.unsup_start}']
-          runs.append(Run(where / arm / f'seed{seed}', flags, total, arm,
-                          dc if sup else 0, 0 if sup else dc, after=warm))
+          flags += [f'--config.fork_from={warm.workdir}', f'--config.fork_step={args.unsup_start}']
+          runs.append(
+            Run(
+              where / arm / f'seed{seed}',
+              flags,
+              total,
+              arm,
+              dc if sup else 0,
+              0 if sup else dc,
+              after=warm,
+            )
+          )
   return runs
 
 
 # --- Cost -----------------------------------------------------------------------
+
 
 def _ledger_path(args) -> pathlib.Path:
   return REPO / args.workdirs / 'costs.json'
@@ -132,8 +157,9 @@ def read_ledger(args) -> dict:
 def fit_costs(ledger: dict):
   """(start-up s, s per supervised step, s per DC step) by least squares over
   the measured runs; None until runs of all three shapes are measured."""
-  rows = [(1.0, r['sup_steps'], r['dc_steps'], r['seconds']) for r in ledger.values()
-          if r.get('seconds')]
+  rows = [
+    (1.0, r['sup_steps'], r['dc_steps'], r['seconds']) for r in ledger.values() if r.get('seconds')
+  ]
   if len(rows) < 3:
     return None
   a = np.array([r[:3] for r in rows], np.float64)
@@ -156,13 +182,16 @@ def prioritise(runs: list[Run], args) -> list[Run]:
 
   def rank(run):
     arm = run.kind
-    priority = (run.key.startswith(f'dc{longest}/{first_setting}/')
-                and arm in PRIORITY_ARMS + ('warmup',))
+    priority = run.key.startswith(f'dc{longest}/{first_setting}/') and arm in PRIORITY_ARMS + (
+      'warmup',
+    )
     return 0 if priority else 1
+
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
 
 # --- Training -------------------------------------------------------------------
+
 
 def train(run: Run, args) -> float:
   """Trains one run (unless finished); records and returns its wall time."""
@@ -170,9 +199,13 @@ def train(run: Run, args) -> float:
     return 0.0
   seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
   ledger = read_ledger(args)
-  ledger[run.key] = {'seconds': seconds, 'sup_steps': run.sup_steps,
-                     'dc_steps': run.dc_steps, 'parallel': args.parallel,
-                     'finished_at': time.strftime('%Y-%m-%d %H:%M:%S')}
+  ledger[run.key] = {
+    'seconds': seconds,
+    'sup_steps': run.sup_steps,
+    'dc_steps': run.dc_steps,
+    'parallel': args.parallel,
+    'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
+  }
   _ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
   _ledger_path(args).write_text(json.dumps(ledger, indent=1))
   return seconds
@@ -191,8 +224,9 @@ def train_all(runs: list[Run], args) -> None:
         pending.remove(run)
         running[pool.submit(train, run, args)] = run
       if not running:
-        raise RuntimeError('runs wait for warm-ups that are not planned: '
-                           + ', '.join(r.key for r in pending))
+        raise RuntimeError(
+          'runs wait for warm-ups that are not planned: ' + ', '.join(r.key for r in pending)
+        )
       finished, _ = concurrent.futures.wait(running, return_when='FIRST_COMPLETED')
       for fut in finished:
         run = running.pop(fut)
@@ -206,8 +240,11 @@ def estimate(runs: list[Run], args) -> dict:
   if costs is None:
     return {'costs': None, 'todo_runs': len(todo)}
   seconds = sum(price(r, costs) for r in todo) / args.parallel
-  return {'costs': dict(zip(('startup_s', 'per_sup_step_s', 'per_dc_step_s'), costs)),
-          'todo_runs': len(todo), 'todo_hours': seconds / 3600}
+  return {
+    'costs': dict(zip(('startup_s', 'per_sup_step_s', 'per_dc_step_s'), costs)),
+    'todo_runs': len(todo),
+    'todo_hours': seconds / 3600,
+  }
 
 
 def calibration_runs(runs: list[Run], args) -> list[Run]:
@@ -225,19 +262,26 @@ def calibration_runs(runs: list[Run], args) -> list[Run]:
 
 # --- Report ---------------------------------------------------------------------
 
+
 def run_result(run: Run, seed: int, last_k: int) -> dict:
   curves = ablation.read_curves(run.workdir)
   if run.after is not None:  # the shared warm-up's evaluations come first
     warm = ablation.read_curves(run.after.workdir).get('val/miou', [])
     fork_step = run.after.end_step
     curve = [p for p in warm if p[0] <= fork_step] + [
-        p for p in curves.get('val/miou', []) if p[0] > fork_step]
+      p for p in curves.get('val/miou', []) if p[0] > fork_step
+    ]
   else:
     curve = curves.get('val/miou', [])
   diagnostics = {tag: curves.get(f'train/{tag}', []) for tag in DIAGNOSTICS}
-  return {'seed': seed, 'curve': curve, 'final_miou': curve[-1][1],
-          f'last{last_k}_miou': float(np.mean([v for _, v in curve[-last_k:]])),
-          'diagnostics': diagnostics, 'forked': run.after is not None}
+  return {
+    'seed': seed,
+    'curve': curve,
+    'final_miou': curve[-1][1],
+    f'last{last_k}_miou': float(np.mean([v for _, v in curve[-last_k:]])),
+    'diagnostics': diagnostics,
+    'forked': run.after is not None,
+  }
 
 
 def summarise(runs: list[Run], args) -> dict:
@@ -264,8 +308,11 @@ def summarise(runs: list[Run], args) -> dict:
 def deltas(results, dc, setting, arm, key):
   """Paired differences (points) of `arm` to supervised at `key`, per seed."""
   base = {r['seed']: r for r in results[dc][setting].get('supervised', {}).get('runs', [])}
-  return [100 * (r[key] - base[r['seed']][key])
-          for r in results[dc][setting][arm]['runs'] if r['seed'] in base]
+  return [
+    100 * (r[key] - base[r['seed']][key])
+    for r in results[dc][setting][arm]['runs']
+    if r['seed'] in base
+  ]
 
 
 def report(results, args, meta) -> str:
@@ -273,30 +320,42 @@ def report(results, args, meta) -> str:
   lines = [f'Command: `{meta["command"]}` (code {meta.get("code", "?")})', '']
   if meta.get('partial'):
     lines += [f'**Partial**: {meta["partial"]}', '']
-  lines += [f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
-            'evaluations, and the paired difference to supervised (same seed: same '
-            'initialisation, split, stream and warm-up) with its 95% t-interval. Every '
-            f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
-            '(not the arms marked *scratch*). "Beats supervised" only where an interval '
-            'excludes 0.', '']
-  empty = [f'{setting} at {dc.removeprefix("dc")} DC steps' for dc in results
-           for setting in results[dc]
-           if not any(r['runs'] for r in results[dc][setting].values())]
+  lines += [
+    f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
+    'evaluations, and the paired difference to supervised (same seed: same '
+    'initialisation, split, stream and warm-up) with its 95% t-interval. Every '
+    f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
+    '(not the arms marked *scratch*). "Beats supervised" only where an interval '
+    'excludes 0.',
+    '',
+  ]
+  empty = [
+    f'{setting} at {dc.removeprefix("dc")} DC steps'
+    for dc in results
+    for setting in results[dc]
+    if not any(r['runs'] for r in results[dc][setting].values())
+  ]
   for dc in results:
     for setting in results[dc]:
       if f'{setting} at {dc.removeprefix("dc")} DC steps' in empty:
         continue
-      lines += [f'### {setting}, {dc.removeprefix("dc")} DC steps', '',
-                '| arm | seeds | final | best (step) | last-k mean | Δ final [95% CI] | '
-                'Δ best [95% CI] | Δ last-k [95% CI] |', '|---|---|---|---|---|---|---|---|']
+      lines += [
+        f'### {setting}, {dc.removeprefix("dc")} DC steps',
+        '',
+        '| arm | seeds | final | best (step) | last-k mean | Δ final [95% CI] | '
+        'Δ best [95% CI] | Δ last-k [95% CI] |',
+        '|---|---|---|---|---|---|---|---|',
+      ]
       for arm, r in results[dc][setting].items():
         if not r['runs']:
           lines.append(f'| {arm} | 0 | not run | | | | | |')
           continue
         steps = ', '.join(str(x['best_step']) for x in r['runs'])
-        cells = [f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}',
-                 f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f} ({steps})',
-                 f'{100 * r["last_mean"]:.1f} ± {100 * r["last_std"]:.1f}']
+        cells = [
+          f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}',
+          f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f} ({steps})',
+          f'{100 * r["last_mean"]:.1f} ± {100 * r["last_std"]:.1f}',
+        ]
         for key in ('final_miou', 'best_miou', f'last{k}_miou'):
           d = deltas(results, dc, setting, arm, key) if arm != 'supervised' else []
           if not d:
@@ -315,17 +374,26 @@ def report(results, args, meta) -> str:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('cost'):
     c = meta['cost']
-    lines += [f'Cost: {c["measured_hours"]:.2f} h of training measured over '
-              f'{c["measured_runs"]} runs ({args.parallel} at a time)'
-              + (f'; {c["todo_runs"]} runs left, estimated {c["todo_hours"]:.1f} h'
-                 if c.get('todo_hours') is not None and c['todo_runs'] else '') + '.', '']
+    lines += [
+      f'Cost: {c["measured_hours"]:.2f} h of training measured over '
+      f'{c["measured_runs"]} runs ({args.parallel} at a time)'
+      + (
+        f'; {c["todo_runs"]} runs left, estimated {c["todo_hours"]:.1f} h'
+        if c.get('todo_hours') is not None and c['todo_runs']
+        else ''
+      )
+      + '.',
+      '',
+    ]
   return '\n'.join(lines) + '\n'
 
 
 def plots(results, out: pathlib.Path, args) -> None:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   budgets, settings = list(results), sorted({s for dc in results for s in results[dc]})
   # Paired Δ final vs DC steps, per setting and arm, with 95% CIs.
   fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
@@ -356,8 +424,12 @@ def plots(results, out: pathlib.Path, args) -> None:
   fig.savefig(out.parent / f'{out.name}_delta.png', dpi=110)
   plt.close(fig)
   # Val mIoU over steps, and the CAC arm's diagnostics, per (budget, setting).
-  pairs = [(dc, s) for dc in budgets for s in results[dc]
-           if any(r['runs'] for r in results[dc][s].values())] or [(budgets[0], settings[0])]
+  pairs = [
+    (dc, s)
+    for dc in budgets
+    for s in results[dc]
+    if any(r['runs'] for r in results[dc][s].values())
+  ] or [(budgets[0], settings[0])]
   for suffix, draw in (('', _draw_curves), ('_diagnostics', _draw_diagnostics)):
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
     for ax, (dc, setting) in zip(axes[0], pairs):
@@ -400,8 +472,10 @@ def _draw_diagnostics(ax, arms, args):
 def _commit() -> str:
   """The repository's commit (with '+changes' if the tree differs from it)."""
   import subprocess
-  git = lambda *a: subprocess.run(['git', *a], cwd=REPO, capture_output=True,
-                                  text=True).stdout.strip()
+
+  git = lambda *a: subprocess.run(
+    ['git', *a], cwd=REPO, capture_output=True, text=True
+  ).stdout.strip()
   head = git('rev-parse', '--short', 'HEAD') or 'unknown'
   return head + ('+changes' if git('status', '--porcelain', '--untracked-files=no') else '')
 
@@ -427,8 +501,10 @@ def main(argv=None):
   args.dc_steps = [int(x) for x in args.dc_steps.split(',')]
   args.arms, args.settings = args.arms.split(','), args.settings.split(',')
   args.seeds, args.extra = list(range(args.seeds)), args.extra.split()
-  for name, table, given in (('arm', ablation.ARMS, args.arms),
-                             ('setting', ablation.SETTINGS, args.settings)):
+  for name, table, given in (
+    ('arm', ablation.ARMS, args.arms),
+    ('setting', ablation.SETTINGS, args.settings),
+  ):
     bad = [g for g in given if g not in table]
     if bad:
       parser.error(f'unknown {name}(s) {bad}; choose from {sorted(table)}')
@@ -453,22 +529,34 @@ def main(argv=None):
     return cost
   ledger = read_ledger(args)
   measured = [r for r in runs if r.key in ledger]
-  cost.update(measured_runs=len(measured),
-              measured_hours=sum(ledger[r.key]['seconds'] for r in measured) / 3600)
+  cost.update(
+    measured_runs=len(measured),
+    measured_hours=sum(ledger[r.key]['seconds'] for r in measured) / 3600,
+  )
   missing = [r.key for r in runs if not r.finished()]
-  meta = {'command': 'python -m cac_jax.bench.sweep ' + ' '.join(
-      sys.argv[1:] if argv is None else argv), 'dc_steps': args.dc_steps,
-      'unsup_start': args.unsup_start, 'seeds': len(args.seeds), 'arms': args.arms,
-      'settings': args.settings, 'config': args.config, 'extra': args.extra, 'cost': cost,
-      'code': _commit(),
-      'partial': (f'{len(missing)} of {len(runs)} runs not finished: '
-                  + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
-      if missing else ''}
+  meta = {
+    'command': 'python -m cac_jax.bench.sweep ' + ' '.join(sys.argv[1:] if argv is None else argv),
+    'dc_steps': args.dc_steps,
+    'unsup_start': args.unsup_start,
+    'seeds': len(args.seeds),
+    'arms': args.arms,
+    'settings': args.settings,
+    'config': args.config,
+    'extra': args.extra,
+    'cost': cost,
+    'code': _commit(),
+    'partial': (
+      f'{len(missing)} of {len(runs)} runs not finished: '
+      + ', '.join(missing[:6])
+      + (' ...' if len(missing) > 6 else '')
+    )
+    if missing
+    else '',
+  }
   results = summarise(runs, args)
   out = REPO / args.out
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix('.json').write_text(json.dumps({'meta': meta, 'results': results},
-                                                 indent=1))
+  out.with_suffix('.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=1))
   text = report(results, args, meta)
   out.with_suffix('.md').write_text(text)
   plots(results, out, args)

@@ -11,6 +11,7 @@ layer plan's numbers are written out again here.
 
 Importing this module imports torch (the rest of the package never does).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +24,9 @@ ASPP_RATES_OS16 = (6, 12, 18)
 LAYER_PLAN = {16: ((1, 2, 2, 1), (1, 1, 1, 2)), 8: ((1, 2, 1, 1), (1, 1, 2, 4))}
 # backbone name -> (block, stage sizes, widths, stem width), torchvision's.
 ARCHS = {
-    'resnet50': ('bottleneck', (3, 4, 6, 3), (64, 128, 256, 512), 64),
-    'resnet101': ('bottleneck', (3, 4, 23, 3), (64, 128, 256, 512), 64),
-    'resnet_tiny': ('basic', (1, 1, 1, 1), (16, 32, 64, 128), 16),
+  'resnet50': ('bottleneck', (3, 4, 6, 3), (64, 128, 256, 512), 64),
+  'resnet101': ('bottleneck', (3, 4, 23, 3), (64, 128, 256, 512), 64),
+  'resnet_tiny': ('basic', (1, 1, 1, 1), (16, 32, 64, 128), 16),
 }
 
 
@@ -35,20 +36,24 @@ def _bn(c):
 
 class TorchBottleneck(nn.Module):
   """torchvision Bottleneck v1.5 (stride on the 3x3) with an explicit dilation."""
+
   expansion = 4
 
   def __init__(self, inplanes, planes, stride, dilation, downsample):
     super().__init__()
     self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
     self.bn1 = _bn(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation,
-                           dilation=dilation, bias=False)
+    self.conv2 = nn.Conv2d(
+      planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+    )
     self.bn2 = _bn(planes)
     self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
     self.bn3 = _bn(planes * 4)
-    self.downsample = nn.Sequential(
-        nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-        _bn(planes * 4)) if downsample else None
+    self.downsample = (
+      nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), _bn(planes * 4))
+      if downsample
+      else None
+    )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -60,19 +65,22 @@ class TorchBottleneck(nn.Module):
 
 class TorchBasicBlock(nn.Module):
   """torchvision BasicBlock (two 3x3 convolutions) with an explicit dilation."""
+
   expansion = 1
 
   def __init__(self, inplanes, planes, stride, dilation, downsample):
     super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation,
-                           dilation=dilation, bias=False)
+    self.conv1 = nn.Conv2d(
+      inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+    )
     self.bn1 = _bn(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation,
-                           bias=False)
+    self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
     self.bn2 = _bn(planes)
-    self.downsample = nn.Sequential(
-        nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-        _bn(planes)) if downsample else None
+    self.downsample = (
+      nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), _bn(planes))
+      if downsample
+      else None
+    )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -90,8 +98,7 @@ class TorchResNet(nn.Module):
   `stage_dilations[s][i]` is the dilation of block i of stage s.
   """
 
-  def __init__(self, stage_sizes, widths, stem, strides, stage_dilations,
-               block=TorchBottleneck):
+  def __init__(self, stage_sizes, widths, stem, strides, stage_dilations, block=TorchBottleneck):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
     self.bn1 = _bn(stem)
@@ -100,9 +107,15 @@ class TorchResNet(nn.Module):
       blocks = []
       out = planes * block.expansion
       for i in range(n):
-        blocks.append(block(
-            inplanes, planes, strides[s] if i == 0 else 1, stage_dilations[s][i],
-            downsample=i == 0 and (strides[s] != 1 or inplanes != out)))
+        blocks.append(
+          block(
+            inplanes,
+            planes,
+            strides[s] if i == 0 else 1,
+            stage_dilations[s][i],
+            downsample=i == 0 and (strides[s] != 1 or inplanes != out),
+          )
+        )
         inplanes = out
       setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
 
@@ -113,11 +126,9 @@ class TorchResNet(nn.Module):
 
 
 class TorchConvBNReLU(nn.Module):
-
   def __init__(self, cin, cout, k, dilation=1):
     super().__init__()
-    self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2),
-                          dilation=dilation, bias=False)
+    self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False)
     self.bn = _bn(cout)
 
   def forward(self, x):
@@ -138,8 +149,9 @@ class TorchASPP(nn.Module):
   def forward(self, x):
     pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
     pooled = F.interpolate(pooled, x.shape[2:], mode='bilinear', align_corners=True)
-    return self.dropout(self.project(torch.cat(
-        [self.b0(x), self.b1(x), self.b2(x), self.b3(x), pooled], 1)))
+    return self.dropout(
+      self.project(torch.cat([self.b0(x), self.b1(x), self.b2(x), self.b3(x), pooled], 1))
+    )
 
 
 class TorchDecoder(nn.Module):
@@ -159,7 +171,6 @@ class TorchDecoder(nn.Module):
 
 
 class TorchHead(nn.Module):
-
   def __init__(self, high_channels, low_channels, rates):
     super().__init__()
     self.aspp = TorchASPP(high_channels, rates)
@@ -198,8 +209,9 @@ class TorchDeepLab(nn.Module):
     decoded = self.head(high, low)
     out = ()
     if logits:
-      out += (F.interpolate(self.classify(decoded), x.shape[2:], mode='bilinear',
-                            align_corners=True),)
+      out += (
+        F.interpolate(self.classify(decoded), x.shape[2:], mode='bilinear', align_corners=True),
+      )
     if dc_outputs:
       pooled = F.avg_pool2d(decoded, 2)
       proj = self.projector.conv2(F.relu(self.projector.conv1(pooled)))
@@ -211,8 +223,10 @@ def block_dilations(stage_sizes, output_stride):
   """Per stage, the dilation of each block: the base dilation of the layer
   plan, times the multi-grid (1, 2, 4) in layer4."""
   _, base = LAYER_PLAN[output_stride]
-  return [[base[s] * (MULTI_GRID[i] if s == 3 else 1) for i in range(n)]
-          for s, n in enumerate(stage_sizes)]
+  return [
+    [base[s] * (MULTI_GRID[i] if s == 3 else 1) for i in range(n)]
+    for s, n in enumerate(stage_sizes)
+  ]
 
 
 def init_like_ours(net: nn.Module) -> nn.Module:
@@ -229,8 +243,9 @@ def init_like_ours(net: nn.Module) -> nn.Module:
   return net
 
 
-def build_deeplab(backbone: str = 'resnet50', num_classes: int = 21,
-                  output_stride: int = 16, proj_dim: int = 128) -> TorchDeepLab:
+def build_deeplab(
+  backbone: str = 'resnet50', num_classes: int = 21, output_stride: int = 16, proj_dim: int = 128
+) -> TorchDeepLab:
   """The CAC network of `cac_jax.models.build_model` for a ResNet backbone.
 
   Raises:
@@ -243,11 +258,11 @@ def build_deeplab(backbone: str = 'resnet50', num_classes: int = 21,
   kind, sizes, widths, stem = ARCHS[backbone]
   block = BLOCKS[kind]
   strides, _ = LAYER_PLAN[output_stride]
-  resnet = TorchResNet(sizes, widths, stem, strides,
-                       block_dilations(sizes, output_stride), block)
+  resnet = TorchResNet(sizes, widths, stem, strides, block_dilations(sizes, output_stride), block)
   rates = tuple(r * 16 // output_stride for r in ASPP_RATES_OS16)
-  net = TorchDeepLab(resnet, widths[3] * block.expansion, widths[0] * block.expansion,
-                     rates, num_classes, proj_dim)
+  net = TorchDeepLab(
+    resnet, widths[3] * block.expansion, widths[0] * block.expansion, rates, num_classes, proj_dim
+  )
   return init_like_ours(net)
 
 

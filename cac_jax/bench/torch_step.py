@@ -38,6 +38,7 @@ Threads: `configure_threads` gives torch's intra-op pool one thread per core
 this process may use (what XLA:CPU uses); the count is in the results.
 Importing this module imports torch (the rest of the package never does).
 """
+
 import os
 import statistics
 import sys
@@ -56,8 +57,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
 
-from cac_jax.bench import torch_deeplab
-from cac_jax.constants import FEATURE_STRIDE
+from cac_jax.bench import torch_deeplab  # noqa: E402
+from cac_jax.constants import FEATURE_STRIDE  # noqa: E402
 
 # The authors' chunk of negatives in the log-sum-exp.
 AUTHORS_CHUNK = 8000
@@ -99,8 +100,7 @@ def _chunk_sum(anchor, negs, neg_labels, anchor_label, shift, inv_t, filter_nega
   return e.sum(-1)
 
 
-def _first_chunk_sum(pos, anchor, negs, neg_labels, anchor_label, inv_t,
-                     filter_negatives):
+def _first_chunk_sum(pos, anchor, negs, neg_labels, anchor_label, inv_t, filter_negatives):
   """The first chunk with the positive: (sum incl. exp(0)-shifted positive, shift)."""
   logits = torch.cat([pos.unsqueeze(-1), anchor @ negs.T * inv_t], 1)
   shift = logits.max(1, keepdim=True)[0]
@@ -111,26 +111,72 @@ def _first_chunk_sum(pos, anchor, negs, neg_labels, anchor_label, inv_t,
   return e.sum(-1), shift
 
 
-def _direction(anchor, pos, anchor_label, negs, neg_labels, *, inv_t, chunk_size,
-               filter_negatives, eps, checkpoint):
+def _direction(
+  anchor,
+  pos,
+  anchor_label,
+  negs,
+  neg_labels,
+  *,
+  inv_t,
+  chunk_size,
+  filter_negatives,
+  eps,
+  checkpoint,
+):
   """Per anchor, −log(exp(pos) / (exp(pos) + Σ_j m_kj exp(s_kj))), chunked."""
-  run = ((lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
-         if checkpoint else (lambda f, *a: f(*a)))
-  down, shift = run(_first_chunk_sum, pos, anchor, negs[:chunk_size],
-                    neg_labels[:chunk_size], anchor_label, inv_t, filter_negatives)
+  run = (
+    (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
+    if checkpoint
+    else (lambda f, *a: f(*a))
+  )
+  down, shift = run(
+    _first_chunk_sum,
+    pos,
+    anchor,
+    negs[:chunk_size],
+    neg_labels[:chunk_size],
+    anchor_label,
+    inv_t,
+    filter_negatives,
+  )
   for start in range(chunk_size, negs.shape[0], chunk_size):
-    down = down + run(_chunk_sum, anchor, negs[start:start + chunk_size],
-                      neg_labels[start:start + chunk_size], anchor_label, shift,
-                      inv_t, filter_negatives)
+    down = down + run(
+      _chunk_sum,
+      anchor,
+      negs[start : start + chunk_size],
+      neg_labels[start : start + chunk_size],
+      anchor_label,
+      shift,
+      inv_t,
+      filter_negatives,
+    )
   ratio = torch.exp(pos - shift.squeeze(-1)) / (down + eps)
   return -torch.log(ratio + eps)
 
 
-def dc_loss_authors(proj1, proj2, logits1, logits2, box1, box2, flip1, flip2,
-                    bank_feats, bank_labels, *, temperature=0.1, pos_threshold=0.75,
-                    directional=True, filter_negatives=True, neg_per_image=0,
-                    chunk_size=AUTHORS_CHUNK, eps=AUTHORS_EPS, checkpoint=True,
-                    generator=None):
+def dc_loss_authors(
+  proj1,
+  proj2,
+  logits1,
+  logits2,
+  box1,
+  box2,
+  flip1,
+  flip2,
+  bank_feats,
+  bank_labels,
+  *,
+  temperature=0.1,
+  pos_threshold=0.75,
+  directional=True,
+  filter_negatives=True,
+  neg_per_image=0,
+  chunk_size=AUTHORS_CHUNK,
+  eps=AUTHORS_EPS,
+  checkpoint=True,
+  generator=None,
+):
   """L_1→2 + L_2→1 of a batch of view pairs, the authors' way (module docstring).
 
   Args:
@@ -156,7 +202,8 @@ def dc_loss_authors(proj1, proj2, logits1, logits2, box1, box2, flip1, flip2,
     conf1, label1 = F.softmax(logits1, 1).max(1)[0], logits1.argmax(1)
     conf2, label2 = F.softmax(logits2, 1).max(1)[0], logits2.argmax(1)
   cells = lambda maps, boxes, flips: torch.cat(
-      [_overlap_cells(maps[i], boxes[i], flips[i]) for i in range(b)])
+    [_overlap_cells(maps[i], boxes[i], flips[i]) for i in range(b)]
+  )
   feat1, feat2 = cells(proj1, box1, flip1), cells(proj2, box2, flip2)  # [n, D]
   conf1_o, conf2_o = cells(conf1, box1, flip1), cells(conf2, box2, flip2)
   label1_o, label2_o = cells(label1, box1, flip1), cells(label2, box2, flip2)
@@ -166,8 +213,9 @@ def dc_loss_authors(proj1, proj2, logits1, logits2, box1, box2, flip1, flip2,
     view_feats = torch.stack([flat(proj1, d), flat(proj2, d)], 1)  # [B, 2, hw, D]
     view_labels = torch.stack([label1.reshape(b, -1), label2.reshape(b, -1)], 1)
     if neg_per_image and neg_per_image < h * w:
-      idx = torch.stack([torch.randperm(h * w, generator=generator)[:neg_per_image]
-                         for _ in range(2 * b)]).reshape(b, 2, -1)
+      idx = torch.stack(
+        [torch.randperm(h * w, generator=generator)[:neg_per_image] for _ in range(2 * b)]
+      ).reshape(b, 2, -1)
       view_feats = torch.gather(view_feats, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
       view_labels = torch.gather(view_labels, 2, idx)
     new_feats, new_labels = view_feats.reshape(-1, d), view_labels.reshape(-1)
@@ -176,8 +224,13 @@ def dc_loss_authors(proj1, proj2, logits1, logits2, box1, box2, flip1, flip2,
 
   pos1 = (feat1 * feat2.detach()).sum(-1) * inv_t
   pos2 = (feat1.detach() * feat2).sum(-1) * inv_t
-  kw = dict(inv_t=inv_t, chunk_size=int(chunk_size), filter_negatives=filter_negatives,
-            eps=eps, checkpoint=checkpoint)
+  kw = dict(
+    inv_t=inv_t,
+    chunk_size=int(chunk_size),
+    filter_negatives=filter_negatives,
+    eps=eps,
+    checkpoint=checkpoint,
+  )
   loss1 = _direction(feat1, pos1, label1_o, negs, neg_labels, **kw)
   loss2 = _direction(feat2, pos2, label2_o, negs, neg_labels, **kw)
 
@@ -190,8 +243,9 @@ def dc_loss_authors(proj1, proj2, logits1, logits2, box1, box2, flip1, flip2,
     return mask.to(loss1.dtype)
 
   mask1, mask2 = weights(conf1_o, conf2_o), weights(conf2_o, conf1_o)
-  loss = ((loss1 * mask1).sum() / (mask1.sum() + 1e-12) +
-          (loss2 * mask2).sum() / (mask2.sum() + 1e-12))
+  loss = (loss1 * mask1).sum() / (mask1.sum() + 1e-12) + (loss2 * mask2).sum() / (
+    mask2.sum() + 1e-12
+  )
   return loss, new_feats, new_labels
 
 
@@ -205,8 +259,7 @@ def _nchw(x: np.ndarray) -> torch.Tensor:
 def random_bank(rows: int, dim: int, seed: int = 3):
   """A full bank like the JAX benchmark's: N(0, 1/D) features, labels 0."""
   g = torch.Generator().manual_seed(seed)
-  return (torch.randn(rows, dim, generator=g) / dim ** 0.5,
-          torch.zeros(rows, dtype=torch.int64))
+  return (torch.randn(rows, dim, generator=g) / dim**0.5, torch.zeros(rows, dtype=torch.int64))
 
 
 class TorchTrainStep:
@@ -221,24 +274,30 @@ class TorchTrainStep:
     seed: torch's seed for the weights and dropout.
   """
 
-  def __init__(self, config, batch, *, with_dc: bool, chunk_size: int = AUTHORS_CHUNK,
-               seed: int = 0):
+  def __init__(
+    self, config, batch, *, with_dc: bool, chunk_size: int = AUTHORS_CHUNK, seed: int = 0
+  ):
     torch.manual_seed(seed)
     m, d, o = config.model, config.data, config.optim
     if m.dtype != 'float32' or not m.projector:
-      raise ValueError('the PyTorch baseline is float32 with the projector '
-                       f'(the authors\'); got dtype={m.dtype!r} projector={m.projector}')
+      raise ValueError(
+        'the PyTorch baseline is float32 with the projector '
+        f"(the authors'); got dtype={m.dtype!r} projector={m.projector}"
+      )
     self.config, self.with_dc, self.chunk_size = config, with_dc, int(chunk_size)
     self.net = torch_deeplab.build_deeplab(
-        m.backbone, d.num_classes, m.output_stride, m.proj_dim).train()
+      m.backbone, d.num_classes, m.output_stride, m.proj_dim
+    ).train()
     backbone = list(self.net.backbone.parameters())
     ids = {id(p) for p in backbone}
     head = [p for p in self.net.parameters() if id(p) not in ids]
     self.base_lrs = (o.lr * o.backbone_lr_mult, o.lr)
     self.opt = torch.optim.SGD(
-        [{'params': backbone, 'lr': self.base_lrs[0]},
-         {'params': head, 'lr': self.base_lrs[1]}],
-        lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+      [{'params': backbone, 'lr': self.base_lrs[0]}, {'params': head, 'lr': self.base_lrs[1]}],
+      lr=o.lr,
+      momentum=o.momentum,
+      weight_decay=o.weight_decay,
+    )
     self.image = _nchw(batch['labeled']['image'])
     self.label = torch.from_numpy(np.asarray(batch['labeled']['label'], np.int64))
     self.step_count = 0
@@ -264,18 +323,31 @@ class TorchTrainStep:
 
   def _dc_loss(self):
     (logits1, proj1), (logits2, proj2) = (
-        self.net(x, logits=False, dc_outputs=True) for x in (self.image1, self.image2))
+      self.net(x, logits=False, dc_outputs=True) for x in (self.image1, self.image2)
+    )
     dim = proj1.shape[1]
     bank = torch.cat(self.bank) if self.bank else torch.zeros(0, dim)
-    labels = (torch.cat(self.bank_labels) if self.bank_labels
-              else torch.zeros(0, dtype=torch.int64))
+    labels = torch.cat(self.bank_labels) if self.bank_labels else torch.zeros(0, dtype=torch.int64)
     u = self.config.cac
     return dc_loss_authors(
-        proj1, proj2, logits1, logits2, self.box1, self.box2, self.flip1, self.flip2,
-        bank, labels, temperature=u.temperature, pos_threshold=u.pos_threshold,
-        directional=u.directional, filter_negatives=u.filter_negatives,
-        neg_per_image=u.neg_per_image, chunk_size=self.chunk_size,
-        generator=self.generator)
+      proj1,
+      proj2,
+      logits1,
+      logits2,
+      self.box1,
+      self.box2,
+      self.flip1,
+      self.flip2,
+      bank,
+      labels,
+      temperature=u.temperature,
+      pos_threshold=u.pos_threshold,
+      directional=u.directional,
+      filter_negatives=u.filter_negatives,
+      neg_per_image=u.neg_per_image,
+      chunk_size=self.chunk_size,
+      generator=self.generator,
+    )
 
   def __call__(self) -> float:
     """One update; returns the loss (a Python float, so the step has finished)."""
@@ -308,19 +380,28 @@ def time_dc_loss(step: TorchTrainStep, steps: int, warmup: int = 1) -> float:
   shape = (c.unlabeled_batch_size, d.proj_dim, cells, cells)
   unit = lambda: F.normalize(torch.randn(shape, generator=g), dim=1).requires_grad_()
   proj1, proj2 = unit(), unit()
-  logits = [torch.randn((shape[0], c.num_classes, cells, cells), generator=g)
-            for _ in range(2)]
+  logits = [torch.randn((shape[0], c.num_classes, cells, cells), generator=g) for _ in range(2)]
   bank = torch.cat(step.bank) if step.bank else torch.zeros(0, d.proj_dim)
-  labels = (torch.cat(step.bank_labels) if step.bank_labels
-            else torch.zeros(0, dtype=torch.int64))
+  labels = torch.cat(step.bank_labels) if step.bank_labels else torch.zeros(0, dtype=torch.int64)
   u = step.config.cac
 
   def run():
     loss, _, _ = dc_loss_authors(
-        proj1, proj2, *logits, step.box1, step.box2, step.flip1, step.flip2, bank,
-        labels, temperature=u.temperature, pos_threshold=u.pos_threshold,
-        directional=u.directional, filter_negatives=u.filter_negatives,
-        chunk_size=step.chunk_size)
+      proj1,
+      proj2,
+      *logits,
+      step.box1,
+      step.box2,
+      step.flip1,
+      step.flip2,
+      bank,
+      labels,
+      temperature=u.temperature,
+      pos_threshold=u.pos_threshold,
+      directional=u.directional,
+      filter_negatives=u.filter_negatives,
+      chunk_size=step.chunk_size,
+    )
     loss.backward()
     proj1.grad = proj2.grad = None
 
@@ -357,7 +438,7 @@ def time_interleaved(jax_fn, torch_fn, steps: int) -> dict:
   out = {'jax_walls': [], 'jax_cpu': [], 'torch_walls': [], 'torch_cpu': []}
   for i in range(steps):
     order = (('jax', jax_fn), ('torch', torch_fn))
-    for name, fn in (order if i % 2 == 0 else order[::-1]):
+    for name, fn in order if i % 2 == 0 else order[::-1]:
       wall, cpu = _clocked(fn)
       out[f'{name}_walls'].append(wall)
       out[f'{name}_cpu'].append(cpu)
@@ -376,12 +457,16 @@ def summary(timing: dict, images: int) -> dict:
   jax_s, torch_s = statistics.median(jw), statistics.median(tw)
   jax_cpu, torch_cpu = (sum(timing[k]) / len(timing[k]) for k in ('jax_cpu', 'torch_cpu'))
   return {
-      'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
-      'torch_dtype': 'float32', 'torch_layout': 'NCHW',
-      'torch_step_s': torch_s, 'torch_step_all_s': list(tw),
-      'torch_images_per_s': images / torch_s,
-      'torch_cpu_step_s': torch_cpu, 'torch_cpu_over_wall': sum(timing['torch_cpu']) / sum(tw),
-      'torch_over_jax': torch_s / jax_s,
-      'torch_over_jax_pairs': statistics.median(t / j for t, j in zip(tw, jw)),
-      'torch_over_jax_cpu': torch_cpu / jax_cpu,
+    'torch_version': torch.__version__,
+    'torch_threads': torch.get_num_threads(),
+    'torch_dtype': 'float32',
+    'torch_layout': 'NCHW',
+    'torch_step_s': torch_s,
+    'torch_step_all_s': list(tw),
+    'torch_images_per_s': images / torch_s,
+    'torch_cpu_step_s': torch_cpu,
+    'torch_cpu_over_wall': sum(timing['torch_cpu']) / sum(tw),
+    'torch_over_jax': torch_s / jax_s,
+    'torch_over_jax_pairs': statistics.median(t / j for t, j in zip(tw, jw)),
+    'torch_over_jax_cpu': torch_cpu / jax_cpu,
   }

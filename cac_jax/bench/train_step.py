@@ -79,6 +79,7 @@ Nothing here imports TensorFlow, clu or ml_collections (the config is a plain
 namespace with the fields the train step reads), so it runs on a bare
 JAX + flax + optax machine.
 """
+
 import argparse
 import contextlib
 import json
@@ -94,18 +95,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cac_jax import backbones
+from cac_jax import backbones, losses, optim, sharding
 from cac_jax import bank as bank_lib
-from cac_jax import losses
-from cac_jax import optim
-from cac_jax import sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.bench import flops as flops_lib
 from cac_jax.constants import FEATURE_STRIDE
 from cac_jax.models import build_model, layers
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 # The backbone table's names when this module was imported (--backbone's
 # choices; bench/profile_step.py reads them too).
 BACKBONES = backbones.names()
@@ -114,10 +112,10 @@ MODES = ('sup', 'cac')
 # Dense peak FLOP/s per chip (NVIDIA datasheets, SXM): (dtype, precision) ->
 # (FLOP/s, description). H200 has the H100's tensor cores.
 GPU_PEAKS = {
-    ('bfloat16', 'default'): (989e12, 'bf16 dense 989 TFLOP/s'),
-    ('bfloat16', 'highest'): (989e12, 'bf16 dense 989 TFLOP/s'),
-    ('float32', 'default'): (495e12, 'tf32 dense 495 TFLOP/s'),
-    ('float32', 'highest'): (67e12, 'fp32 non-tensor 67 TFLOP/s'),
+  ('bfloat16', 'default'): (989e12, 'bf16 dense 989 TFLOP/s'),
+  ('bfloat16', 'highest'): (989e12, 'bf16 dense 989 TFLOP/s'),
+  ('float32', 'default'): (495e12, 'tf32 dense 495 TFLOP/s'),
+  ('float32', 'highest'): (67e12, 'fp32 non-tensor 67 TFLOP/s'),
 }
 
 
@@ -126,11 +124,24 @@ def _ns(**kw):
   return types.SimpleNamespace(**kw)
 
 
-def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
-                 dtype='float32', output_stride=16, chunk_size=1024,
-                 bank_steps=1, num_classes=21, proj_dim=128, neg_per_image=0,
-                 supervised_only=False, dc_matmul_dtype='auto',
-                 dc_anchor_block=0.125, fused_passes='auto'):
+def bench_config(
+  *,
+  backbone='resnet50',
+  crop=320,
+  labeled=8,
+  unlabeled=8,
+  dtype='float32',
+  output_stride=16,
+  chunk_size=1024,
+  bank_steps=1,
+  num_classes=21,
+  proj_dim=128,
+  neg_per_image=0,
+  supervised_only=False,
+  dc_matmul_dtype='auto',
+  dc_anchor_block=0.125,
+  fused_passes='auto',
+):
   """The fields of a cac_jax config that the model, optimiser and step read.
 
   Values are the paper's VOC settings (configs/voc_r50.py, docs/method.md §4-5)
@@ -138,20 +149,34 @@ def bench_config(*, backbone='resnet50', crop=320, labeled=8, unlabeled=8,
   field exists in `config_lib.base_config()` with the same meaning.
   """
   return _ns(
-      seed=0,
-      total_steps=92560,
-      data=_ns(crop_size=crop, labeled_batch_size=labeled,
-               unlabeled_batch_size=unlabeled, num_classes=num_classes),
-      model=_ns(backbone=backbone, output_stride=output_stride,
-                projector=True, proj_dim=proj_dim, dtype=dtype),
-      cac=_ns(supervised_only=supervised_only, weight=0.1, temperature=0.1,
-              pos_threshold=0.75, directional=True, filter_negatives=True,
-              bank_steps=bank_steps, neg_per_image=neg_per_image,
-              chunk_size=chunk_size, matmul_dtype=dc_matmul_dtype,
-              anchor_block=dc_anchor_block, fused_passes=fused_passes),
-      bn=_ns(running_stats='all'),
-      optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9,
-                weight_decay=1e-4, poly_power=0.9))
+    seed=0,
+    total_steps=92560,
+    data=_ns(
+      crop_size=crop,
+      labeled_batch_size=labeled,
+      unlabeled_batch_size=unlabeled,
+      num_classes=num_classes,
+    ),
+    model=_ns(
+      backbone=backbone, output_stride=output_stride, projector=True, proj_dim=proj_dim, dtype=dtype
+    ),
+    cac=_ns(
+      supervised_only=supervised_only,
+      weight=0.1,
+      temperature=0.1,
+      pos_threshold=0.75,
+      directional=True,
+      filter_negatives=True,
+      bank_steps=bank_steps,
+      neg_per_image=neg_per_image,
+      chunk_size=chunk_size,
+      matmul_dtype=dc_matmul_dtype,
+      anchor_block=dc_anchor_block,
+      fused_passes=fused_passes,
+    ),
+    bn=_ns(running_stats='all'),
+    optim=_ns(lr=0.01, backbone_lr_mult=0.1, momentum=0.9, weight_decay=1e-4, poly_power=0.9),
+  )
 
 
 def synthetic_boxes(crop: int, n: int):
@@ -177,14 +202,19 @@ def synthetic_batch(config, with_dc: bool, seed: int = 0) -> dict:
   c, k = config.data.crop_size, config.data.num_classes
   n_lab, n_un = config.data.labeled_batch_size, config.data.unlabeled_batch_size
   image = lambda n: rng.standard_normal((n, c, c, 3), dtype=np.float32)
-  batch = {'labeled': {'image': image(n_lab),
-                       'label': rng.integers(0, k, (n_lab, c, c), dtype=np.int32)}}
+  batch = {
+    'labeled': {'image': image(n_lab), 'label': rng.integers(0, k, (n_lab, c, c), dtype=np.int32)}
+  }
   if with_dc:
     box1, box2 = synthetic_boxes(c, n_un)
-    batch['unlabeled'] = {'image1': image(n_un), 'image2': image(n_un),
-                          'box1': box1, 'box2': box2,
-                          'flip1': rng.random(n_un) < 0.5,
-                          'flip2': rng.random(n_un) < 0.5}
+    batch['unlabeled'] = {
+      'image1': image(n_un),
+      'image2': image(n_un),
+      'box1': box1,
+      'box2': box2,
+      'flip1': rng.random(n_un) < 0.5,
+      'flip2': rng.random(n_un) < 0.5,
+    }
   return batch
 
 
@@ -200,8 +230,12 @@ def _memory_mib(compiled) -> float | None:
   mem = compiled.memory_analysis()
   if mem is None:
     return None
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-          mem.temp_size_in_bytes - mem.alias_size_in_bytes) / MIB
+  return (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  ) / MIB
 
 
 def _alloc_peak_mib(device) -> float | None:
@@ -253,12 +287,21 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
   n, c = config.data.unlabeled_batch_size, config.data.crop_size
   x = jax.ShapeDtypeStruct((n, c, c, 3), jnp.float32)
   out, _ = jax.eval_shape(
-      lambda v, im: model.apply(v, im, train=True, dc_outputs=True,
-                                rngs={'dropout': jax.random.key(0)},
-                                mutable=['batch_stats']), variables, x)
+    lambda v, im: model.apply(
+      v,
+      im,
+      train=True,
+      dc_outputs=True,
+      rngs={'dropout': jax.random.key(0)},
+      mutable=['batch_stats'],
+    ),
+    variables,
+    x,
+  )
   keys = jax.random.split(jax.random.key(1), 4)
   unit = lambda k, s: (lambda f: f / jnp.linalg.norm(f, axis=-1, keepdims=True))(
-      jax.random.normal(k, s.shape, s.dtype))
+    jax.random.normal(k, s.shape, s.dtype)
+  )
   proj1, proj2 = unit(keys[0], out['proj8']), unit(keys[1], out['proj8'])
   logits1 = jax.random.normal(keys[2], out['logits8'].shape, out['logits8'].dtype)
   logits2 = jax.random.normal(keys[3], out['logits8'].shape, out['logits8'].dtype)
@@ -269,17 +312,31 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
 
   def loss(p1, p2):
     value, _ = losses.dc_loss_from_views(
-        p1, p2, logits1, logits2, box1, box2, flips, ~flips,
-        bank.feats, bank.labels, jnp.ones_like(bank.valid), key=jax.random.key(2),
-        temperature=u.temperature, pos_threshold=u.pos_threshold,
-        directional=u.directional, filter_negatives=u.filter_negatives,
-        neg_per_image=u.neg_per_image, chunk_size=u.chunk_size,
-        matmul_dtype=u.matmul_dtype, anchor_block=u.anchor_block)
+      p1,
+      p2,
+      logits1,
+      logits2,
+      box1,
+      box2,
+      flips,
+      ~flips,
+      bank.feats,
+      bank.labels,
+      jnp.ones_like(bank.valid),
+      key=jax.random.key(2),
+      temperature=u.temperature,
+      pos_threshold=u.pos_threshold,
+      directional=u.directional,
+      filter_negatives=u.filter_negatives,
+      neg_per_image=u.neg_per_image,
+      chunk_size=u.chunk_size,
+      matmul_dtype=u.matmul_dtype,
+      anchor_block=u.anchor_block,
+    )
     return value
 
   t0 = time.perf_counter()
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
-      proj1, proj2).compile()
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(proj1, proj2).compile()
   compile_s = time.perf_counter() - t0
   run = lambda: jax.block_until_ready(compiled(proj1, proj2))
   for _ in range(warmup):
@@ -292,14 +349,26 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
   # Per direction: anchors x negatives dot products of length d, forward (1
   # matmul) and backward w.r.t. the anchors (1 matmul), 2 FLOPs per MAC.
   analytic = 2 * 2 * 2 * anchors * negatives * d
-  return {'dc_s': statistics.median(walls), 'dc_compile_s': compile_s,
-          'dc_gflop': _cost_flops(compiled) / 1e9,
-          'dc_analytic_gflop': analytic / 1e9}
+  return {
+    'dc_s': statistics.median(walls),
+    'dc_compile_s': compile_s,
+    'dc_gflop': _cost_flops(compiled) / 1e9,
+    'dc_analytic_gflop': analytic / 1e9,
+  }
 
 
-def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
-              devices=None, precision: str = 'default', dc_share: bool = True,
-              torch_baseline: bool = False, torch_chunk: int | None = None) -> dict:
+def benchmark(
+  config,
+  *,
+  with_dc: bool,
+  steps: int = 10,
+  warmup: int = 2,
+  devices=None,
+  precision: str = 'default',
+  dc_share: bool = True,
+  torch_baseline: bool = False,
+  torch_chunk: int | None = None,
+) -> dict:
   """Compiles and times one train-step configuration.
 
   Args:
@@ -330,19 +399,22 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   with jax.set_mesh(mesh):
     state, state_shardings = state_lib.create_sharded_state(
-        model, tx, config, mesh, jax.random.key(config.seed))
+      model, tx, config, mesh, jax.random.key(config.seed)
+    )
     if state.bank is not None:
       # Steady state: a full bank (every row valid), so the DC loss does the
       # work of a trained run, not of step 0.
       bank = state.bank
-      state = state.replace(bank=bank.replace(
-          feats=jax.random.normal(jax.random.key(3), bank.feats.shape) /
-          np.sqrt(bank.feats.shape[1]),
-          valid=jnp.ones_like(bank.valid)))
+      state = state.replace(
+        bank=bank.replace(
+          feats=jax.random.normal(jax.random.key(3), bank.feats.shape)
+          / np.sqrt(bank.feats.shape[1]),
+          valid=jnp.ones_like(bank.valid),
+        )
+      )
     host_batch = synthetic_batch(config, with_dc)
     batch = sharding.to_global(host_batch, mesh)
-    step = step_lib.make_train_step(model, tx, config, state_shardings,
-                                    with_dc=with_dc)
+    step = step_lib.make_train_step(model, tx, config, state_shardings, with_dc=with_dc)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     compiled = lowered.compile()
@@ -366,9 +438,10 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
     baseline = None
     if torch_baseline:
       from cac_jax.bench import torch_step as torch_lib  # imports torch
+
       baseline = torch_lib.TorchTrainStep(
-          config, host_batch, with_dc=with_dc,
-          chunk_size=torch_chunk or torch_lib.AUTHORS_CHUNK)
+        config, host_batch, with_dc=with_dc, chunk_size=torch_chunk or torch_lib.AUTHORS_CHUNK
+      )
     for _ in range(warmup):
       metrics = run()
       if baseline is not None:
@@ -378,8 +451,7 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
       walls, cpu_s, wall_s = _timed(run, steps)
     else:
       timing = torch_lib.time_interleaved(run, baseline, steps)
-      walls, cpu_s, wall_s = (timing['jax_walls'], sum(timing['jax_cpu']),
-                              sum(timing['jax_walls']))
+      walls, cpu_s, wall_s = (timing['jax_walls'], sum(timing['jax_cpu']), sum(timing['jax_walls']))
     load_after = os.getloadavg()
     metrics = jax.device_get(run())
     extra = {}
@@ -396,37 +468,48 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
   peak, peak_name = peak_flops(devices[0], config.model.dtype, precision)
   flops_per_s = flops / step_s
   result = {
-      'mode': 'cac' if with_dc else 'sup',
-      'backbone': config.model.backbone, 'dtype': config.model.dtype,
-      'crop': d.crop_size, 'labeled': d.labeled_batch_size,
-      'unlabeled': d.unlabeled_batch_size if with_dc else 0,
-      'output_stride': config.model.output_stride,
-      'chunk_size': config.cac.chunk_size, 'bank_steps': config.cac.bank_steps,
-      'bank_rows': 0 if state.bank is None else int(state.bank.feats.shape[0]),
-      'devices': len(devices), 'device_kind': devices[0].device_kind,
-      'platform': devices[0].platform,
-      'steps': steps, 'warmup': warmup, 'compile_s': compile_s,
-      'step_s': step_s, 'step_all_s': walls, 'images_per_step': images,
-      'images_per_s': images / step_s,
-      'gflop_per_step': flops / 1e9, 'gflop_per_s': flops_per_s / 1e9,
-      'gflop_compiled': flops_compiled / 1e9, 'gflop_lowered': flops_lowered / 1e9,
-      'jaxpr_while_loops': counted['while_loops'],
-      'peak_flops': peak, 'peak_name': peak_name,
-      'mfu': flops_per_s / peak if peak else None,
-      'dc_matmul_dtype': config.cac.matmul_dtype,
-      'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype,
-                                                        devices[0].platform),
-      'dc_anchor_block': config.cac.anchor_block,
-      'fused_passes': step_lib.fused_passes(config.cac) if with_dc else None,
-      'device_peak_mib': _memory_mib(compiled),
-      'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
-      'host_rss_mib': _host_rss_mib(),
-      'cpu_over_wall': cpu_s / wall_s,
-      # CPU seconds per step: on a shared CPU host this is what the step costs
-      # when the wall time also counts the neighbours' share of the cores.
-      'cpu_step_s': cpu_s / steps,
-      'loadavg_before': load_before, 'loadavg_after': load_after,
-      'loss': float(metrics['loss']),
+    'mode': 'cac' if with_dc else 'sup',
+    'backbone': config.model.backbone,
+    'dtype': config.model.dtype,
+    'crop': d.crop_size,
+    'labeled': d.labeled_batch_size,
+    'unlabeled': d.unlabeled_batch_size if with_dc else 0,
+    'output_stride': config.model.output_stride,
+    'chunk_size': config.cac.chunk_size,
+    'bank_steps': config.cac.bank_steps,
+    'bank_rows': 0 if state.bank is None else int(state.bank.feats.shape[0]),
+    'devices': len(devices),
+    'device_kind': devices[0].device_kind,
+    'platform': devices[0].platform,
+    'steps': steps,
+    'warmup': warmup,
+    'compile_s': compile_s,
+    'step_s': step_s,
+    'step_all_s': walls,
+    'images_per_step': images,
+    'images_per_s': images / step_s,
+    'gflop_per_step': flops / 1e9,
+    'gflop_per_s': flops_per_s / 1e9,
+    'gflop_compiled': flops_compiled / 1e9,
+    'gflop_lowered': flops_lowered / 1e9,
+    'jaxpr_while_loops': counted['while_loops'],
+    'peak_flops': peak,
+    'peak_name': peak_name,
+    'mfu': flops_per_s / peak if peak else None,
+    'dc_matmul_dtype': config.cac.matmul_dtype,
+    'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype, devices[0].platform),
+    'dc_anchor_block': config.cac.anchor_block,
+    'fused_passes': step_lib.fused_passes(config.cac) if with_dc else None,
+    'device_peak_mib': _memory_mib(compiled),
+    'device_alloc_peak_mib': _alloc_peak_mib(devices[0]),
+    'host_rss_mib': _host_rss_mib(),
+    'cpu_over_wall': cpu_s / wall_s,
+    # CPU seconds per step: on a shared CPU host this is what the step costs
+    # when the wall time also counts the neighbours' share of the cores.
+    'cpu_step_s': cpu_s / steps,
+    'loadavg_before': load_before,
+    'loadavg_after': load_after,
+    'loss': float(metrics['loss']),
   }
   if baseline is not None:
     result.update(torch_lib.summary(timing, images))
@@ -436,40 +519,48 @@ def benchmark(config, *, with_dc: bool, steps: int = 10, warmup: int = 2,
   return result
 
 
-HEADER = ('| mode | dtype | backbone | crop | batch | compile s | step s (median) '
-          '| images/s | GFLOP/step | GFLOP/s | MFU | device MiB | host RSS MiB '
-          '| CPU/wall | CPU s/step | DC loss s (share) | load 1 min |\n'
-          '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+HEADER = (
+  '| mode | dtype | backbone | crop | batch | compile s | step s (median) '
+  '| images/s | GFLOP/step | GFLOP/s | MFU | device MiB | host RSS MiB '
+  '| CPU/wall | CPU s/step | DC loss s (share) | load 1 min |\n'
+  '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+)
 
 
 def table_row(r: dict) -> str:
-  batch = f"{r['labeled']}+{r['unlabeled']}" if r['mode'] == 'cac' else f"{r['labeled']}"
-  mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else '–'
-  dc = f"{r['dc_s']:.3f} ({100 * r['dc_share']:.0f}%)" if 'dc_s' in r else '–'
+  batch = f'{r["labeled"]}+{r["unlabeled"]}' if r['mode'] == 'cac' else f'{r["labeled"]}'
+  mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else '–'
+  dc = f'{r["dc_s"]:.3f} ({100 * r["dc_share"]:.0f}%)' if 'dc_s' in r else '–'
   mem = r['device_peak_mib']  # the allocator peak (JSON) spans the process
-  return (f"| {r['mode']} | {r['dtype']} | {r['backbone']} | {r['crop']} | {batch} "
-          f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['images_per_s']:.1f} "
-          f"| {r['gflop_per_step']:.1f} | {r['gflop_per_s']:.1f} | {mfu} "
-          f"| {mem:.0f} | {r['host_rss_mib']:.0f} | {r['cpu_over_wall']:.2f} "
-          f"| {r['cpu_step_s']:.2f} "
-          f"| {dc} | {r['loadavg_before'][0]:.2f} |")
+  return (
+    f'| {r["mode"]} | {r["dtype"]} | {r["backbone"]} | {r["crop"]} | {batch} '
+    f'| {r["compile_s"]:.1f} | {r["step_s"]:.3f} | {r["images_per_s"]:.1f} '
+    f'| {r["gflop_per_step"]:.1f} | {r["gflop_per_s"]:.1f} | {mfu} '
+    f'| {mem:.0f} | {r["host_rss_mib"]:.0f} | {r["cpu_over_wall"]:.2f} '
+    f'| {r["cpu_step_s"]:.2f} '
+    f'| {dc} | {r["loadavg_before"][0]:.2f} |'
+  )
 
 
-TORCH_HEADER = ('| mode | crop | batch | JAX step s | PyTorch step s | PyTorch / JAX '
-                '(medians) | PyTorch / JAX (per pair) | JAX CPU s/step '
-                '| PyTorch CPU s/step | JAX DC s | PyTorch DC s | load 1 min |\n'
-                '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+TORCH_HEADER = (
+  '| mode | crop | batch | JAX step s | PyTorch step s | PyTorch / JAX '
+  '(medians) | PyTorch / JAX (per pair) | JAX CPU s/step '
+  '| PyTorch CPU s/step | JAX DC s | PyTorch DC s | load 1 min |\n'
+  '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+)
 
 
 def torch_row(r: dict) -> str:
   """A row of the interleaved PyTorch comparison (rows run with --torch)."""
-  batch = f"{r['labeled']}+{r['unlabeled']}" if r['mode'] == 'cac' else f"{r['labeled']}"
+  batch = f'{r["labeled"]}+{r["unlabeled"]}' if r['mode'] == 'cac' else f'{r["labeled"]}'
   dc = lambda key: f'{r[key]:.3f}' if key in r else '–'
-  return (f"| {r['mode']} | {r['crop']} | {batch} | {r['step_s']:.3f} "
-          f"| {r['torch_step_s']:.3f} | {r['torch_over_jax']:.2f} "
-          f"| {r['torch_over_jax_pairs']:.2f} | {r['cpu_step_s']:.2f} "
-          f"| {r['torch_cpu_step_s']:.2f} | {dc('dc_s')} | {dc('torch_dc_s')} "
-          f"| {r['loadavg_before'][0]:.2f} |")
+  return (
+    f'| {r["mode"]} | {r["crop"]} | {batch} | {r["step_s"]:.3f} '
+    f'| {r["torch_step_s"]:.3f} | {r["torch_over_jax"]:.2f} '
+    f'| {r["torch_over_jax_pairs"]:.2f} | {r["cpu_step_s"]:.2f} '
+    f'| {r["torch_cpu_step_s"]:.2f} | {dc("dc_s")} | {dc("torch_dc_s")} '
+    f'| {r["loadavg_before"][0]:.2f} |'
+  )
 
 
 # A 1-minute load average above this before the run means others share the CPU.
@@ -485,87 +576,147 @@ def _csv(value: str, allowed, name: str, parser) -> list[str]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m cac_jax.bench.train_step',
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m cac_jax.bench.train_step', description=__doc__.splitlines()[0]
+  )
   parser.add_argument('--backbone', default='resnet50', choices=backbones.names())
   parser.add_argument('--crop', type=int, default=320)
   parser.add_argument('--labeled', type=int, default=8, help='global labeled batch')
-  parser.add_argument('--unlabeled', type=int, default=8,
-                      help='global unlabeled batch (each gives 2 views)')
-  parser.add_argument('--dtype', default='float32',
-                      help='comma list of float32,bfloat16 (compute dtype)')
+  parser.add_argument(
+    '--unlabeled', type=int, default=8, help='global unlabeled batch (each gives 2 views)'
+  )
+  parser.add_argument(
+    '--dtype', default='float32', help='comma list of float32,bfloat16 (compute dtype)'
+  )
   parser.add_argument('--modes', default='sup,cac', help='comma list of sup,cac')
   parser.add_argument('--steps', type=int, default=10, help='timed steps')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps after compilation')
-  parser.add_argument('--output-stride', '--output_stride', type=int, default=16,
-                      choices=backbones.HEAD_STRIDES,
-                      help='one the backbone supports (cac_jax/backbones.py)')
-  parser.add_argument('--chunk-size', '--chunk_size', type=int, default=1024,
-                      help='DC loss negatives per chunk')
-  parser.add_argument('--dc-matmul-dtype', '--dc_matmul_dtype', default='auto',
-                      choices=('auto', 'float32', 'bfloat16', 'compute'),
-                      help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
-                           "the --dtype of each row; 'auto' = bfloat16 off CPU")
-  parser.add_argument('--dc-anchor-block', '--dc_anchor_block', type=float,
-                      default=0.125,
-                      help='cac.anchor_block: active anchors scored in blocks of this '
-                           'fraction of the anchors; 0 = every anchor (dense)')
-  parser.add_argument('--convs', default='rewritten', choices=('rewritten', 'xla'),
-                      help="'xla': plain XLA convolutions, without conv2d's rewrites "
-                           '(cac_jax.models.layers.conv2d), to time the difference')
-  parser.add_argument('--bank-steps', '--bank_steps', type=int, default=1,
-                      help='previous steps in the feature bank (VOC R50: 1)')
-  parser.add_argument('--devices', type=int, default=1,
-                      help='devices in the mesh (batches are split over them)')
-  parser.add_argument('--precision', default='default', choices=('default', 'highest'),
-                      help='matmul precision (also sets jax_default_matmul_precision)')
-  parser.add_argument('--no-dc-share', action='store_true',
-                      help='skip timing the DC loss alone')
-  parser.add_argument('--torch', action='store_true',
-                      help='also time the authors\' PyTorch step, interleaved with '
-                           'ours (CPU backend, float32 rows; cac_jax/bench/torch_step.py)')
-  parser.add_argument('--torch-chunk', '--torch_chunk', type=int, default=0,
-                      help='PyTorch DC-loss chunk of negatives (0: the authors\' 8000)')
-  parser.add_argument('--torch-threads', '--torch_threads', type=int, default=0,
-                      help='torch intra-op threads (0: the cores this process may use)')
-  parser.add_argument('--fused-passes', '--fused_passes', default='auto',
-                      choices=('auto', 'on', 'off'),
-                      help="cac.fused_passes: the CAC step's three passes as one call "
-                           "('auto': on GPU/TPU); the row's fused_passes says what ran")
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
+  parser.add_argument(
+    '--output-stride',
+    '--output_stride',
+    type=int,
+    default=16,
+    choices=backbones.HEAD_STRIDES,
+    help='one the backbone supports (cac_jax/backbones.py)',
+  )
+  parser.add_argument(
+    '--chunk-size', '--chunk_size', type=int, default=1024, help='DC loss negatives per chunk'
+  )
+  parser.add_argument(
+    '--dc-matmul-dtype',
+    '--dc_matmul_dtype',
+    default='auto',
+    choices=('auto', 'float32', 'bfloat16', 'compute'),
+    help="DC-loss matmul operands (cac.matmul_dtype); 'compute' = "
+    "the --dtype of each row; 'auto' = bfloat16 off CPU",
+  )
+  parser.add_argument(
+    '--dc-anchor-block',
+    '--dc_anchor_block',
+    type=float,
+    default=0.125,
+    help='cac.anchor_block: active anchors scored in blocks of this '
+    'fraction of the anchors; 0 = every anchor (dense)',
+  )
+  parser.add_argument(
+    '--convs',
+    default='rewritten',
+    choices=('rewritten', 'xla'),
+    help="'xla': plain XLA convolutions, without conv2d's rewrites "
+    '(cac_jax.models.layers.conv2d), to time the difference',
+  )
+  parser.add_argument(
+    '--bank-steps',
+    '--bank_steps',
+    type=int,
+    default=1,
+    help='previous steps in the feature bank (VOC R50: 1)',
+  )
+  parser.add_argument(
+    '--devices', type=int, default=1, help='devices in the mesh (batches are split over them)'
+  )
+  parser.add_argument(
+    '--precision',
+    default='default',
+    choices=('default', 'highest'),
+    help='matmul precision (also sets jax_default_matmul_precision)',
+  )
+  parser.add_argument('--no-dc-share', action='store_true', help='skip timing the DC loss alone')
+  parser.add_argument(
+    '--torch',
+    action='store_true',
+    help="also time the authors' PyTorch step, interleaved with "
+    'ours (CPU backend, float32 rows; cac_jax/bench/torch_step.py)',
+  )
+  parser.add_argument(
+    '--torch-chunk',
+    '--torch_chunk',
+    type=int,
+    default=0,
+    help="PyTorch DC-loss chunk of negatives (0: the authors' 8000)",
+  )
+  parser.add_argument(
+    '--torch-threads',
+    '--torch_threads',
+    type=int,
+    default=0,
+    help='torch intra-op threads (0: the cores this process may use)',
+  )
+  parser.add_argument(
+    '--fused-passes',
+    '--fused_passes',
+    default='auto',
+    choices=('auto', 'on', 'off'),
+    help="cac.fused_passes: the CAC step's three passes as one call "
+    "('auto': on GPU/TPU); the row's fused_passes says what ran",
+  )
   parser.add_argument('--json', default='', help='write all results here')
   args = parser.parse_args(argv)
   dtypes = _csv(args.dtype, DTYPES, 'dtype', parser)
   modes = _csv(args.modes, MODES, 'modes', parser)
   if args.crop < 32 or args.crop % FEATURE_STRIDE:
-    parser.error(f'--crop={args.crop} must be a multiple of {FEATURE_STRIDE} and >= 32 '
-                 f'(the DC loss works on the stride-{FEATURE_STRIDE} grid)')
+    parser.error(
+      f'--crop={args.crop} must be a multiple of {FEATURE_STRIDE} and >= 32 '
+      f'(the DC loss works on the stride-{FEATURE_STRIDE} grid)'
+    )
   supported = backbones.get(args.backbone).output_strides
   if args.output_stride not in supported:
-    parser.error(f'--output-stride={args.output_stride} is not supported by '
-                 f'{args.backbone} (it supports {supported})')
-  if min(args.labeled, args.unlabeled, args.steps, args.chunk_size) < 1 or \
-      min(args.warmup, args.bank_steps) < 0:
-    parser.error('need --labeled, --unlabeled, --steps, --chunk-size >= 1 and '
-                 '--warmup, --bank-steps >= 0')
+    parser.error(
+      f'--output-stride={args.output_stride} is not supported by '
+      f'{args.backbone} (it supports {supported})'
+    )
+  if (
+    min(args.labeled, args.unlabeled, args.steps, args.chunk_size) < 1
+    or min(args.warmup, args.bank_steps) < 0
+  ):
+    parser.error(
+      'need --labeled, --unlabeled, --steps, --chunk-size >= 1 and --warmup, --bank-steps >= 0'
+    )
   available = jax.devices()
   if not 1 <= args.devices <= len(available):
-    parser.error(f'--devices={args.devices}: this machine has {len(available)} '
-                 f'{available[0].platform} device(s)')
+    parser.error(
+      f'--devices={args.devices}: this machine has {len(available)} '
+      f'{available[0].platform} device(s)'
+    )
   for name in ('labeled', 'unlabeled'):
     if getattr(args, name) % args.devices:
-      parser.error(f'--{name}={getattr(args, name)} must be a multiple of '
-                   f'--devices={args.devices} (batch sizes are global)')
+      parser.error(
+        f'--{name}={getattr(args, name)} must be a multiple of '
+        f'--devices={args.devices} (batch sizes are global)'
+      )
   if args.torch:
     if available[0].platform != 'cpu':
-      parser.error('--torch times PyTorch on the CPU beside JAX on the same cores; '
-                   'run it on a CPU backend (JAX_PLATFORMS=cpu)')
+      parser.error(
+        '--torch times PyTorch on the CPU beside JAX on the same cores; '
+        'run it on a CPU backend (JAX_PLATFORMS=cpu)'
+      )
     if args.backbone not in ('resnet50', 'resnet101', 'resnet_tiny'):
-      parser.error(f'--torch has a PyTorch network for resnet50, resnet101 and '
-                   f'resnet_tiny, not {args.backbone}')
+      parser.error(
+        f'--torch has a PyTorch network for resnet50, resnet101 and '
+        f'resnet_tiny, not {args.backbone}'
+      )
     if 'float32' not in dtypes:
-      parser.error('--torch compares float32 steps (the authors\' dtype); add float32 '
-                   'to --dtype')
+      parser.error("--torch compares float32 steps (the authors' dtype); add float32 to --dtype")
     if min(args.torch_chunk, args.torch_threads) < 0:
       parser.error('--torch-chunk and --torch-threads must be >= 0')
   if args.precision == 'highest':
@@ -578,60 +729,97 @@ def main(argv=None) -> int:
       cpu_model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
   except (OSError, StopIteration):
     pass
-  header = (f'# train step on {args.devices} x {dev.device_kind} ({dev.platform}); '
-            f'host {os.cpu_count()} CPUs ({cpu_model}); jax {jax.__version__}; '
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-            f'load average {os.getloadavg()[0]:.2f}')
+  header = (
+    f'# train step on {args.devices} x {dev.device_kind} ({dev.platform}); '
+    f'host {os.cpu_count()} CPUs ({cpu_model}); jax {jax.__version__}; '
+    f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; '
+    f'load average {os.getloadavg()[0]:.2f}'
+  )
   start_load = os.getloadavg()
   meta = {}
   if args.torch:
     from cac_jax.bench import torch_step as torch_lib  # imports torch
+
     threads = torch_lib.configure_threads(args.torch_threads or None)
     busy = start_load[0] > BUSY_LOAD
-    meta = {'torch_version': torch_lib.torch.__version__, 'torch_threads': threads,
-            'cpus': os.cpu_count(), 'load_at_start': start_load, 'under_load': busy,
-            'load_note': (
-                f'under load: 1-minute load average {start_load[0]:.2f} on '
-                f'{os.cpu_count()} CPUs before the run (other work shared the cores); '
-                'absolute times are inflated, the per-pair ratio is the robust figure'
-                if busy else f'idle at start (load average {start_load[0]:.2f})')}
-    header += f"; torch {meta['torch_version']} ({threads} threads)"
+    meta = {
+      'torch_version': torch_lib.torch.__version__,
+      'torch_threads': threads,
+      'cpus': os.cpu_count(),
+      'load_at_start': start_load,
+      'under_load': busy,
+      'load_note': (
+        f'under load: 1-minute load average {start_load[0]:.2f} on '
+        f'{os.cpu_count()} CPUs before the run (other work shared the cores); '
+        'absolute times are inflated, the per-pair ratio is the robust figure'
+        if busy
+        else f'idle at start (load average {start_load[0]:.2f})'
+      ),
+    }
+    header += f'; torch {meta["torch_version"]} ({threads} threads)'
   print(header, flush=True)
   if meta:
-    print(f"# {meta['load_note']}", flush=True)
+    print(f'# {meta["load_note"]}', flush=True)
   results = []
   for dtype in dtypes:
     for mode in modes:
       config = bench_config(
-          backbone=args.backbone, crop=args.crop, labeled=args.labeled,
-          unlabeled=args.unlabeled, dtype=dtype, output_stride=args.output_stride,
-          chunk_size=args.chunk_size, bank_steps=args.bank_steps,
-          supervised_only=mode == 'sup',
-          dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype,
-          dc_anchor_block=args.dc_anchor_block, fused_passes=args.fused_passes)
-      with (layers.xla_convolutions() if args.convs == 'xla'
-            else contextlib.nullcontext()):
-        r = benchmark(config, with_dc=mode == 'cac', steps=args.steps,
-                      warmup=args.warmup, devices=available[:args.devices],
-                      precision=args.precision, dc_share=not args.no_dc_share,
-                      torch_baseline=args.torch and dtype == 'float32',
-                      torch_chunk=args.torch_chunk or None)
+        backbone=args.backbone,
+        crop=args.crop,
+        labeled=args.labeled,
+        unlabeled=args.unlabeled,
+        dtype=dtype,
+        output_stride=args.output_stride,
+        chunk_size=args.chunk_size,
+        bank_steps=args.bank_steps,
+        supervised_only=mode == 'sup',
+        dc_matmul_dtype=dtype if args.dc_matmul_dtype == 'compute' else args.dc_matmul_dtype,
+        dc_anchor_block=args.dc_anchor_block,
+        fused_passes=args.fused_passes,
+      )
+      with layers.xla_convolutions() if args.convs == 'xla' else contextlib.nullcontext():
+        r = benchmark(
+          config,
+          with_dc=mode == 'cac',
+          steps=args.steps,
+          warmup=args.warmup,
+          devices=available[: args.devices],
+          precision=args.precision,
+          dc_share=not args.no_dc_share,
+          torch_baseline=args.torch and dtype == 'float32',
+          torch_chunk=args.torch_chunk or None,
+        )
       r['convs'] = args.convs
       results.append(r)
-      print(f"{mode} {dtype}: compile {r['compile_s']:.1f} s, step "
-            f"{r['step_s']:.3f} s, {r['images_per_s']:.1f} images/s", flush=True)
+      print(
+        f'{mode} {dtype}: compile {r["compile_s"]:.1f} s, step '
+        f'{r["step_s"]:.3f} s, {r["images_per_s"]:.1f} images/s',
+        flush=True,
+      )
       if 'torch_step_s' in r:
-        print(f"{mode} {dtype}: PyTorch step {r['torch_step_s']:.3f} s, PyTorch/JAX "
-              f"{r['torch_over_jax']:.2f} (per pair {r['torch_over_jax_pairs']:.2f})",
-              flush=True)
+        print(
+          f'{mode} {dtype}: PyTorch step {r["torch_step_s"]:.3f} s, PyTorch/JAX '
+          f'{r["torch_over_jax"]:.2f} (per pair {r["torch_over_jax_pairs"]:.2f})',
+          flush=True,
+        )
       if args.json:  # after every row, so a run cut short keeps what it measured
         with open(args.json, 'w') as f:
-          json.dump({'header': header, 'argv': sys.argv[1:] if argv is None else argv,
-                     **meta, 'results': results}, f, indent=1)
+          json.dump(
+            {
+              'header': header,
+              'argv': sys.argv[1:] if argv is None else argv,
+              **meta,
+              'results': results,
+            },
+            f,
+            indent=1,
+          )
   peaks = sorted({r['peak_name'] for r in results if r['peak_flops']})
-  print(f"\n{header}\nMFU peak: {', '.join(peaks) or 'none (not a known GPU)'}; "
-        f"{args.steps} timed steps after {args.warmup} warm-up; synthetic batches; "
-        'DC loss = dc_loss_from_views fwd+bwd alone (share of the step).\n')
+  print(
+    f'\n{header}\nMFU peak: {", ".join(peaks) or "none (not a known GPU)"}; '
+    f'{args.steps} timed steps after {args.warmup} warm-up; synthetic batches; '
+    'DC loss = dc_loss_from_views fwd+bwd alone (share of the step).\n'
+  )
   if args.json:
     print(f'wrote {args.json}\n')
   print(HEADER)
@@ -639,9 +827,11 @@ def main(argv=None) -> int:
     print(table_row(r))
   compared = [r for r in results if 'torch_step_s' in r]
   if compared:
-    print(f"\nPyTorch {meta['torch_version']} ({meta['torch_threads']} threads, NCHW "
-          'float32, the authors\' step) timed interleaved with the JAX float32 rows; '
-          f"{meta['load_note']}.\n")
+    print(
+      f'\nPyTorch {meta["torch_version"]} ({meta["torch_threads"]} threads, NCHW '
+      "float32, the authors' step) timed interleaved with the JAX float32 rows; "
+      f'{meta["load_note"]}.\n'
+    )
     print(TORCH_HEADER)
     for r in compared:
       print(torch_row(r))

@@ -23,6 +23,7 @@ Photometric choices (each matches the authors' PyTorch code where it matters):
     value its formula would give). Border: reflect-101, OpenCV's default.
   * Grayscale uses the ITU-R 601 weights (0.299, 0.587, 0.114), as torchvision.
 """
+
 import functools
 from collections.abc import Sequence
 
@@ -65,22 +66,24 @@ def check_scale_range(scale_range: Sequence[float], base_size: int) -> tuple[int
   """
   if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
     raise ValueError(
-        f'scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range!r}; '
-        'the paper uses (0.5, 2.0) for labeled and (0.8, 2.0) for unlabeled.')
+      f'scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range!r}; '
+      'the paper uses (0.5, 2.0) for labeled and (0.8, 2.0) for unlabeled.'
+    )
   if base_size <= 0:
     raise ValueError(f'base_size must be positive, got {base_size}.')
   lo, hi = int(scale_range[0] * base_size), int(scale_range[1] * base_size)
   if lo < 1:
-    raise ValueError(f'scale_range[0] * base_size = {scale_range[0] * base_size} '
-                     'gives a long side < 1 pixel; raise base_size or the scale.')
+    raise ValueError(
+      f'scale_range[0] * base_size = {scale_range[0] * base_size} '
+      'gives a long side < 1 pixel; raise base_size or the scale.'
+    )
   return lo, hi
 
 
 def random_long_side(seed, base_size: int, scale_range: Sequence[float]) -> tf.Tensor:
   """Samples the long side L ~ U{int(lo*base), ..., int(hi*base)} (int32 scalar)."""
   lo, hi = check_scale_range(scale_range, base_size)
-  return tf.random.stateless_uniform(
-      [], seed, minval=lo, maxval=hi + 1, dtype=tf.int32)
+  return tf.random.stateless_uniform([], seed, minval=lo, maxval=hi + 1, dtype=tf.int32)
 
 
 def scaled_size(height, width, long_side) -> tuple[tf.Tensor, tf.Tensor]:
@@ -99,8 +102,7 @@ def scaled_size(height, width, long_side) -> tuple[tf.Tensor, tf.Tensor]:
   new_h_if_wide = tf.floor(big * h / w + 0.5)
   new_h = tf.where(h > w, big, new_h_if_wide)
   new_w = tf.where(h > w, new_w_if_tall, big)
-  return (tf.cast(tf.maximum(new_h, 1.0), tf.int32),
-          tf.cast(tf.maximum(new_w, 1.0), tf.int32))
+  return (tf.cast(tf.maximum(new_h, 1.0), tf.int32), tf.cast(tf.maximum(new_w, 1.0), tf.int32))
 
 
 def resize_image(image, height, width) -> tf.Tensor:
@@ -114,15 +116,13 @@ def resize_image(image, height, width) -> tf.Tensor:
   cubic overshoot is clipped there.
   """
   image = tf.cast(image, tf.float32)
-  out = tf.image.resize(image, tf.stack([height, width]), method='bicubic',
-                        antialias=True)
+  out = tf.image.resize(image, tf.stack([height, width]), method='bicubic', antialias=True)
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
 def resize_label(label, height, width) -> tf.Tensor:
   """Nearest-neighbour resize of a label map [H, W] (any int dtype) to [height, width]."""
-  out = tf.image.resize(label[..., None], tf.stack([height, width]),
-                        method='nearest')
+  out = tf.image.resize(label[..., None], tf.stack([height, width]), method='nearest')
   return tf.cast(out[..., 0], label.dtype)
 
 
@@ -135,21 +135,18 @@ def pad_bottom_right(x, min_height, min_width, value) -> tf.Tensor:
     return tf.pad(x, [[0, pad_h], [0, pad_w]], constant_values=value)
   # Per-channel fill colours: pad each channel with its own constant.
   channels = tf.unstack(x, num=len(value), axis=-1)
-  padded = [tf.pad(c, [[0, pad_h], [0, pad_w]], constant_values=v)
-            for c, v in zip(channels, value)]
+  padded = [tf.pad(c, [[0, pad_h], [0, pad_w]], constant_values=v) for c, v in zip(channels, value)]
   return tf.stack(padded, axis=-1)
 
 
 def pad_image(image, min_size: int) -> tf.Tensor:
   """Pads an image [H, W, 3] bottom/right with the mean colour to >= min_size."""
-  return pad_bottom_right(tf.cast(image, tf.float32), min_size, min_size,
-                          PAD_COLOR)
+  return pad_bottom_right(tf.cast(image, tf.float32), min_size, min_size, PAD_COLOR)
 
 
 def pad_label(label, min_size: int) -> tf.Tensor:
   """Pads a label map [H, W] bottom/right with 255 (ignore) to >= min_size."""
-  return pad_bottom_right(label, min_size, min_size,
-                          tf.constant(IGNORE_LABEL, label.dtype))
+  return pad_bottom_right(label, min_size, min_size, tf.constant(IGNORE_LABEL, label.dtype))
 
 
 def random_crop_origin(seed, height, width, crop_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -158,10 +155,12 @@ def random_crop_origin(seed, height, width, crop_size: int) -> tuple[tf.Tensor, 
   The image must already be at least crop_size on both sides.
   """
   seeds = split_seed(seed, 2)
-  y = tf.random.stateless_uniform([], seeds[0], minval=0,
-                                  maxval=height - crop_size + 1, dtype=tf.int32)
-  x = tf.random.stateless_uniform([], seeds[1], minval=0,
-                                  maxval=width - crop_size + 1, dtype=tf.int32)
+  y = tf.random.stateless_uniform(
+    [], seeds[0], minval=0, maxval=height - crop_size + 1, dtype=tf.int32
+  )
+  x = tf.random.stateless_uniform(
+    [], seeds[1], minval=0, maxval=width - crop_size + 1, dtype=tf.int32
+  )
   return y, x
 
 
@@ -182,8 +181,7 @@ def flip_left_right(x) -> tf.Tensor:
 def to_grayscale(image) -> tf.Tensor:
   """Grey image [H, W, 1] (float32) from RGB [H, W, 3] with ITU-R 601 weights."""
   weights = tf.constant(_GRAY_WEIGHTS, tf.float32)
-  return tf.reduce_sum(tf.cast(image, tf.float32) * weights, axis=-1,
-                       keepdims=True)
+  return tf.reduce_sum(tf.cast(image, tf.float32) * weights, axis=-1, keepdims=True)
 
 
 def adjust_brightness(image, factor) -> tf.Tensor:
@@ -209,9 +207,14 @@ def adjust_hue(image, delta) -> tf.Tensor:
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def random_color_jitter(image, seed, brightness: float = 0.4,
-                        contrast: float = 0.4, saturation: float = 0.4,
-                        hue: float = 0.1) -> tf.Tensor:
+def random_color_jitter(
+  image,
+  seed,
+  brightness: float = 0.4,
+  contrast: float = 0.4,
+  saturation: float = 0.4,
+  hue: float = 0.1,
+) -> tf.Tensor:
   """torchvision-style ColorJitter on a float [H, W, 3] image in [0, 255].
 
   Factors are uniform in [1 - b, 1 + b] (brightness, contrast, saturation) and
@@ -222,13 +225,16 @@ def random_color_jitter(image, seed, brightness: float = 0.4,
   seeds = split_seed(seed, 4)
 
   def factor(s, amount):
-    return tf.random.stateless_uniform([], s, minval=max(0.0, 1.0 - amount),
-                                       maxval=1.0 + amount)
+    return tf.random.stateless_uniform([], s, minval=max(0.0, 1.0 - amount), maxval=1.0 + amount)
 
   b, c, s = (factor(seeds[i], a) for i, a in enumerate((brightness, contrast, saturation)))
   delta = tf.random.stateless_uniform([], seeds[3], minval=-hue, maxval=hue)
-  ops = [lambda x: adjust_brightness(x, b), lambda x: adjust_contrast(x, c),
-         lambda x: adjust_saturation(x, s), lambda x: adjust_hue(x, delta)]
+  ops = [
+    lambda x: adjust_brightness(x, b),
+    lambda x: adjust_contrast(x, c),
+    lambda x: adjust_saturation(x, s),
+    lambda x: adjust_hue(x, delta),
+  ]
   order = jitter_order(seed)
   for k in range(4):
     image = tf.switch_case(order[k], [functools.partial(op, image) for op in ops])
@@ -260,8 +266,9 @@ def gaussian_blur(image) -> tf.Tensor:
   return x[0]
 
 
-def photometric_augment(image, seed, *, p_blur: float = 0.5,
-                        p_jitter: float = 0.8, p_gray: float = 0.2) -> tf.Tensor:
+def photometric_augment(
+  image, seed, *, p_blur: float = 0.5, p_jitter: float = 0.8, p_gray: float = 0.2
+) -> tf.Tensor:
   """CAC's per-view photometric augmentation (docs/method.md §2, step 6).
 
   In the authors' order: Gaussian blur (p_blur), colour jitter
@@ -276,13 +283,13 @@ def photometric_augment(image, seed, *, p_blur: float = 0.5,
   """
   seeds = split_seed(seed, 4)
   image = tf.cast(image, tf.float32)
-  image = tf.cond(bernoulli(seeds[0], p_blur), lambda: gaussian_blur(image),
-                  lambda: image)
-  image = tf.cond(bernoulli(seeds[1], p_jitter),
-                  lambda: random_color_jitter(image, seeds[2]), lambda: image)
-  image = tf.cond(bernoulli(seeds[3], p_gray),
-                  lambda: tf.tile(to_grayscale(image), [1, 1, 3]),
-                  lambda: image)
+  image = tf.cond(bernoulli(seeds[0], p_blur), lambda: gaussian_blur(image), lambda: image)
+  image = tf.cond(
+    bernoulli(seeds[1], p_jitter), lambda: random_color_jitter(image, seeds[2]), lambda: image
+  )
+  image = tf.cond(
+    bernoulli(seeds[3], p_gray), lambda: tf.tile(to_grayscale(image), [1, 1, 3]), lambda: image
+  )
   return image
 
 
@@ -291,9 +298,16 @@ def normalize(image) -> tf.Tensor:
   return constants.normalize(tf.cast(image, tf.float32))
 
 
-def labeled_example(image_u8, label_u8, seed, *, crop_size: int, base_size: int,
-                    scale_range: Sequence[float] = (0.5, 2.0),
-                    color_jitter: bool = False) -> dict[str, tf.Tensor]:
+def labeled_example(
+  image_u8,
+  label_u8,
+  seed,
+  *,
+  crop_size: int,
+  base_size: int,
+  scale_range: Sequence[float] = (0.5, 2.0),
+  color_jitter: bool = False,
+) -> dict[str, tf.Tensor]:
   """Augments one labeled example as the authors' supervised loader.
 
   Long-side random scale, bottom/right pad to >= crop (mean colour / 255),

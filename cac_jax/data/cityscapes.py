@@ -16,6 +16,7 @@ or the authors' split files (lines
 gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png`).
 The 19 class names and colours are its entry in `cac_jax/datasets.py`.
 """
+
 import glob
 import os
 
@@ -35,20 +36,25 @@ _IMAGE_SUFFIX = '_leftImg8bit'
 def image_id(path: str) -> str:
   """`.../aachen_000000_000019_leftImg8bit.png` -> `aachen_000000_000019`."""
   stem = os.path.splitext(os.path.basename(path))[0]
-  return stem[:-len(_IMAGE_SUFFIX)] if stem.endswith(_IMAGE_SUFFIX) else stem
+  return stem[: -len(_IMAGE_SUFFIX)] if stem.endswith(_IMAGE_SUFFIX) else stem
 
 
 def list_images(root: str, split: str) -> dict[str, str]:
   """id -> image path of 'train' or 'val', sorted by id."""
   folder = os.path.join(root, 'leftImg8bit', split)
-  sources.require_dir(folder, 'Cityscapes image directory',
-                      'set data.root to the directory holding leftImg8bit/ and gtFine/ '
-                      '(extracted from leftImg8bit_trainvaltest.zip and '
-                      'gtFine_trainvaltest.zip, cityscapes-dataset.com)')
+  sources.require_dir(
+    folder,
+    'Cityscapes image directory',
+    'set data.root to the directory holding leftImg8bit/ and gtFine/ '
+    '(extracted from leftImg8bit_trainvaltest.zip and '
+    'gtFine_trainvaltest.zip, cityscapes-dataset.com)',
+  )
   paths = glob.glob(os.path.join(folder, '*', f'*{_IMAGE_SUFFIX}.png'))
   if not paths:
-    raise sources.DataError(f'{folder} holds no <city>/*{_IMAGE_SUFFIX}.png images; '
-                            'check that leftImg8bit_trainvaltest.zip was fully extracted')
+    raise sources.DataError(
+      f'{folder} holds no <city>/*{_IMAGE_SUFFIX}.png images; '
+      'check that leftImg8bit_trainvaltest.zip was fully extracted'
+    )
   images = {image_id(p): p for p in paths}
   return dict(sorted(images.items()))
 
@@ -67,12 +73,18 @@ def get_source(data_config, split: str) -> sources.Source:
   """A split ('labeled' | 'unlabeled' | 'val') as file paths."""
   names, palette = sources.classes(data_config)
   root = data_config.root
-  sources.require_dir(root, 'data.root', 'set --config.data.root to the Cityscapes '
-                      'directory holding leftImg8bit/ and gtFine/')
+  sources.require_dir(
+    root,
+    'data.root',
+    'set --config.data.root to the Cityscapes directory holding leftImg8bit/ and gtFine/',
+  )
   folder = 'val' if split == 'val' else 'train'
   images = list_images(root, folder)
-  ids = list(images) if split == 'val' else sources.split_ids(
-      data_config, list(images), split, id_from_path=image_id)
+  ids = (
+    list(images)
+    if split == 'val'
+    else sources.split_ids(data_config, list(images), split, id_from_path=image_id)
+  )
   paths = [images[i] for i in ids]
   labels, label_map = None, None
   if split != 'unlabeled':
@@ -83,6 +95,12 @@ def get_source(data_config, split: str) -> sources.Source:
       # Missing labelIds files are left for validate_source to report.
       labels, label_map = tuple(i for _, i in masks), LABEL_MAP
   return sources.Source(
-      ids=tuple(ids), images=tuple(paths), labels=labels, from_files=True,
-      num_classes=len(names), class_names=names, palette=palette,
-      label_map=label_map)
+    ids=tuple(ids),
+    images=tuple(paths),
+    labels=labels,
+    from_files=True,
+    num_classes=len(names),
+    class_names=names,
+    palette=palette,
+    label_map=label_map,
+  )

@@ -32,6 +32,7 @@ The dataset is a TFDS builder (`cac_textures`) built once into
 `import cac_jax.data.embedded`, `tfds.load('cac_textures', data_dir=...)`
 works.
 """
+
 import contextlib
 import fcntl
 import functools
@@ -39,10 +40,10 @@ import os
 import pathlib
 
 import numpy as np
-from etils import epath
 import scipy.special
 import skimage.data
 import tensorflow_datasets as tfds
+from etils import epath
 
 from cac_jax import datasets
 from cac_jax.data import sources
@@ -104,7 +105,7 @@ def texture(class_id: int, split: str, rng: np.random.Generator, size: int) -> n
     half = photo_half(name, split)
     y = rng.integers(0, half.shape[0] - size + 1)
     x = rng.integers(0, half.shape[1] - size + 1)
-    patch = half[y:y + size, x:x + size]
+    patch = half[y : y + size, x : x + size]
     patch = np.rot90(patch, rng.integers(4))
     patch = patch[:, ::-1] if rng.random() < 0.5 else patch
     # Dither breaks ties between equal uint8 values before rank transforming.
@@ -119,7 +120,7 @@ def texture(class_id: int, split: str, rng: np.random.Generator, size: int) -> n
     spacing = rng.uniform(8, 13)
     du = (u % spacing) - spacing / 2
     dv = (v % spacing) - spacing / 2
-    pattern = (du ** 2 + dv ** 2 < (rng.uniform(0.2, 0.35) * spacing) ** 2).astype(np.float32)
+    pattern = (du**2 + dv**2 < (rng.uniform(0.2, 0.35) * spacing) ** 2).astype(np.float32)
   # Noise makes binary patterns rankable without raster-order artefacts.
   return (pattern + rng.normal(0, 0.15, pattern.shape)).astype(np.float32)
 
@@ -160,8 +161,10 @@ def generate_example(split: str, index: int, size: int = 128) -> tuple[np.ndarra
   if split not in _SPLIT_CODES:
     raise ValueError(f'split must be one of {tuple(_SPLIT_CODES)}, got {split!r}')
   if not MIN_SIZE <= size <= MAX_SIZE:
-    raise ValueError(f'data.embedded.image_size={size} must be in [{MIN_SIZE}, {MAX_SIZE}] '
-                     '(texture crops come from 512 x 256 photo halves)')
+    raise ValueError(
+      f'data.embedded.image_size={size} must be in [{MIN_SIZE}, {MAX_SIZE}] '
+      '(texture crops come from 512 x 256 photo halves)'
+    )
   rng = np.random.default_rng([_DATASET_SEED, _SPLIT_CODES[split], index, size])
   cells = warped_voronoi(rng, size, int(rng.integers(3, 9)))
   classes = _cell_classes(rng, cells.max() + 1, split == 'train_biased')
@@ -188,9 +191,11 @@ class TexturesConfig(tfds.core.BuilderConfig):
   """Sizes of the mosaic dataset; the name encodes them."""
 
   def __init__(self, *, num_train: int = 256, num_val: int = 64, image_size: int = 128):
-    super().__init__(name=f'n{num_train}_v{num_val}_s{image_size}',
-                     description=f'{num_train} train (+ as many context-biased) and '
-                                 f'{num_val} val mosaics of {image_size} px')
+    super().__init__(
+      name=f'n{num_train}_v{num_val}_s{image_size}',
+      description=f'{num_train} train (+ as many context-biased) and '
+      f'{num_val} val mosaics of {image_size} px',
+    )
     self.num_train, self.num_val, self.image_size = num_train, num_val, image_size
 
 
@@ -213,21 +218,25 @@ class CacTextures(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Image(shape=(s, s, 3)),
-            'segmentation_mask': tfds.features.Image(shape=(s, s, 1)),
-        }),
-        supervised_keys=('image', 'segmentation_mask'),
-        homepage='https://github.com/dvlab-research/Context-Aware-Consistency',
+      features=tfds.features.FeaturesDict(
+        {
+          'id': tfds.features.Text(),
+          'image': tfds.features.Image(shape=(s, s, 3)),
+          'segmentation_mask': tfds.features.Image(shape=(s, s, 1)),
+        }
+      ),
+      supervised_keys=('image', 'segmentation_mask'),
+      homepage='https://github.com/dvlab-research/Context-Aware-Consistency',
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is generated locally
     c = self.builder_config
-    return {'train': self._generate_examples('train', c.num_train),
-            'train_biased': self._generate_examples('train_biased', c.num_train),
-            'val': self._generate_examples('val', c.num_val)}
+    return {
+      'train': self._generate_examples('train', c.num_train),
+      'train_biased': self._generate_examples('train_biased', c.num_train),
+      'val': self._generate_examples('val', c.num_val),
+    }
 
   def _generate_examples(self, split, count):
     for i in range(count):
@@ -251,16 +260,21 @@ def _file_lock(path: pathlib.Path):
 def builder(embedded_config=None, data_dir=None) -> CacTextures:
   """The built (cached) `cac_textures` builder for `data.embedded` sizes."""
   e = embedded_config
-  config = TexturesConfig(num_train=int(e.num_train), num_val=int(e.num_val),
-                          image_size=int(e.image_size)) if e is not None else TexturesConfig()
+  config = (
+    TexturesConfig(num_train=int(e.num_train), num_val=int(e.num_val), image_size=int(e.image_size))
+    if e is not None
+    else TexturesConfig()
+  )
   if config.num_train < 1 or config.num_val < 1:
-    raise ValueError(f'data.embedded.num_train={config.num_train} and num_val='
-                     f'{config.num_val} must be positive')
+    raise ValueError(
+      f'data.embedded.num_train={config.num_train} and num_val={config.num_val} must be positive'
+    )
   data_dir = pathlib.Path(data_dir or cache_dir())
   # TFDS refuses a config object that shadows a registered one: pass its name.
   registered = {c.name for c in CacTextures.BUILDER_CONFIGS}
-  b = CacTextures(config=config.name if config.name in registered else config,
-                  data_dir=str(data_dir))
+  b = CacTextures(
+    config=config.name if config.name in registered else config, data_dir=str(data_dir)
+  )
   with _file_lock(data_dir / f'cac_textures_{config.name}.lock'):
     b.download_and_prepare()
   return b
@@ -269,10 +283,12 @@ def builder(embedded_config=None, data_dir=None) -> CacTextures:
 def read_split(b: CacTextures, split: str) -> tuple[list[str], list[bytes], list[bytes]]:
   """(ids, image PNG bytes, mask PNG bytes) of a built split, sorted by id."""
   skip = tfds.decode.SkipDecoding()
-  ds = b.as_dataset(split=split, shuffle_files=False,
-                    decoders={'image': skip, 'segmentation_mask': skip})
-  rows = sorted((ex['id'].decode(), ex['image'], ex['segmentation_mask'])
-                for ex in tfds.as_numpy(ds))
+  ds = b.as_dataset(
+    split=split, shuffle_files=False, decoders={'image': skip, 'segmentation_mask': skip}
+  )
+  rows = sorted(
+    (ex['id'].decode(), ex['image'], ex['segmentation_mask']) for ex in tfds.as_numpy(ds)
+  )
   return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
@@ -295,5 +311,11 @@ def get_source(data_config, split: str, data_dir=None) -> sources.Source:
   # The unlabeled split keeps its masks too: they feed the DC-loss
   # diagnostics (pseudo-label accuracy, false negatives), never a loss.
   return sources.Source(
-      ids=tuple(ids), images=tuple(images), labels=tuple(labels),
-      from_files=False, num_classes=len(names), class_names=names, palette=palette)
+    ids=tuple(ids),
+    images=tuple(images),
+    labels=tuple(labels),
+    from_files=False,
+    num_classes=len(names),
+    class_names=names,
+    palette=palette,
+  )

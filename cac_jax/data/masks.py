@@ -11,12 +11,14 @@ RGB(A) masks are refused: colours are not class ids. Values above 255 are
 refused too (255 = ignore). With `num_classes`, every value must be in
 [0, num_classes) or 255 after the dataset's `label_map`.
 """
+
 import io
 
 import numpy as np
 from PIL import Image
 
 from cac_jax.constants import IGNORE_LABEL
+
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # PNG colour types: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
 _GRAY, _PALETTE, _GRAY_ALPHA = 0, 3, 4
@@ -27,8 +29,14 @@ class MaskError(ValueError):
   """A mask that is not a valid class-id PNG; the message names it and the fix."""
 
 
-def read_mask(data: bytes, name: str = 'mask', *, label_map=None,
-              num_classes: int | None = None, image_shape=None) -> np.ndarray:
+def read_mask(
+  data: bytes,
+  name: str = 'mask',
+  *,
+  label_map=None,
+  num_classes: int | None = None,
+  image_shape=None,
+) -> np.ndarray:
   """Decodes an encoded mask to class ids.
 
   Args:
@@ -46,12 +54,13 @@ def read_mask(data: bytes, name: str = 'mask', *, label_map=None,
   """
   data = bytes(data)
   if not data.startswith(_PNG_SIGNATURE) or len(data) < 26:
-    raise MaskError(f'{name} is not a PNG file; masks must be PNG (lossy JPEG changes '
-                    'class ids)')
+    raise MaskError(f'{name} is not a PNG file; masks must be PNG (lossy JPEG changes class ids)')
   bit_depth, color_type = data[24], data[25]
   if color_type not in (_GRAY, _PALETTE, _GRAY_ALPHA):
-    raise MaskError(f'{name} is an RGB(A) PNG; colours are not class ids, save a gray '
-                    '(mode L) or palette (mode P) PNG of class ids')
+    raise MaskError(
+      f'{name} is an RGB(A) PNG; colours are not class ids, save a gray '
+      '(mode L) or palette (mode P) PNG of class ids'
+    )
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
@@ -59,34 +68,43 @@ def read_mask(data: bytes, name: str = 'mask', *, label_map=None,
         im = im.getchannel(0)
       values = np.asarray(im)
   except Exception as e:  # PIL raises several types for damaged files
-    raise MaskError(f'{name} is truncated or corrupt ({type(e).__name__}: {e}); '
-                    're-export it') from None
+    raise MaskError(
+      f'{name} is truncated or corrupt ({type(e).__name__}: {e}); re-export it'
+    ) from None
   if values.ndim != 2:
     # Pillow opens 16-bit gray+alpha PNGs as 8-bit RGBA.
-    raise MaskError(f'{name} decodes to {values.shape[-1]} channels (a {bit_depth}-bit '
-                    'gray+alpha PNG?); save a single-channel gray (mode L) or palette '
-                    '(mode P) PNG of class ids')
+    raise MaskError(
+      f'{name} decodes to {values.shape[-1]} channels (a {bit_depth}-bit '
+      'gray+alpha PNG?); save a single-channel gray (mode L) or palette '
+      '(mode P) PNG of class ids'
+    )
   if values.dtype == bool:
     values = values.astype(np.uint8)
   elif color_type != _PALETTE and bit_depth < 8:
     # PIL scales 2- and 4-bit gray to 0..255; the stored value is the class id.
-    values = values // (255 // (2 ** bit_depth - 1))
+    values = values // (255 // (2**bit_depth - 1))
   values = values.astype(np.int64)
   if values.size and values.max() > IGNORE_LABEL:
-    raise MaskError(f'{name} holds values above 255 (e.g. {int(values.max())}); class '
-                    'ids must fit in 8 bits with 255 = ignore')
+    raise MaskError(
+      f'{name} holds values above 255 (e.g. {int(values.max())}); class '
+      'ids must fit in 8 bits with 255 = ignore'
+    )
   mask = values.astype(np.uint8)
   if label_map is not None:
     mask = np.asarray(label_map, np.uint8)[mask]
   if image_shape is not None and tuple(mask.shape) != tuple(image_shape[:2]):
-    raise MaskError(f'{name} is {mask.shape[1]}x{mask.shape[0]} but its image is '
-                    f'{image_shape[1]}x{image_shape[0]} (width x height); masks must '
-                    'match their images')
+    raise MaskError(
+      f'{name} is {mask.shape[1]}x{mask.shape[0]} but its image is '
+      f'{image_shape[1]}x{image_shape[0]} (width x height); masks must '
+      'match their images'
+    )
   if num_classes is not None:
     used = np.unique(mask)
     bad = [int(v) for v in used if v >= num_classes and v != IGNORE_LABEL]
     if bad:
-      raise MaskError(f'{name} holds values {bad[:_MAX_REPORTED]} outside '
-                      f'[0, {num_classes}) and 255 (ignore); fix the mask or '
-                      'data.num_classes')
+      raise MaskError(
+        f'{name} holds values {bad[:_MAX_REPORTED]} outside '
+        f'[0, {num_classes}) and 255 (ignore); fix the mask or '
+        'data.num_classes'
+      )
   return mask

@@ -24,6 +24,7 @@ docs/method.md §4; never for a loss), it goes through the same scale, pad,
 crops and flips and is reduced to one true class per stride-s cell
 (`cell_labels`), the grid of the features the DC loss compares.
 """
+
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -33,24 +34,32 @@ from cac_jax.data import augment
 MAX_TRIES = 50
 
 
-def check_pair_args(crop_size: int, base_size: int,
-                    scale_range: Sequence[float],
-                    iou_range: Sequence[float], stride: int) -> None:
+def check_pair_args(
+  crop_size: int,
+  base_size: int,
+  scale_range: Sequence[float],
+  iou_range: Sequence[float],
+  stride: int,
+) -> None:
   """Raises ValueError for pair-sampler arguments that cannot work."""
   if stride <= 0:
     raise ValueError(f'stride must be positive, got {stride}.')
   if crop_size <= 0 or crop_size % stride:
     raise ValueError(
-        f'crop_size must be a positive multiple of the feature stride {stride} '
-        f'(overlap boxes are in stride units), got {crop_size}.')
+      f'crop_size must be a positive multiple of the feature stride {stride} '
+      f'(overlap boxes are in stride units), got {crop_size}.'
+    )
   if len(iou_range) != 2 or not 0.0 <= iou_range[0] <= iou_range[1] <= 1.0:
-    raise ValueError(f'iou_range must be (lo, hi) with 0 <= lo <= hi <= 1, '
-                     f'got {iou_range!r}; the paper uses (0.1, 1.0).')
+    raise ValueError(
+      f'iou_range must be (lo, hi) with 0 <= lo <= hi <= 1, '
+      f'got {iou_range!r}; the paper uses (0.1, 1.0).'
+    )
   augment.check_scale_range(scale_range, base_size)
 
 
-def select_second_crop(y1, x1, cand_y, cand_x, *, crop_size: int,
-                       iou_range: Sequence[float], stride: int):
+def select_second_crop(
+  y1, x1, cand_y, cand_x, *, crop_size: int, iou_range: Sequence[float], stride: int
+):
   """Vectorised form of the authors' 50-try loop for crop 2.
 
   Args:
@@ -87,8 +96,7 @@ def select_second_crop(y1, x1, cand_y, cand_x, *, crop_size: int,
   return y2, x2, accepted
 
 
-def overlap_boxes(y1, x1, y2, x2, height, width, *, crop_size: int,
-                  stride: int):
+def overlap_boxes(y1, x1, y2, x2, height, width, *, crop_size: int, stride: int):
   """Overlap of the two crops in each crop's own frame (docs/method.md §2, step 4).
 
   Args:
@@ -102,22 +110,38 @@ def overlap_boxes(y1, x1, y2, x2, height, width, *, crop_size: int,
   dy, dx = y2 - y1, x2 - x1
   h_in = height // stride * stride
   w_in = width // stride * stride
-  box1 = tf.stack([
-      tf.maximum(0, dy), tf.maximum(0, dx),
+  box1 = tf.stack(
+    [
+      tf.maximum(0, dy),
+      tf.maximum(0, dx),
       tf.minimum(tf.minimum(c, c + dy), h_in),
-      tf.minimum(tf.minimum(c, c + dx), w_in)])
-  box2 = tf.stack([
-      tf.maximum(0, -dy), tf.maximum(0, -dx),
+      tf.minimum(tf.minimum(c, c + dx), w_in),
+    ]
+  )
+  box2 = tf.stack(
+    [
+      tf.maximum(0, -dy),
+      tf.maximum(0, -dx),
       tf.minimum(tf.minimum(c, c - dy), h_in),
-      tf.minimum(tf.minimum(c, c - dx), w_in)])
+      tf.minimum(tf.minimum(c, c - dx), w_in),
+    ]
+  )
   return box1, box2
 
 
-def pair_geometry(seed, height, width, *, crop_size: int, base_size: int,
-                  scale_range: Sequence[float] = (0.8, 2.0),
-                  iou_range: Sequence[float] = (0.1, 1.0), stride: int = 8,
-                  same_crop: bool = False,
-                  max_tries: int = MAX_TRIES) -> dict[str, tf.Tensor]:
+def pair_geometry(
+  seed,
+  height,
+  width,
+  *,
+  crop_size: int,
+  base_size: int,
+  scale_range: Sequence[float] = (0.8, 2.0),
+  iou_range: Sequence[float] = (0.1, 1.0),
+  stride: int = 8,
+  same_crop: bool = False,
+  max_tries: int = MAX_TRIES,
+) -> dict[str, tf.Tensor]:
   """The random geometry of one pair, without touching pixels.
 
   Args:
@@ -142,23 +166,28 @@ def pair_geometry(seed, height, width, *, crop_size: int, base_size: int,
   else:
     cand = augment.split_seed(seeds[2], 2)
     cand_y = tf.random.stateless_uniform(
-        [max_tries], cand[0], minval=0, maxval=h_pad - crop_size + 1,
-        dtype=tf.int32)
+      [max_tries], cand[0], minval=0, maxval=h_pad - crop_size + 1, dtype=tf.int32
+    )
     cand_x = tf.random.stateless_uniform(
-        [max_tries], cand[1], minval=0, maxval=w_pad - crop_size + 1,
-        dtype=tf.int32)
+      [max_tries], cand[1], minval=0, maxval=w_pad - crop_size + 1, dtype=tf.int32
+    )
     y2, x2, accepted = select_second_crop(
-        y1, x1, cand_y, cand_x, crop_size=crop_size, iou_range=iou_range,
-        stride=stride)
-  box1, box2 = overlap_boxes(y1, x1, y2, x2, h, w, crop_size=crop_size,
-                             stride=stride)
+      y1, x1, cand_y, cand_x, crop_size=crop_size, iou_range=iou_range, stride=stride
+    )
+  box1, box2 = overlap_boxes(y1, x1, y2, x2, h, w, crop_size=crop_size, stride=stride)
   return {
-      'scaled_height': h, 'scaled_width': w,
-      'y1': y1, 'x1': x1, 'y2': y2, 'x2': x2,
-      'box1': box1, 'box2': box2, 'accepted': accepted,
-      'flip1': augment.bernoulli(seeds[3], 0.5),
-      'flip2': augment.bernoulli(seeds[4], 0.5),
-      'photometric_seed': seeds[5],
+    'scaled_height': h,
+    'scaled_width': w,
+    'y1': y1,
+    'x1': x1,
+    'y2': y2,
+    'x2': x2,
+    'box1': box1,
+    'box2': box2,
+    'accepted': accepted,
+    'flip1': augment.bernoulli(seeds[3], 0.5),
+    'flip2': augment.bernoulli(seeds[4], 0.5),
+    'photometric_seed': seeds[5],
   }
 
 
@@ -182,27 +211,36 @@ def cell_labels(label, stride: int) -> tf.Tensor:
   """
   label = tf.cast(tf.convert_to_tensor(label), tf.int32)
   shape = tf.shape(label)
-  tf.debugging.assert_equal(shape % stride, 0,
-                            message='label sides must be multiples of the stride')
+  tf.debugging.assert_equal(
+    shape % stride, 0, message='label sides must be multiples of the stride'
+  )
   rows, cols = shape[0] // stride, shape[1] // stride
-  cell = ((tf.range(shape[0])[:, None] // stride) * cols
-          + tf.range(shape[1])[None, :] // stride)  # [H, W] flat cell index
-  counts = tf.math.bincount(tf.reshape(cell * 256 + label, [-1]),
-                            minlength=rows * cols * 256,
-                            maxlength=rows * cols * 256)
-  mode = tf.argmax(tf.reshape(counts, [rows * cols, 256]), axis=1,
-                   output_type=tf.int32)
+  cell = (tf.range(shape[0])[:, None] // stride) * cols + tf.range(shape[1])[
+    None, :
+  ] // stride  # [H, W] flat cell index
+  counts = tf.math.bincount(
+    tf.reshape(cell * 256 + label, [-1]), minlength=rows * cols * 256, maxlength=rows * cols * 256
+  )
+  mode = tf.argmax(tf.reshape(counts, [rows * cols, 256]), axis=1, output_type=tf.int32)
   out = tf.reshape(mode, [rows, cols])
   if label.shape.rank == 2 and label.shape[0] is not None and label.shape[1] is not None:
     out.set_shape([label.shape[0] // stride, label.shape[1] // stride])
   return out
 
 
-def sample_pair(image, seed, *, crop_size: int, base_size: int,
-                scale_range: Sequence[float] = (0.8, 2.0),
-                iou_range: Sequence[float] = (0.1, 1.0), stride: int = 8,
-                photometric: bool = True,
-                same_crop: bool = False, label=None) -> dict[str, tf.Tensor]:
+def sample_pair(
+  image,
+  seed,
+  *,
+  crop_size: int,
+  base_size: int,
+  scale_range: Sequence[float] = (0.8, 2.0),
+  iou_range: Sequence[float] = (0.1, 1.0),
+  stride: int = 8,
+  photometric: bool = True,
+  same_crop: bool = False,
+  label=None,
+) -> dict[str, tf.Tensor]:
   """Two overlapping, independently flipped and coloured crops of one image.
 
   Args:
@@ -230,21 +268,27 @@ def sample_pair(image, seed, *, crop_size: int, base_size: int,
   """
   image = tf.cast(tf.convert_to_tensor(image), tf.float32)
   shape = tf.shape(image)
-  geo = pair_geometry(seed, shape[0], shape[1], crop_size=crop_size,
-                      base_size=base_size, scale_range=scale_range,
-                      iou_range=iou_range, stride=stride, same_crop=same_crop)
-  scaled = augment.resize_image(image, geo['scaled_height'],
-                                geo['scaled_width'])
+  geo = pair_geometry(
+    seed,
+    shape[0],
+    shape[1],
+    crop_size=crop_size,
+    base_size=base_size,
+    scale_range=scale_range,
+    iou_range=iou_range,
+    stride=stride,
+    same_crop=same_crop,
+  )
+  scaled = augment.resize_image(image, geo['scaled_height'], geo['scaled_width'])
   scaled = augment.pad_image(scaled, crop_size)
   if label is not None:
     label = tf.cast(tf.convert_to_tensor(label), tf.int32)
     label = augment.pad_label(
-        augment.resize_label(label, geo['scaled_height'], geo['scaled_width']),
-        crop_size)
+      augment.resize_label(label, geo['scaled_height'], geo['scaled_width']), crop_size
+    )
   view_seeds = augment.split_seed(geo['photometric_seed'], 2)
   out = {}
-  for v, (y, x) in enumerate([(geo['y1'], geo['x1']), (geo['y2'], geo['x2'])],
-                             start=1):
+  for v, (y, x) in enumerate([(geo['y1'], geo['x1']), (geo['y2'], geo['x2'])], start=1):
     view = augment.crop(scaled, y, x, crop_size)
     flip = geo[f'flip{v}']
     view = tf.cond(flip, lambda: augment.flip_left_right(view), lambda: view)
@@ -257,7 +301,6 @@ def sample_pair(image, seed, *, crop_size: int, base_size: int,
       # Flipped at pixel level, then reduced: C is a multiple of s, so this
       # equals flipping the cell grid, as the model's feature maps are.
       truth = augment.crop(label, y, x, crop_size)
-      truth = tf.cond(flip, lambda: augment.flip_left_right(truth),
-                      lambda: truth)
+      truth = tf.cond(flip, lambda: augment.flip_left_right(truth), lambda: truth)
       out[f'truth{v}'] = cell_labels(truth, stride)
   return out

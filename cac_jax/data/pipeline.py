@@ -23,6 +23,7 @@ canvas (a bounded set of shapes; the model masks each image's region) and are
 padded with invalid entries to a multiple of the device count, so every image
 counts exactly once across hosts and every host runs the same batches.
 """
+
 import dataclasses
 import functools
 import io
@@ -34,9 +35,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cac_jax.constants import FEATURE_STRIDE, IGNORE_LABEL
-from cac_jax.data import augment
-from cac_jax.data import pairs
-from cac_jax.data import sources
+from cac_jax.data import augment, pairs, sources
 
 # Independent randomness streams (second word of the base seed).
 LABELED_AUG, LABELED_ORDER, UNLABELED_AUG, UNLABELED_ORDER = 0, 1, 2, 3
@@ -52,11 +51,13 @@ def _resolve_process(process_index, process_count) -> tuple[int, int]:
   """(process_index, process_count), from JAX where not given."""
   if process_index is None or process_count is None:
     import jax  # Only here: the pipeline itself does not need JAX.
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must be in '
-                     f'[0, process_count={process_count}).')
+    raise ValueError(
+      f'process_index={process_index} must be in [0, process_count={process_count}).'
+    )
   return int(process_index), int(process_count)
 
 
@@ -64,8 +65,9 @@ def per_host_batch_size(global_batch: int, process_count: int, name: str) -> int
   """The per-host share of a global batch; raises unless it divides evenly."""
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(
-        f'config.data.{name}={global_batch} must be a positive multiple of the '
-        f'number of hosts ({process_count}); batch sizes are global.')
+      f'config.data.{name}={global_batch} must be a positive multiple of the '
+      f'number of hosts ({process_count}); batch sizes are global.'
+    )
   return global_batch // process_count
 
 
@@ -76,8 +78,9 @@ def example_seed(seed: int, stream: int, step, slot) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(folded, tf.cast(slot, tf.int64))
 
 
-def example_index(seed: int, stream: int, step, slot, global_batch: int,
-                  num_examples: int) -> tf.Tensor:
+def example_index(
+  seed: int, stream: int, step, slot, global_batch: int, num_examples: int
+) -> tf.Tensor:
   """Source index (int64 scalar) of global slot `slot` at `step`.
 
   Position q = step * global_batch + slot; epoch q // N is a seeded random
@@ -85,16 +88,18 @@ def example_index(seed: int, stream: int, step, slot, global_batch: int,
   """
   q = tf.cast(step, tf.int64) * global_batch + tf.cast(slot, tf.int64)
   epoch, pos = q // num_examples, q % num_examples
-  perm_seed = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, stream], tf.int64), epoch)
+  perm_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, stream], tf.int64), epoch)
   return tf.random.experimental.index_shuffle(
-      pos, perm_seed, tf.constant(num_examples - 1, tf.int64))
+    pos, perm_seed, tf.constant(num_examples - 1, tf.int64)
+  )
 
 
 def _refs(entries, name) -> tf.Tensor:
   if not entries:
-    raise ValueError(f'the {name} split has no examples; check the dataset '
-                     'and the labeled/unlabeled split settings.')
+    raise ValueError(
+      f'the {name} split has no examples; check the dataset '
+      'and the labeled/unlabeled split settings.'
+    )
   return tf.constant(list(entries), tf.string)
 
 
@@ -120,16 +125,17 @@ def _finish(ds: tf.data.Dataset, per_host: int) -> tf.data.Dataset:
   return ds.batch(per_host, drop_remainder=True)
 
 
-def labeled_dataset(config, source, *, start_step: int, process_index: int,
-                    process_count: int) -> tf.data.Dataset:
+def labeled_dataset(
+  config, source, *, start_step: int, process_index: int, process_count: int
+) -> tf.data.Dataset:
   """Per-host batches {'image': f32 [b, C, C, 3], 'label': i32 [b, C, C]}."""
   data = config.data
   if source.labels is None:
-    raise ValueError('the labeled source has no labels; get_source(..., '
-                     "'labeled') must return label masks.")
+    raise ValueError(
+      "the labeled source has no labels; get_source(..., 'labeled') must return label masks."
+    )
   global_batch = int(data.labeled_batch_size)
-  per_host = per_host_batch_size(global_batch, process_count,
-                                 'labeled_batch_size')
+  per_host = per_host_batch_size(global_batch, process_count, 'labeled_batch_size')
   images, labels = _refs(source.images, 'labeled'), _refs(source.labels, 'labeled')
   n, seed = len(source), int(config.seed)
   # Validated eagerly here, so a bad config fails before tf.data tracing.
@@ -142,22 +148,32 @@ def labeled_dataset(config, source, *, start_step: int, process_index: int,
     image = sources.decode_image(tf.gather(images, idx), source.from_files)
     # Checked while decoding (values in [0, K) or 255, size = image size),
     # with the file named: a bad mask never reaches the loss as NaN.
-    label = sources.decode_label(tf.gather(labels, idx), source.from_files,
-                                 source.label_map, num_classes=source.num_classes,
-                                 name=tf.gather(names, idx), image_shape=tf.shape(image))
+    label = sources.decode_label(
+      tf.gather(labels, idx),
+      source.from_files,
+      source.label_map,
+      num_classes=source.num_classes,
+      name=tf.gather(names, idx),
+      image_shape=tf.shape(image),
+    )
     return augment.labeled_example(
-        image, label, example_seed(seed, LABELED_AUG, step, slot),
-        crop_size=data.crop_size, base_size=data.base_size,
-        scale_range=tuple(data.labeled_scale_range),
-        color_jitter=bool(data.labeled_color_jitter))
+      image,
+      label,
+      example_seed(seed, LABELED_AUG, step, slot),
+      crop_size=data.crop_size,
+      base_size=data.base_size,
+      scale_range=tuple(data.labeled_scale_range),
+      color_jitter=bool(data.labeled_color_jitter),
+    )
 
   ds = _step_slots(start_step, per_host, process_index)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _finish(ds, per_host)
 
 
-def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
-                      process_count: int) -> tf.data.Dataset:
+def unlabeled_dataset(
+  config, source, *, start_step: int, process_index: int, process_count: int
+) -> tf.data.Dataset:
   """Per-host batches of CAC pairs (keys as `train_iterator`'s 'unlabeled').
 
   Where the source has masks (`source.labels`), each pair also carries the
@@ -167,19 +183,25 @@ def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
   """
   data = config.data
   global_batch = int(data.unlabeled_batch_size)
-  per_host = per_host_batch_size(global_batch, process_count,
-                                 'unlabeled_batch_size')
+  per_host = per_host_batch_size(global_batch, process_count, 'unlabeled_batch_size')
   images = _refs(source.images, 'unlabeled')
   n, seed = len(source), int(config.seed)
   pair_kwargs = dict(
-      crop_size=data.crop_size, base_size=data.base_size,
-      scale_range=tuple(data.unlabeled_scale_range),
-      iou_range=tuple(data.iou_range), stride=FEATURE_STRIDE,
-      same_crop=bool(data.same_crop))
+    crop_size=data.crop_size,
+    base_size=data.base_size,
+    scale_range=tuple(data.unlabeled_scale_range),
+    iou_range=tuple(data.iou_range),
+    stride=FEATURE_STRIDE,
+    same_crop=bool(data.same_crop),
+  )
   # Validated eagerly here, so a bad config fails before tf.data tracing.
-  pairs.check_pair_args(data.crop_size, data.base_size,
-                        pair_kwargs['scale_range'], pair_kwargs['iou_range'],
-                        FEATURE_STRIDE)
+  pairs.check_pair_args(
+    data.crop_size,
+    data.base_size,
+    pair_kwargs['scale_range'],
+    pair_kwargs['iou_range'],
+    FEATURE_STRIDE,
+  )
 
   truth = source.labels is not None
   if truth:
@@ -191,12 +213,16 @@ def unlabeled_dataset(config, source, *, start_step: int, process_index: int,
     label = None
     if truth:  # checked like a labeled mask, the file named on error
       label = sources.decode_label(
-          tf.gather(labels, idx), source.from_files, source.label_map,
-          num_classes=source.num_classes, name=tf.gather(names, idx),
-          image_shape=tf.shape(image))
+        tf.gather(labels, idx),
+        source.from_files,
+        source.label_map,
+        num_classes=source.num_classes,
+        name=tf.gather(names, idx),
+        image_shape=tf.shape(image),
+      )
     pair = pairs.sample_pair(
-        image, example_seed(seed, UNLABELED_AUG, step, slot), label=label,
-        **pair_kwargs)
+      image, example_seed(seed, UNLABELED_AUG, step, slot), label=label, **pair_kwargs
+    )
     pair['image1'] = augment.normalize(pair['image1'])
     pair['image2'] = augment.normalize(pair['image2'])
     return pair
@@ -210,22 +236,25 @@ def _with_unlabeled(config, unlabeled) -> bool:
   return not config.cac.supervised_only if unlabeled is None else bool(unlabeled)
 
 
-def train_dataset(config, *, start_step: int = 0, process_index=None,
-                  process_count=None, unlabeled=None) -> tf.data.Dataset:
+def train_dataset(
+  config, *, start_step: int = 0, process_index=None, process_count=None, unlabeled=None
+) -> tf.data.Dataset:
   """The tf.data.Dataset behind `train_iterator` (same arguments)."""
   process_index, process_count = _resolve_process(process_index, process_count)
-  kwargs = dict(start_step=start_step, process_index=process_index,
-                process_count=process_count)
-  streams = {'labeled': labeled_dataset(
-      config, sources.get_source(config.data, 'labeled'), **kwargs)}
+  kwargs = dict(start_step=start_step, process_index=process_index, process_count=process_count)
+  streams = {
+    'labeled': labeled_dataset(config, sources.get_source(config.data, 'labeled'), **kwargs)
+  }
   if _with_unlabeled(config, unlabeled):
     streams['unlabeled'] = unlabeled_dataset(
-        config, sources.get_source(config.data, 'unlabeled'), **kwargs)
+      config, sources.get_source(config.data, 'unlabeled'), **kwargs
+    )
   return tf.data.Dataset.zip(streams).prefetch(tf.data.AUTOTUNE)
 
 
-def train_iterator(config, *, start_step: int = 0, process_index=None,
-                   process_count=None, unlabeled=None):
+def train_iterator(
+  config, *, start_step: int = 0, process_index=None, process_count=None, unlabeled=None
+):
   """Infinite iterator of this host's training batches, one per step.
 
   Args:
@@ -257,9 +286,13 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
   """
   process_index, process_count = _resolve_process(process_index, process_count)
   with_unlabeled = _with_unlabeled(config, unlabeled)
-  batches = train_dataset(config, start_step=start_step, process_index=process_index,
-                          process_count=process_count,
-                          unlabeled=with_unlabeled).as_numpy_iterator()
+  batches = train_dataset(
+    config,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    unlabeled=with_unlabeled,
+  ).as_numpy_iterator()
 
   def step_sources(step):
     """This host's examples of `step`, per split, as sub-Sources."""
@@ -271,8 +304,10 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
       source = sources.get_source(config.data, split)
       per_host = int(global_batch) // process_count
       slots = range(process_index * per_host, (process_index + 1) * per_host)
-      index = [int(example_index(int(config.seed), stream, step, j, int(global_batch),
-                                 len(source))) for j in slots]
+      index = [
+        int(example_index(int(config.seed), stream, step, j, int(global_batch), len(source)))
+        for j in slots
+      ]
       out.append(_subset(source, index))
     return out
 
@@ -285,15 +320,19 @@ def train_iterator(config, *, start_step: int = 0, process_index=None,
         raise _data_error(e, step_sources(step), f'step {step}') from None
       yield batch
       step += 1
+
   return named_errors()
 
 
 def _subset(source, index) -> sources.Source:
   """The examples `index` of `source`, as a Source of their own."""
+
   def pick(refs):
     return None if refs is None else tuple(refs[i] for i in index)
-  return dataclasses.replace(source, ids=pick(source.ids), images=pick(source.images),
-                             labels=pick(source.labels))
+
+  return dataclasses.replace(
+    source, ids=pick(source.ids), images=pick(source.images), labels=pick(source.labels)
+  )
 
 
 def _data_error(error, subsets, where: str) -> sources.DataError:
@@ -304,6 +343,7 @@ def _data_error(error, subsets, where: str) -> sources.DataError:
   checking the files the failing batch reads with the data validator.
   """
   from cac_jax.data import validate  # PIL only; imported on failure
+
   text = getattr(error, 'message', str(error))
   found = re.search(r'MaskError: (.*)', text)
   if found:
@@ -318,8 +358,9 @@ def _data_error(error, subsets, where: str) -> sources.DataError:
   files = [r if s.from_files else f'id {i}' for s in subsets for i, r in zip(s.ids, s.images)]
   first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   return sources.DataError(
-      f'reading the data of {where} failed ({first}); it reads {", ".join(files[:16])}'
-      f'{" ..." if len(files) > 16 else ""}. Run with --validate_only to check every file')
+    f'reading the data of {where} failed ({first}); it reads {", ".join(files[:16])}'
+    f'{" ..." if len(files) > 16 else ""}. Run with --validate_only to check every file'
+  )
 
 
 def bn_stats_example(image, crop_size: int) -> tf.Tensor:
@@ -336,8 +377,7 @@ def bn_stats_example(image, crop_size: int) -> tf.Tensor:
   return augment.normalize(augment.crop(image, top, left, crop_size))
 
 
-def bn_stats_iterator(config, *, num_batches: int, process_index=None,
-                      process_count=None):
+def bn_stats_iterator(config, *, num_batches: int, process_index=None, process_count=None):
   """This host's share of the images that re-estimate BatchNorm statistics.
 
   The labeled training images (the split the labeled pass trains on), in a
@@ -367,8 +407,9 @@ def bn_stats_iterator(config, *, num_batches: int, process_index=None,
 
   def load(step, slot):
     idx = example_index(seed, BN_STATS_ORDER, step, slot, global_batch, n)
-    return bn_stats_example(sources.decode_image(tf.gather(images, idx), source.from_files),
-                            crop_size)
+    return bn_stats_example(
+      sources.decode_image(tf.gather(images, idx), source.from_files), crop_size
+    )
 
   ds = _step_slots(0, per_host, process_index).take(num_batches * per_host)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -378,10 +419,10 @@ def bn_stats_iterator(config, *, num_batches: int, process_index=None,
       image = next(batches)
     except tf.errors.OpError as e:
       slots = range(process_index * per_host, (process_index + 1) * per_host)
-      index = [int(example_index(seed, BN_STATS_ORDER, i, j, global_batch, n))
-               for j in slots]
-      raise _data_error(e, [_subset(source, index)],
-                        f'batch {i} of the BatchNorm statistics') from None
+      index = [int(example_index(seed, BN_STATS_ORDER, i, j, global_batch, n)) for j in slots]
+      raise _data_error(
+        e, [_subset(source, index)], f'batch {i} of the BatchNorm statistics'
+      ) from None
     yield {'image': image}
 
 
@@ -427,8 +468,10 @@ def eval_sizes(source) -> tuple[tuple[int, int], ...]:
   try:
     return tuple(_image_size(r, source.from_files) for r in source.images)
   except (OSError, SyntaxError, ValueError) as e:
-    raise sources.DataError(f'a val image cannot be read ({type(e).__name__}: {e}); run '
-                            'with --validate_only to find every bad file') from None
+    raise sources.DataError(
+      f'a val image cannot be read ({type(e).__name__}: {e}); run '
+      'with --validate_only to find every bad file'
+    ) from None
 
 
 # Canvas sides are multiples of this: the largest stride of any backbone
@@ -449,8 +492,9 @@ def canvas_multiple(eval_config) -> int:
   return int(eval_config.canvas_multiple) if default else 0
 
 
-def plan_batches(sizes, global_batch: int, multiple: int,
-                 canvas: int = 0) -> list[tuple[tuple[int, int], list[int]]]:
+def plan_batches(
+  sizes, global_batch: int, multiple: int, canvas: int = 0
+) -> list[tuple[tuple[int, int], list[int]]]:
   """The global eval batches: (canvas shape, val indices), -1 for a padding entry.
 
   Every image is padded to its own size rounded up to 8 (the shape the
@@ -472,10 +516,15 @@ def plan_batches(sizes, global_batch: int, multiple: int,
     groups.setdefault(key, []).append(i)
   plan = []
   for key, members in groups.items():
-    shape = key if not canvas else tuple(
-        _round_up(max(padded[i][axis] for i in members), CANVAS_GRANULE) for axis in (0, 1))
+    shape = (
+      key
+      if not canvas
+      else tuple(
+        _round_up(max(padded[i][axis] for i in members), CANVAS_GRANULE) for axis in (0, 1)
+      )
+    )
     for start in range(0, len(members), global_batch):
-      batch = members[start:start + global_batch]
+      batch = members[start : start + global_batch]
       plan.append((shape, batch + [-1] * (_round_up(len(batch), multiple) - len(batch))))
   return plan
 
@@ -488,22 +537,35 @@ def eval_plan(source, global_batch: int, multiple: int, canvas: int = 0):
 def _eval_multiple(process_count: int, multiple) -> int:
   if multiple is None:
     import jax  # Only here: the pipeline itself does not need JAX.
+
     multiple = jax.device_count()
   return math.lcm(int(multiple), process_count)
 
 
-def eval_num_batches(config, *, split: str = 'val', process_count=None,
-                     multiple=None) -> int:
+def eval_num_batches(config, *, split: str = 'val', process_count=None, multiple=None) -> int:
   """Batches per host of `eval_iterator` (the same on every host)."""
   if process_count is None:
     _, process_count = _resolve_process(None, None)
   source = sources.get_source(config.data, split)
-  return len(eval_plan(source, int(config.data.eval_batch_size),
-                       _eval_multiple(process_count, multiple), canvas_multiple(config.eval)))
+  return len(
+    eval_plan(
+      source,
+      int(config.data.eval_batch_size),
+      _eval_multiple(process_count, multiple),
+      canvas_multiple(config.eval),
+    )
+  )
 
 
-def eval_iterator(config, *, split: str = 'val', process_index=None, process_count=None,
-                  multiple=None, max_batches: int | None = None):
+def eval_iterator(
+  config,
+  *,
+  split: str = 'val',
+  process_index=None,
+  process_count=None,
+  multiple=None,
+  max_batches: int | None = None,
+):
   """Finite iterator of this host's evaluation batches of `split` (default val).
 
   Every val image is evaluated at its own size, as the authors' evaluation:
@@ -543,27 +605,32 @@ def eval_iterator(config, *, split: str = 'val', process_index=None, process_cou
   mine = []
   for _, batch in plan:
     share = len(batch) // process_count
-    mine.append(batch[process_index * share:(process_index + 1) * share])
+    mine.append(batch[process_index * share : (process_index + 1) * share])
   flat = [i for batch in mine for i in batch if i >= 0]  # padding is not decoded
   images, labels = _refs(source.images, split), _refs(source.labels, split)
   names = _names(source, 'labels')
 
   def load(idx):
-    image = tf.cast(sources.decode_image(tf.gather(images, idx), source.from_files),
-                    tf.float32)
-    label = tf.cast(sources.decode_label(
-        tf.gather(labels, idx), source.from_files, source.label_map,
-        num_classes=source.num_classes, name=tf.gather(names, idx),
-        image_shape=tf.shape(image)), tf.int32)
+    image = tf.cast(sources.decode_image(tf.gather(images, idx), source.from_files), tf.float32)
+    label = tf.cast(
+      sources.decode_label(
+        tf.gather(labels, idx),
+        source.from_files,
+        source.label_map,
+        num_classes=source.num_classes,
+        name=tf.gather(names, idx),
+        image_shape=tf.shape(image),
+      ),
+      tf.int32,
+    )
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     tf.debugging.assert_greater_equal(
-        tf.minimum(h, w), EVAL_MULTIPLE,
-        message='val images must be at least 8 pixels on each side')
+      tf.minimum(h, w), EVAL_MULTIPLE, message='val images must be at least 8 pixels on each side'
+    )
     # Reflect padding to a multiple of 8, as the authors' evaluation.
     pad_h = _round_up(h, EVAL_MULTIPLE) - h
     pad_w = _round_up(w, EVAL_MULTIPLE) - w
-    image = tf.pad(augment.normalize(image), [[0, pad_h], [0, pad_w], [0, 0]],
-                   mode='REFLECT')
+    image = tf.pad(augment.normalize(image), [[0, pad_h], [0, pad_w], [0, 0]], mode='REFLECT')
     label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_LABEL)
     return image, label
 
@@ -580,12 +647,12 @@ def eval_iterator(config, *, split: str = 'val', process_index=None, process_cou
       try:
         example, example_label = next(examples)
       except tf.errors.OpError as e:
-        raise _data_error(e, [_subset(source, [i for i in batch if i >= 0])],
-                          f'the {split} set') from None
+        raise _data_error(
+          e, [_subset(source, [i for i in batch if i >= 0])], f'the {split} set'
+        ) from None
       h, w = example_label.shape
       image[k, :h, :w], label[k, :h, :w], size[k] = example, example_label, (h, w)
-    out = {'image': image, 'label': label,
-           'valid': np.array([g >= 0 for g in batch], bool)}
+    out = {'image': image, 'label': label, 'valid': np.array([g >= 0 for g in batch], bool)}
     if canvas:
       out['size'] = size
     yield out

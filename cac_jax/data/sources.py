@@ -15,6 +15,7 @@ seeded random draw (`data.split_seed`) of `data.num_labeled` train ids, unless
 those of `data.unlabeled_split_file` if given, else the train ids that are not
 labeled.
 """
+
 import dataclasses
 import json
 import os
@@ -23,9 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from cac_jax import config_lib
-from cac_jax import datasets
-from cac_jax import registry
+from cac_jax import config_lib, datasets, registry
 from cac_jax.data import masks
 
 SPLITS = ('labeled', 'unlabeled', 'val')
@@ -40,8 +39,7 @@ class DataError(config_lib.ConfigError):
 
   def __init__(self, problems: Sequence[str] | str):
     self.problems = [problems] if isinstance(problems, str) else list(problems)
-    super().__init__(
-        f'{len(self.problems)} data problem(s):\n  - ' + '\n  - '.join(self.problems))
+    super().__init__(f'{len(self.problems)} data problem(s):\n  - ' + '\n  - '.join(self.problems))
 
 
 # eq=False: the generated __eq__/__hash__ would compare/hash the NumPy fields,
@@ -63,6 +61,7 @@ class Source:
     label_map: uint8 [256] lookup applied to raw decoded label values (e.g.
       Cityscapes id -> train id); None means identity.
   """
+
   ids: tuple[str, ...]
   images: tuple[bytes | str, ...]
   labels: tuple[bytes | str, ...] | None
@@ -75,19 +74,26 @@ class Source:
   def __post_init__(self):
     n = len(self.ids)
     if len(self.images) != n or (self.labels is not None and len(self.labels) != n):
-      raise ValueError(f'Source has {n} ids but {len(self.images)} images and '
-                       f'{None if self.labels is None else len(self.labels)} labels; '
-                       'they must be parallel tuples')
+      raise ValueError(
+        f'Source has {n} ids but {len(self.images)} images and '
+        f'{None if self.labels is None else len(self.labels)} labels; '
+        'they must be parallel tuples'
+      )
     if len(self.class_names) != self.num_classes:
-      raise ValueError(f'Source has num_classes={self.num_classes} but '
-                       f'{len(self.class_names)} class names')
+      raise ValueError(
+        f'Source has num_classes={self.num_classes} but {len(self.class_names)} class names'
+      )
     if self.palette.shape != (self.num_classes, 3) or self.palette.dtype != np.uint8:
-      raise ValueError(f'palette must be uint8 [{self.num_classes}, 3], got '
-                       f'{self.palette.dtype} {self.palette.shape}')
-    if self.label_map is not None and (self.label_map.shape != (256,)
-                                       or self.label_map.dtype != np.uint8):
-      raise ValueError(f'label_map must be uint8 [256], got {self.label_map.dtype} '
-                       f'{self.label_map.shape}')
+      raise ValueError(
+        f'palette must be uint8 [{self.num_classes}, 3], got '
+        f'{self.palette.dtype} {self.palette.shape}'
+      )
+    if self.label_map is not None and (
+      self.label_map.shape != (256,) or self.label_map.dtype != np.uint8
+    ):
+      raise ValueError(
+        f'label_map must be uint8 [256], got {self.label_map.dtype} {self.label_map.shape}'
+      )
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -113,16 +119,17 @@ def decode_image(ref, from_files: bool) -> tf.Tensor:
   """
   data = tf.io.read_file(ref) if from_files else ref
   image = tf.cond(
-      tf.io.is_jpeg(data),
-      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8,
-                                 expand_animations=False))
+    tf.io.is_jpeg(data),
+    lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+    lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False),
+  )
   image.set_shape([None, None, 3])
   return image
 
 
-def decode_label(ref, from_files: bool, label_map=None, *, num_classes=None,
-                 name=None, image_shape=None) -> tf.Tensor:
+def decode_label(
+  ref, from_files: bool, label_map=None, *, num_classes=None, name=None, image_shape=None
+) -> tf.Tensor:
   """Decodes a class-id PNG mask (bytes or file path) with `masks.read_mask`.
 
   Gray PNGs (1-16 bit; gray+alpha too) hold the class id as the value; palette
@@ -140,8 +147,9 @@ def decode_label(ref, from_files: bool, label_map=None, *, num_classes=None,
   if name is None:
     name = ref if from_files else tf.constant('mask')
   table = None if label_map is None else np.asarray(label_map, np.uint8)
-  shape = tf.constant([-1, -1], tf.int32) if image_shape is None else tf.cast(
-      image_shape[:2], tf.int32)
+  shape = (
+    tf.constant([-1, -1], tf.int32) if image_shape is None else tf.cast(image_shape[:2], tf.int32)
+  )
 
   def read(data, name, shape):
     # Scalars arrive as bytes (tf.data) or 0-d arrays (eager). PNG files end
@@ -151,8 +159,12 @@ def decode_label(ref, from_files: bool, label_map=None, *, num_classes=None,
     if isinstance(name, bytes):
       name = name.decode('utf-8', 'replace')
     return masks.read_mask(
-        data, str(name), label_map=table, num_classes=num_classes,
-        image_shape=None if shape[0] < 0 else tuple(int(v) for v in shape))
+      data,
+      str(name),
+      label_map=table,
+      num_classes=num_classes,
+      image_shape=None if shape[0] < 0 else tuple(int(v) for v in shape),
+    )
 
   label = tf.numpy_function(read, [data, name, shape], tf.uint8, stateful=False)
   label.set_shape([None, None])
@@ -208,12 +220,13 @@ def check_unique(ids: Sequence[str], where: str) -> None:
       dups.append(i)
     seen.add(i)
   if dups:
-    raise DataError(f'{where} lists duplicate ids {dups[:10]}'
-                    f'{" ..." if len(dups) > 10 else ""}; remove the repeated lines')
+    raise DataError(
+      f'{where} lists duplicate ids {dups[:10]}'
+      f'{" ..." if len(dups) > 10 else ""}; remove the repeated lines'
+    )
 
 
-def split_ids(data_config, train_ids: Sequence[str], split: str,
-              id_from_path=None) -> list[str]:
+def split_ids(data_config, train_ids: Sequence[str], split: str, id_from_path=None) -> list[str]:
   """The labeled or unlabeled ids of the train set (see module docstring).
 
   Args:
@@ -239,8 +252,10 @@ def split_ids(data_config, train_ids: Sequence[str], split: str,
     check_unique(ids, f'split file {path}')
     missing = [i for i in ids if i not in known]
     if missing:
-      raise DataError(f'split file {path} names {len(missing)} id(s) that are not in '
-                      f'the train set, e.g. {missing[:5]}; check data.root and the file')
+      raise DataError(
+        f'split file {path} names {len(missing)} id(s) that are not in '
+        f'the train set, e.g. {missing[:5]}; check data.root and the file'
+      )
     return ids
 
   if data_config.labeled_split_file:
@@ -248,8 +263,10 @@ def split_ids(data_config, train_ids: Sequence[str], split: str,
   else:
     n = int(data_config.num_labeled)
     if not 1 <= n <= len(train_ids):
-      raise DataError(f'data.num_labeled={n} must be in [1, {len(train_ids)}] (the '
-                      'number of train images); use the train size for full supervision')
+      raise DataError(
+        f'data.num_labeled={n} must be in [1, {len(train_ids)}] (the '
+        'number of train images); use the train size for full supervision'
+      )
     # Draws are indices into train_ids, kept in train order.
     rng = np.random.default_rng(int(data_config.split_seed))
     chosen = np.sort(rng.permutation(len(train_ids))[:n])
@@ -260,9 +277,11 @@ def split_ids(data_config, train_ids: Sequence[str], split: str,
     unlabeled = from_file(data_config.unlabeled_split_file)
     overlap = sorted(set(unlabeled) & set(labeled))
     if overlap:
-      raise DataError(f'split file {data_config.unlabeled_split_file} shares '
-                      f'{len(overlap)} id(s) with the labeled split, e.g. {overlap[:5]}; '
-                      'unlabeled images must not be labeled ones')
+      raise DataError(
+        f'split file {data_config.unlabeled_split_file} shares '
+        f'{len(overlap)} id(s) with the labeled split, e.g. {overlap[:5]}; '
+        'unlabeled images must not be labeled ones'
+      )
     return unlabeled
   labeled_set = set(labeled)
   return [i for i in train_ids if i not in labeled_set]

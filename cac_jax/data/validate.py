@@ -12,6 +12,7 @@ overlap.
 Run it from the command line:
   python -m cac_jax.data.validate --config=configs/default.py [--check_pixels=false]
 """
+
 import hashlib
 import io
 import json
@@ -22,8 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from cac_jax.data import masks
-from cac_jax.data import sources
+from cac_jax.data import masks, sources
 from cac_jax.data.sources import DataError
 
 _IMAGE_FORMATS = ('PNG', 'JPEG', 'BMP', 'GIF')
@@ -35,8 +35,10 @@ def _open(ref, from_files: bool, what: str, problems: list[str]):
   name = ref if from_files else f'{what} (in-memory bytes)'
   if from_files:
     if os.path.isdir(ref):
-      problems.append(f'{name} is a directory, not a file; replace it with the file or '
-                      'remove its id from the split')
+      problems.append(
+        f'{name} is a directory, not a file; replace it with the file or '
+        'remove its id from the split'
+      )
       return None
     if not os.path.isfile(ref):
       problems.append(f'{name} does not exist; add the file or remove its id from the split')
@@ -50,8 +52,10 @@ def _open(ref, from_files: bool, what: str, problems: list[str]):
   try:
     return Image.open(ref if from_files else io.BytesIO(ref))
   except Exception as e:  # PIL raises several types for unreadable files
-    problems.append(f'{name} is not a readable image ({type(e).__name__}: {e}); '
-                    're-download or re-export it as PNG/JPEG')
+    problems.append(
+      f'{name} is not a readable image ({type(e).__name__}: {e}); '
+      're-download or re-export it as PNG/JPEG'
+    )
     return None
 
 
@@ -61,8 +65,9 @@ def _load(image, name: str, problems: list[str]) -> bool:
     image.load()
     return True
   except Exception as e:
-    problems.append(f'{name} is truncated or corrupt ({type(e).__name__}: {e}); '
-                    're-download or re-export it')
+    problems.append(
+      f'{name} is truncated or corrupt ({type(e).__name__}: {e}); re-download or re-export it'
+    )
     return False
 
 
@@ -84,25 +89,32 @@ def _check_example(source, index, check_pixels, problems):
   mask_ref = source.labels[index]
   mask_name = mask_ref if source.from_files else f'mask of id {source.ids[index]}'
   if source.from_files and not os.path.exists(mask_ref):  # a directory: _open names it
-    problems.append(f'{image_name} has no mask: {mask_ref} does not exist; add the mask '
-                    'or move the id to the unlabeled split')
+    problems.append(
+      f'{image_name} has no mask: {mask_ref} does not exist; add the mask '
+      'or move the id to the unlabeled split'
+    )
     return
   mask = _open(mask_ref, source.from_files, mask_name, problems)
   if mask is None:
     return
   with mask:
     if mask.format != 'PNG':
-      problems.append(f'{mask_name} is {mask.format}; masks must be PNG (lossy JPEG '
-                      'changes class ids)')
+      problems.append(
+        f'{mask_name} is {mask.format}; masks must be PNG (lossy JPEG changes class ids)'
+      )
       return
     if mask.mode not in _MASK_MODES:
-      problems.append(f'{mask_name} has mode {mask.mode}; colour masks are not class '
-                      'ids, save a gray (mode L) or palette (mode P) PNG of class ids')
+      problems.append(
+        f'{mask_name} has mode {mask.mode}; colour masks are not class '
+        'ids, save a gray (mode L) or palette (mode P) PNG of class ids'
+      )
       return
     if image is not None and mask.size != image_size:
-      problems.append(f'{mask_name} is {mask.size[0]}x{mask.size[1]} but its image '
-                      f'{image_name} is {image_size[0]}x{image_size[1]} (width x height); '
-                      'masks must match their images')
+      problems.append(
+        f'{mask_name} is {mask.size[0]}x{mask.size[1]} but its image '
+        f'{image_name} is {image_size[0]}x{image_size[1]} (width x height); '
+        'masks must match their images'
+      )
       return
   if check_pixels:
     # The training pipeline's own decoder, so the check and training agree.
@@ -112,14 +124,14 @@ def _check_example(source, index, check_pixels, problems):
           data = f.read()
       else:
         data = mask_ref
-      masks.read_mask(data, mask_name, label_map=source.label_map,
-                      num_classes=source.num_classes)
+      masks.read_mask(data, mask_name, label_map=source.label_map, num_classes=source.num_classes)
     except masks.MaskError as e:
       problems.append(str(e))
 
 
-def source_problems(source: sources.Source, *, check_pixels: bool = True,
-                    allow_empty: bool = False) -> list[str]:
+def source_problems(
+  source: sources.Source, *, check_pixels: bool = True, allow_empty: bool = False
+) -> list[str]:
   """Every problem of a Source, as messages (empty list if it is fine)."""
   problems = []
   if not source.ids and not allow_empty:
@@ -132,8 +144,9 @@ def source_problems(source: sources.Source, *, check_pixels: bool = True,
   return problems
 
 
-def validate_source(source: sources.Source, *, check_pixels: bool = True,
-                    allow_empty: bool = False) -> None:
+def validate_source(
+  source: sources.Source, *, check_pixels: bool = True, allow_empty: bool = False
+) -> None:
   """Raises DataError listing every problem of `source` (see module docstring).
 
   Args:
@@ -162,13 +175,19 @@ def validate_dataset(data_config, *, check_pixels: bool = True) -> dict[str, sou
       problems += [f'{split}: {p}' for p in e.problems if p not in structural]
       structural.update(e.problems)
       continue
-    problems += [f'{split}: {p}' for p in source_problems(
-        built[split], check_pixels=check_pixels, allow_empty=split == 'unlabeled')]
+    problems += [
+      f'{split}: {p}'
+      for p in source_problems(
+        built[split], check_pixels=check_pixels, allow_empty=split == 'unlabeled'
+      )
+    ]
   if 'labeled' in built and 'unlabeled' in built:
     overlap = sorted(set(built['labeled'].ids) & set(built['unlabeled'].ids))
     if overlap:
-      problems.append(f'labeled and unlabeled splits share {len(overlap)} id(s), e.g. '
-                      f'{overlap[:5]}; an image is either labeled or unlabeled')
+      problems.append(
+        f'labeled and unlabeled splits share {len(overlap)} id(s), e.g. '
+        f'{overlap[:5]}; an image is either labeled or unlabeled'
+      )
   if problems:
     raise DataError(problems)
   return built
@@ -217,6 +236,7 @@ def check_before_training(data_config, workdir: str, *, write_cache: bool = True
     DataError: every problem found, as `--validate_only` reports them.
   """
   from etils import epath
+
   try:
     built = {split: sources.get_source(data_config, split) for split in sources.SPLITS}
   except DataError:
@@ -231,8 +251,9 @@ def check_before_training(data_config, workdir: str, *, write_cache: bool = True
       pass
   validate_dataset(data_config)
   if write_cache and key is not None:
-    cache.write_text(json.dumps({'fingerprint': key, 'checked': sum(
-        len(s) for s in built.values())}))
+    cache.write_text(
+      json.dumps({'fingerprint': key, 'checked': sum(len(s) for s in built.values())})
+    )
   return True
 
 

@@ -17,6 +17,7 @@ in the paper) or the authors' split files.
 builder `VocAug` wraps the same file lists for users who want `tfds.load`.
 The 21 class names and the VOC colour map are its entry in `cac_jax/datasets.py`.
 """
+
 import os
 
 import numpy as np
@@ -41,22 +42,34 @@ Optional: the authors' labeled/unlabeled split files, passed as
 data.labeled_split_file / data.unlabeled_split_file.
 """
 
-_TRAIN_LISTS = ('ImageSets/SegmentationAug/train_aug.txt',
-                'ImageSets/Segmentation/train_aug.txt', 'train_aug.txt')
+_TRAIN_LISTS = (
+  'ImageSets/SegmentationAug/train_aug.txt',
+  'ImageSets/Segmentation/train_aug.txt',
+  'train_aug.txt',
+)
 _VAL_LISTS = ('ImageSets/Segmentation/val.txt', 'val.txt')
 
 
 def find_root(root: str) -> str:
   """The directory holding JPEGImages/ (root, root/VOC2012 or root/VOCdevkit/VOC2012)."""
-  sources.require_dir(root, 'data.root', 'set --config.data.root to the extracted '
-                      'VOCdevkit/VOC2012 directory:\n' + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  for candidate in (root, os.path.join(root, 'VOC2012'),
-                    os.path.join(root, 'VOCdevkit', 'VOC2012')):
+  sources.require_dir(
+    root,
+    'data.root',
+    'set --config.data.root to the extracted '
+    'VOCdevkit/VOC2012 directory:\n' + MANUAL_DOWNLOAD_INSTRUCTIONS,
+  )
+  for candidate in (
+    root,
+    os.path.join(root, 'VOC2012'),
+    os.path.join(root, 'VOCdevkit', 'VOC2012'),
+  ):
     if os.path.isdir(os.path.join(candidate, 'JPEGImages')):
       return candidate
-  raise sources.DataError(f'data.root {root!r} has no JPEGImages/ directory (nor its '
-                          'VOC2012/ or VOCdevkit/VOC2012/); point it at the extracted '
-                          'VOC2012 directory:\n' + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  raise sources.DataError(
+    f'data.root {root!r} has no JPEGImages/ directory (nor its '
+    'VOC2012/ or VOCdevkit/VOC2012/); point it at the extracted '
+    'VOC2012 directory:\n' + MANUAL_DOWNLOAD_INSTRUCTIONS
+  )
 
 
 def _list_file(root: str, candidates) -> str:
@@ -64,9 +77,11 @@ def _list_file(root: str, candidates) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(path):
       return path
-  raise sources.DataError(f'none of {[os.path.join(root, c) for c in candidates]} exists; '
-                          'add the split list (see MANUAL_DOWNLOAD_INSTRUCTIONS in '
-                          'cac_jax/data/voc.py)')
+  raise sources.DataError(
+    f'none of {[os.path.join(root, c) for c in candidates]} exists; '
+    'add the split list (see MANUAL_DOWNLOAD_INSTRUCTIONS in '
+    'cac_jax/data/voc.py)'
+  )
 
 
 def split_list(root: str, split: str) -> list[str]:
@@ -93,10 +108,14 @@ def get_source(data_config, split: str) -> sources.Source:
   else:
     ids = sources.split_ids(data_config, split_list(root, 'train'), split)
   return sources.Source(
-      ids=tuple(ids),
-      images=tuple(os.path.join(root, 'JPEGImages', f'{i}.jpg') for i in ids),
-      labels=None if split == 'unlabeled' else tuple(mask_path(root, i) for i in ids),
-      from_files=True, num_classes=len(names), class_names=names, palette=palette)
+    ids=tuple(ids),
+    images=tuple(os.path.join(root, 'JPEGImages', f'{i}.jpg') for i in ids),
+    labels=None if split == 'unlabeled' else tuple(mask_path(root, i) for i in ids),
+    from_files=True,
+    num_classes=len(names),
+    class_names=names,
+    palette=palette,
+  )
 
 
 class VocAug(tfds.core.GeneratorBasedBuilder):
@@ -114,13 +133,16 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
-        }),
-        supervised_keys=('image', 'segmentation_mask'),
-        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/')
+      features=tfds.features.FeaturesDict(
+        {
+          'id': tfds.features.Text(),
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
+        }
+      ),
+      supervised_keys=('image', 'segmentation_mask'),
+      homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
+    )
 
   def _split_generators(self, dl_manager):
     root = find_root(os.fspath(dl_manager.manual_dir))
@@ -131,5 +153,11 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
       # PIL keeps palette indices (the class ids) where TF would expand to RGB.
       with Image.open(mask_path(root, i)) as m:
         mask = np.asarray(m, dtype=np.uint8)
-      yield i, {'id': i, 'image': os.path.join(root, 'JPEGImages', f'{i}.jpg'),
-                'segmentation_mask': mask[..., None]}
+      yield (
+        i,
+        {
+          'id': i,
+          'image': os.path.join(root, 'JPEGImages', f'{i}.jpg'),
+          'segmentation_mask': mask[..., None],
+        },
+      )

@@ -29,6 +29,7 @@ stronger ImageNet models and give results not comparable with the paper; the
 converter warns when given one (torchvision names each file by the first 8
 hex digits of its sha256).
 """
+
 import argparse
 import hashlib
 import os
@@ -45,11 +46,11 @@ from cac_jax import backbones
 from cac_jax.models import builder, mobilenet_v2, torch_pickle
 
 _LEAF_NAMES = {
-    ('params', 'kernel'): 'weight',
-    ('params', 'scale'): 'weight',
-    ('params', 'bias'): 'bias',
-    ('batch_stats', 'mean'): 'running_mean',
-    ('batch_stats', 'var'): 'running_var',
+  ('params', 'kernel'): 'weight',
+  ('params', 'scale'): 'weight',
+  ('params', 'bias'): 'bias',
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
 }
 _MAX_LISTED = 30
 
@@ -73,9 +74,9 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
 
 def _to_flax_layout(collection: str, leaf: str, value: np.ndarray) -> np.ndarray:
   if collection == 'params' and leaf == 'kernel':
-    if value.ndim == 4:      # conv OIHW -> HWIO (depthwise: [C,1,k,k] -> [k,k,1,C])
+    if value.ndim == 4:  # conv OIHW -> HWIO (depthwise: [C,1,k,k] -> [k,k,1,C])
       return np.transpose(value, (2, 3, 1, 0))
-    if value.ndim == 2:      # linear [out, in] -> [in, out]
+    if value.ndim == 2:  # linear [out, in] -> [in, out]
       return value.T
   return value
 
@@ -105,9 +106,11 @@ def _listing(names) -> str:
   return shown + (f' ... and {more} more' if more > 0 else '')
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray],
-                       target: Mapping[str, Any],
-                       ignore_prefixes: tuple[str, ...] = ()) -> dict:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray],
+  target: Mapping[str, Any],
+  ignore_prefixes: tuple[str, ...] = (),
+) -> dict:
   """Maps a torch state dict onto a Flax variables tree.
 
   Args:
@@ -136,21 +139,29 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
       value = _to_flax_layout(collection, path[-1], np.asarray(state_dict[key]))
       if tuple(value.shape) != tuple(leaf.shape):
         raise ValueError(
-            f'shape mismatch for {key!r} -> {collection}/{"/".join(path)}: '
-            f'checkpoint gives {tuple(value.shape)} (after layout change), the '
-            f'model expects {tuple(leaf.shape)}; is --arch right?')
+          f'shape mismatch for {key!r} -> {collection}/{"/".join(path)}: '
+          f'checkpoint gives {tuple(value.shape)} (after layout change), the '
+          f'model expects {tuple(leaf.shape)}; is --arch right?'
+        )
       converted.append(((collection,) + path, value.astype(leaf.dtype)))
-  unknown = [k for k in state_dict
-             if k not in used and not k.endswith('num_batches_tracked')
-             and not k.startswith(tuple(ignore_prefixes))]
+  unknown = [
+    k
+    for k in state_dict
+    if k not in used
+    and not k.endswith('num_batches_tracked')
+    and not k.startswith(tuple(ignore_prefixes))
+  ]
   problems = []
   if missing:
     problems.append(f'missing from the checkpoint ({len(missing)}): {_listing(missing)}')
   if unknown:
     problems.append(f'unknown checkpoint keys ({len(unknown)}): {_listing(unknown)}')
   if problems:
-    raise ValueError('checkpoint does not match the model; ' + '; '.join(problems)
-                     + '. Check that the architecture matches the file.')
+    raise ValueError(
+      'checkpoint does not match the model; '
+      + '; '.join(problems)
+      + '. Check that the architecture matches the file.'
+    )
   return _unflatten(converted)
 
 
@@ -172,13 +183,11 @@ def convert_backbone(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
     ValueError: unknown arch, or the state dict does not match it.
   """
   if arch not in backbones.convertible():
-    raise ValueError(f'unknown --arch {arch!r}; choose one of '
-                     f'{sorted(backbones.convertible())}.')
+    raise ValueError(f'unknown --arch {arch!r}; choose one of {sorted(backbones.convertible())}.')
   entry = backbones.get(arch)
   module = builder.build_backbone(arch, entry.output_strides[-1])
   try:
-    return convert_state_dict(state_dict, abstract_variables(module),
-                              entry.torchvision_unused)
+    return convert_state_dict(state_dict, abstract_variables(module), entry.torchvision_unused)
   except ValueError as e:
     raise ValueError(f'converting a {arch} checkpoint: {e}') from None
 
@@ -194,8 +203,7 @@ def save_variables(variables: Mapping[str, Any], path: str | os.PathLike) -> Non
   """Writes {'params', 'batch_stats'} as flax msgpack (atomically)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  data = flax.serialization.msgpack_serialize(
-      jax.tree.map(np.asarray, dict(variables)))
+  data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_bytes(data)
   os.replace(tmp, path)
@@ -211,9 +219,10 @@ def load_backbone(path: str | os.PathLike) -> dict:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(
-        f'{path} does not exist; create it with `python -m '
-        'cac_jax.models.convert --arch ... --input ....pth --output ...` or '
-        '`python -m cac_jax.models.weights fetch-mobilenet`.')
+      f'{path} does not exist; create it with `python -m '
+      'cac_jax.models.convert --arch ... --input ....pth --output ...` or '
+      '`python -m cac_jax.models.weights fetch-mobilenet`.'
+    )
   variables = flax.serialization.msgpack_restore(path.read_bytes())
   if not isinstance(variables, dict) or 'params' not in variables:
     raise ValueError(f'{path} is not a converted backbone (no "params" entry).')
@@ -245,17 +254,19 @@ def merge_backbone(variables: Mapping[str, Any], backbone_vars: Mapping[str, Any
     only_given = ['/'.join(p) for p in given.keys() - target.keys()]
     if only_target or only_given:
       raise ValueError(
-          f'backbone weights do not match the model ({collection}): missing '
-          f'{_listing(only_target) or "none"}; unexpected '
-          f'{_listing(only_given) or "none"}. Was the file converted for '
-          'config.model.backbone?')
+        f'backbone weights do not match the model ({collection}): missing '
+        f'{_listing(only_target) or "none"}; unexpected '
+        f'{_listing(only_given) or "none"}. Was the file converted for '
+        'config.model.backbone?'
+      )
     items = []
     for path, leaf in target.items():
       value = np.asarray(given[path])
       if value.shape != tuple(leaf.shape):
         raise ValueError(
-            f'backbone weight {collection}/{"/".join(path)} has shape '
-            f'{value.shape}, the model expects {tuple(leaf.shape)}.')
+          f'backbone weight {collection}/{"/".join(path)} has shape '
+          f'{value.shape}, the model expects {tuple(leaf.shape)}.'
+        )
       items.append((path, value.astype(leaf.dtype)))
     merged[collection] = {**variables[collection], 'backbone': _unflatten(items)}
   return merged
@@ -267,10 +278,13 @@ def count_params(tree: Mapping[str, Any]) -> int:
 
 
 # First 8 hex digits of the sha256 of torchvision's ResNet files.
-V1_RESNET_HASHES = {'19c8e357': 'resnet50 V1', '0676ba61': 'resnet50 V1 (re-saved)',
-                    '5d3b4d8f': 'resnet101 V1', '63fe2227': 'resnet101 V1 (re-saved)'}
-NON_V1_RESNET_HASHES = {'11ad3fa6': 'resnet50 IMAGENET1K_V2',
-                        'cd907fc2': 'resnet101 IMAGENET1K_V2'}
+V1_RESNET_HASHES = {
+  '19c8e357': 'resnet50 V1',
+  '0676ba61': 'resnet50 V1 (re-saved)',
+  '5d3b4d8f': 'resnet101 V1',
+  '63fe2227': 'resnet101 V1 (re-saved)',
+}
+NON_V1_RESNET_HASHES = {'11ad3fa6': 'resnet50 IMAGENET1K_V2', 'cd907fc2': 'resnet101 IMAGENET1K_V2'}
 
 
 def sha256_prefix(path: str) -> str:
@@ -287,18 +301,21 @@ def weights_warning(path: str, arch: str) -> str | None:
     return None
   prefix = sha256_prefix(path)
   if prefix in NON_V1_RESNET_HASHES:
-    return (f'{path} is torchvision\'s {NON_V1_RESNET_HASHES[prefix]} file (sha256 '
-            f'{prefix}...), not the original V1 weights the CAC paper used '
-            '(resnet50-0676ba61.pth / resnet101-63fe2227.pth); results will not be '
-            'comparable with the published numbers')
+    return (
+      f"{path} is torchvision's {NON_V1_RESNET_HASHES[prefix]} file (sha256 "
+      f'{prefix}...), not the original V1 weights the CAC paper used '
+      '(resnet50-0676ba61.pth / resnet101-63fe2227.pth); results will not be '
+      'comparable with the published numbers'
+    )
   return None
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m cac_jax.models.convert',
-      description='Convert a torchvision ImageNet checkpoint to a cac_jax '
-                  'backbone (flax msgpack of params and batch_stats).')
+    prog='python -m cac_jax.models.convert',
+    description='Convert a torchvision ImageNet checkpoint to a cac_jax '
+    'backbone (flax msgpack of params and batch_stats).',
+  )
   parser.add_argument('--arch', required=True, choices=sorted(backbones.convertible()))
   parser.add_argument('--input', required=True, help='torchvision .pth file')
   parser.add_argument('--output', required=True, help='output .msgpack file')
@@ -309,9 +326,11 @@ def main(argv=None) -> int:
   state_dict = torch_pickle.load_state_dict(args.input)
   variables = convert_backbone(args.arch, state_dict)
   save_variables(variables, args.output)
-  print(f'{args.arch}: {count_params(variables["params"]):,} parameters, '
-        f'{count_params(variables.get("batch_stats", {})):,} BatchNorm '
-        f'statistics -> {args.output}')
+  print(
+    f'{args.arch}: {count_params(variables["params"]):,} parameters, '
+    f'{count_params(variables.get("batch_stats", {})):,} BatchNorm '
+    f'statistics -> {args.output}'
+  )
   return 0
 
 

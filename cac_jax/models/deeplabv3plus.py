@@ -12,19 +12,27 @@ Outputs (see :class:`DeepLabV3Plus`): stride-4 logits upsampled to the input
 size, and for the directional contrastive loss the classifier logits and the
 unit-norm projections of the 2x2-average-pooled (stride-8) decoder features.
 """
+
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cac_jax.models.layers import (Conv, Dropout, batch_norm, head_kernel_init, l2_normalize,
-                                   resize_bilinear_align_corners, spatial_mean,
-                                   torch_default_kernel_init)
+from cac_jax.models.layers import (
+  Conv,
+  Dropout,
+  batch_norm,
+  head_kernel_init,
+  l2_normalize,
+  resize_bilinear_align_corners,
+  spatial_mean,
+  torch_default_kernel_init,
+)
 
 HEAD_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48
-ASPP_RATES_OS16 = (6, 12, 18)   # doubled at output stride 8
+ASPP_RATES_OS16 = (6, 12, 18)  # doubled at output stride 8
 
 
 def aspp_rates(output_stride: int) -> tuple[int, ...]:
@@ -48,12 +56,14 @@ def untrained_aspp_rates(output_stride: int, train_size: int, eval_size: int) ->
       image's padded side, or the sliding window).
   """
   cells = lambda size: -(-int(size) // output_stride)
-  return tuple(r for r in aspp_rates(output_stride)
-               if r > cells(train_size) - 1 and r <= cells(eval_size) - 1)
+  return tuple(
+    r for r in aspp_rates(output_stride) if r > cells(train_size) - 1 and r <= cells(eval_size) - 1
+  )
 
 
 class ConvBNReLU(nn.Module):
   """conv (no bias) -> BatchNorm -> ReLU; params under 'conv' and 'bn'."""
+
   features: int
   kernel_size: int = 1
   dilation: int = 1
@@ -61,8 +71,14 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, dilation=self.dilation,
-             dtype=self.dtype, kernel_init=head_kernel_init, name='conv')(x)
+    x = Conv(
+      self.features,
+      self.kernel_size,
+      dilation=self.dilation,
+      dtype=self.dtype,
+      kernel_init=head_kernel_init,
+      name='conv',
+    )(x)
     return nn.relu(batch_norm(train, self.dtype, 'bn')(x))
 
 
@@ -73,6 +89,7 @@ class ASPP(nn.Module):
   pooling: global mean -> 1x1 -> BN -> ReLU -> broadcast back), each 256 ch;
   concatenated (1280 ch) -> 'project' 1x1 256 -> BN -> ReLU -> dropout 0.5.
   """
+
   rates: tuple[int, int, int] = (6, 12, 18)
   dtype: Any = jnp.float32
 
@@ -81,8 +98,9 @@ class ASPP(nn.Module):
     """[B, h, w, C] deep features -> [B, h, w, 256]."""
     branches = [ConvBNReLU(HEAD_CHANNELS, 1, dtype=self.dtype, name='b0')(x, train)]
     for i, rate in enumerate(self.rates):
-      branches.append(ConvBNReLU(HEAD_CHANNELS, 3, dilation=rate,
-                                 dtype=self.dtype, name=f'b{i + 1}')(x, train))
+      branches.append(
+        ConvBNReLU(HEAD_CHANNELS, 3, dilation=rate, dtype=self.dtype, name=f'b{i + 1}')(x, train)
+      )
     pooled = spatial_mean(x)  # per image region on an evaluation canvas
     pooled = ConvBNReLU(HEAD_CHANNELS, 1, dtype=self.dtype, name='pool')(pooled, train)
     # Bilinear upsampling of a 1x1 map (any corner convention) is a broadcast.
@@ -99,6 +117,7 @@ class Decoder(nn.Module):
   align_corners=True) to the low-level grid; concat (304 ch) -> 'fuse1' 3x3
   256 -> BN -> ReLU -> dropout 0.5 -> 'fuse2' 3x3 256 -> BN -> ReLU.
   """
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -114,6 +133,7 @@ class Decoder(nn.Module):
 
 class Head(nn.Module):
   """ASPP + decoder: (deep, low-level) features -> 256-ch stride-4 features."""
+
   rates: tuple[int, int, int] = (6, 12, 18)
   dtype: Any = jnp.float32
 
@@ -125,14 +145,22 @@ class Head(nn.Module):
 
 class Classifier(nn.Module):
   """Dropout 0.1 -> 1x1 conv with bias; logits returned in float32."""
+
   num_classes: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Dropout(0.1, deterministic=not train)(x)
-    x = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=head_kernel_init, torch_bias_init=True, name='conv')(x)
+    x = Conv(
+      self.num_classes,
+      1,
+      use_bias=True,
+      dtype=self.dtype,
+      kernel_init=head_kernel_init,
+      torch_bias_init=True,
+      name='conv',
+    )(x)
     return x.astype(jnp.float32)
 
 
@@ -141,16 +169,31 @@ class Projector(nn.Module):
 
   Returns float32 features, *not* normalised (the caller normalises).
   """
+
   proj_dim: int = 128
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(HEAD_CHANNELS, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=torch_default_kernel_init, torch_bias_init=True, name='conv1')(x)
+    x = Conv(
+      HEAD_CHANNELS,
+      1,
+      use_bias=True,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+      torch_bias_init=True,
+      name='conv1',
+    )(x)
     x = nn.relu(x)
-    x = Conv(self.proj_dim, 1, use_bias=True, dtype=self.dtype,
-             kernel_init=torch_default_kernel_init, torch_bias_init=True, name='conv2')(x)
+    x = Conv(
+      self.proj_dim,
+      1,
+      use_bias=True,
+      dtype=self.dtype,
+      kernel_init=torch_default_kernel_init,
+      torch_bias_init=True,
+      name='conv2',
+    )(x)
     return x.astype(jnp.float32)
 
 
@@ -172,6 +215,7 @@ class DeepLabV3Plus(nn.Module):
     proj_dim: projector output width.
     dtype: compute dtype; logits and features are returned in float32.
   """
+
   backbone: nn.Module
   num_classes: int
   output_stride: int = 16
@@ -180,8 +224,9 @@ class DeepLabV3Plus(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               dc_outputs: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+    self, x: jax.Array, train: bool = False, dc_outputs: bool = False
+  ) -> dict[str, jax.Array]:
     """Runs the network.
 
     Args:
@@ -204,8 +249,9 @@ class DeepLabV3Plus(nn.Module):
       raise ValueError(f'expected images [B, H, W, 3], got shape {x.shape}.')
     if dc_outputs and (x.shape[1] % 8 or x.shape[2] % 8):
       raise ValueError(
-          f'dc_outputs needs H and W divisible by 8, got {x.shape[1:3]}; use a '
-          'crop size that is a multiple of 8.')
+        f'dc_outputs needs H and W divisible by 8, got {x.shape[1:3]}; use a '
+        'crop size that is a multiple of 8.'
+      )
     if self.output_stride not in (8, 16):
       raise ValueError(f'output_stride must be 8 or 16, got {self.output_stride}.')
     rates = aspp_rates(self.output_stride)
@@ -221,8 +267,7 @@ class DeepLabV3Plus(nn.Module):
     if dc_outputs or self.is_initializing():
       # With H, W multiples of 8 the decoder grid is exactly H/4 x W/4; the
       # crop to even sizes only matters for an init call at odd sizes.
-      pooled = avg_pool_2x2(decoded[:, : decoded.shape[1] // 2 * 2,
-                                    : decoded.shape[2] // 2 * 2])
+      pooled = avg_pool_2x2(decoded[:, : decoded.shape[1] // 2 * 2, : decoded.shape[2] // 2 * 2])
       logits8 = classifier(pooled, train)
       if self.projector:
         proj = Projector(self.proj_dim, dtype=self.dtype, name='projector')(pooled)

@@ -49,15 +49,16 @@ joined with ``_`` and with every ``_`` read as ``.`` is the torchvision
 state-dict key prefix (``layer1_0/conv1/kernel`` <-> ``layer1.0.conv1.weight``),
 so module names never contain ``_`` except as such a separator.
 """
+
 import contextlib
 import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-from flax.linen import normalization as _flax_normalization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen import normalization as _flax_normalization
 
 # torchvision initialises ResNet convolutions with kaiming_normal(fan_out, relu).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -74,9 +75,11 @@ def torch_default_bias_init(fan_in: int):
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
-BN_MOMENTUM = 0.9   # Flax convention: new = 0.9 * old + 0.1 * batch (torch 0.1)
+
+BN_MOMENTUM = 0.9  # Flax convention: new = 0.9 * old + 0.1 * batch (torch 0.1)
 BN_EPSILON = 1e-5
 
 
@@ -132,8 +135,9 @@ class _Region:
     full = self.canvas[axis - 1]
     if full % size:
       raise ValueError(
-          f'a {size}-pixel map is not the {full}-pixel evaluation canvas at an integer '
-          'stride; the canvas side must be a multiple of the largest stride (32)')
+        f'a {size}-pixel map is not the {full}-pixel evaluation canvas at an integer '
+        'stride; the canvas side must be a multiple of the largest stride (32)'
+      )
     n = self.sizes[:, axis - 1]
     return (n * size + full - 1) // full
 
@@ -187,8 +191,8 @@ class _Groups:
     """[count * B, ...] -> [shards, count, B / shards, ...]."""
     if x.shape[0] % (self.count * self.shards):
       raise ValueError(
-          f'a batch of {x.shape[0]} rows is not {self.count} groups split over '
-          f'{self.shards} shards')
+        f'a batch of {x.shape[0]} rows is not {self.count} groups split over {self.shards} shards'
+      )
     return x.reshape((self.shards, self.count, -1) + x.shape[1:])
 
   def merge(self, parts: Sequence[jax.Array]) -> jax.Array:
@@ -270,12 +274,14 @@ def spatial_mean(x: jax.Array) -> jax.Array:
 
 def _lax_conv(x, kernel, strides, dilation, padding, groups=1):
   return jax.lax.conv_general_dilated(
-      x, kernel,
-      window_strides=(strides, strides),
-      padding=padding,
-      rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups)
+    x,
+    kernel,
+    window_strides=(strides, strides),
+    padding=padding,
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
 
 
 def live_taps(kernel_size: int, dilation: int, size: int) -> int:
@@ -293,8 +299,9 @@ def live_taps(kernel_size: int, dilation: int, size: int) -> int:
   return min(centre, (size - 1) // dilation)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1,
-           dilation: int = 1, groups: int = 1) -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, *, strides: int = 1, dilation: int = 1, groups: int = 1
+) -> jax.Array:
   """PyTorch-semantics NHWC convolution, lowered for speed, same numbers.
 
   Equal (up to float summation order) to ``lax.conv_general_dilated`` with
@@ -328,7 +335,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int = 1,
     centre = k // 2
     r_h = live_taps(k, dilation, x.shape[1])
     r_w = live_taps(k, dilation, x.shape[2])
-    kernel = kernel[centre - r_h:centre + r_h + 1, centre - r_w:centre + r_w + 1]
+    kernel = kernel[centre - r_h : centre + r_h + 1, centre - r_w : centre + r_w + 1]
     padding = ((r_h * dilation,) * 2, (r_w * dilation,) * 2)
   else:
     padding = torch_padding(k, dilation)
@@ -370,8 +377,10 @@ def _conv_shifted_taps(x, kernel, dilation):
       if bottom <= top or right <= left:
         continue  # cannot happen after live_taps pruning; kept for safety
       part = jax.lax.dot_general(
-          x[:, top + dy:bottom + dy, left + dx:right + dx, :], kernel[i, j],
-          (((3,), (0,)), ((), ())))
+        x[:, top + dy : bottom + dy, left + dx : right + dx, :],
+        kernel[i, j],
+        (((3,), (0,)), ((), ())),
+      )
       part = jnp.pad(part, ((0, 0), (top, h - bottom), (left, w - right), (0, 0)))
       y = part if y is None else y + part
   return y
@@ -401,17 +410,20 @@ def _conv_tap_grad_bwd(dilation, padding, residuals, g):
   out_h, out_w = g.shape[1:3]
   # Materialised once, so that XLA does not fuse x's producer (the decoder's
   # resize + concat) into each of the k*k window slices.
-  x_pad = jax.lax.optimization_barrier(
-      jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))))
+  x_pad = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))))
   g_rows = g.reshape(-1, c_out)
   taps = []
   for i in range(k_h):
     for j in range(k_w):
-      window = x_pad[:, i * dilation:i * dilation + out_h,
-                     j * dilation:j * dilation + out_w, :]
-      taps.append(jax.lax.dot_general(
-          window.reshape(-1, c_in), g_rows, (((0,), (0,)), ((), ())),
-          preferred_element_type=jnp.float32))
+      window = x_pad[:, i * dilation : i * dilation + out_h, j * dilation : j * dilation + out_w, :]
+      taps.append(
+        jax.lax.dot_general(
+          window.reshape(-1, c_in),
+          g_rows,
+          (((0,), (0,)), ((), ())),
+          preferred_element_type=jnp.float32,
+        )
+      )
   dkernel = jnp.stack(taps).reshape(k_h, k_w, c_in, c_out)
   return dx, dkernel.astype(kernel.dtype)
 
@@ -431,6 +443,7 @@ class Conv(nn.Module):
     use_bias: whether to add a bias.
     dtype: compute dtype; parameters stay float32.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -460,18 +473,27 @@ class Conv(nn.Module):
     in_features = x.shape[-1]
     if in_features % self.groups:
       raise ValueError(
-          f'Conv: {in_features} input channels are not divisible by '
-          f'groups={self.groups}; use a channel count that is a multiple.')
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, in_features // self.groups, self.features),
-                        jnp.float32)
+        f'Conv: {in_features} input channels are not divisible by '
+        f'groups={self.groups}; use a channel count that is a multiple.'
+      )
+    kernel = self.param(
+      'kernel', self.kernel_init, (k, k, in_features // self.groups, self.features), jnp.float32
+    )
     if k > 1:  # a wider kernel reads its neighbours: zeros beyond the image
       x = region_mask(x)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-               strides=self.strides, dilation=self.dilation, groups=self.groups)
+    y = conv2d(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      strides=self.strides,
+      dilation=self.dilation,
+      groups=self.groups,
+    )
     if self.use_bias:
-      bias_init = (torch_default_bias_init(k * k * in_features // self.groups)
-                   if self.torch_bias_init else nn.initializers.zeros)
+      bias_init = (
+        torch_default_bias_init(k * k * in_features // self.groups)
+        if self.torch_bias_init
+        else nn.initializers.zeros
+      )
       bias = self.param('bias', bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
@@ -491,6 +513,7 @@ class BatchNorm(nn.Module):
   Inside `batch_groups` (training), the statistics are per group and the
   running averages take the groups' updates in order, each with its own n.
   """
+
   use_running_average: bool
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
@@ -501,10 +524,8 @@ class BatchNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     reduction_axes = tuple(range(x.ndim - 1))
     features = (x.shape[-1],)
-    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32),
-                            features)
-    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
-                           features)
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
     groups = _GROUPS[-1]
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
@@ -519,27 +540,51 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     return _flax_normalization._normalize(
-        self, x, mean, var, reduction_axes, (x.ndim - 1,), self.dtype, self.param_dtype,
-        self.epsilon, True, True, nn.initializers.zeros, nn.initializers.ones)
-
+      self,
+      x,
+      mean,
+      var,
+      reduction_axes,
+      (x.ndim - 1,),
+      self.dtype,
+      self.param_dtype,
+      self.epsilon,
+      True,
+      True,
+      nn.initializers.zeros,
+      nn.initializers.ones,
+    )
 
   def _grouped(self, x, groups, ra_mean, ra_var):
     """Training on a `batch_groups` batch: statistics [count, C], one row per group."""
     if _REGION[-1] is not None:
-      raise ValueError('batch_groups is for training; valid_region (evaluation) '
-                       'cannot be combined with it')
-    xg = groups.view(x)                              # [S, G, b, ..., C]
+      raise ValueError(
+        'batch_groups is for training; valid_region (evaluation) cannot be combined with it'
+      )
+    xg = groups.view(x)  # [S, G, b, ..., C]
     axes = (0,) + tuple(range(2, xg.ndim - 1))
     mean, var = _flax_normalization._compute_stats(xg, axes, dtype=self.dtype)
     if not self.is_initializing():
       n = int(np.prod(x.shape[:-1])) // groups.count
       unbiased = var * (n / (n - 1)) if n > 1 else var
-      for g in range(groups.stat_groups):          # the per-group calls' order
+      for g in range(groups.stat_groups):  # the per-group calls' order
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean[g]
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased[g]
     y = _flax_normalization._normalize(
-        self, xg, mean, var, axes, (xg.ndim - 1,), self.dtype, self.param_dtype,
-        self.epsilon, True, True, nn.initializers.zeros, nn.initializers.ones)
+      self,
+      xg,
+      mean,
+      var,
+      axes,
+      (xg.ndim - 1,),
+      self.dtype,
+      self.param_dtype,
+      self.epsilon,
+      True,
+      True,
+      nn.initializers.zeros,
+      nn.initializers.ones,
+    )
     return y.reshape(x.shape)
 
 
@@ -565,6 +610,7 @@ class Dropout(nn.Module):
   group as the call with that group's key alone would. (The class keeps the
   name Dropout: Flax names it Dropout_N and folds that name into the key.)
   """
+
   rate: float
   deterministic: bool
 
@@ -580,9 +626,12 @@ class Dropout(nn.Module):
       mask = jax.random.bernoulli(self.make_rng('dropout'), keep, x.shape)
     else:
       shape = (x.shape[0] // groups.count,) + x.shape[1:]
-      mask = groups.merge([
+      mask = groups.merge(
+        [
           jax.random.bernoulli(self.make_rng(group_rng_name('dropout', g)), keep, shape)
-          for g in range(groups.count)])
+          for g in range(groups.count)
+        ]
+      )
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -672,8 +721,7 @@ def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Arra
     # Indices are in range by construction; 'clip' skips the bounds masking.
     x_lo = jnp.take(x, lo, axis=axis, mode='clip')
     x_hi = jnp.take(x, hi, axis=axis, mode='clip')
-    w = jnp.asarray(frac, x.dtype).reshape(
-        [-1 if a == axis else 1 for a in range(4)])
+    w = jnp.asarray(frac, x.dtype).reshape([-1 if a == axis else 1 for a in range(4)])
     x = x_lo + (x_hi - x_lo) * w
   return x
 

@@ -19,6 +19,7 @@ built, as in DeepLab). At output stride 16 the last stride-2 stage
 (the first keeps dilation 1, as DeepLab and torchvision do when they trade
 stride for dilation).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -29,9 +30,15 @@ from cac_jax.models.layers import Conv, batch_norm
 
 # (expand ratio t, output channels c, repeats n, first stride s).
 INVERTED_RESIDUAL_SETTING = (
-    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-LOW_LEVEL_INDEX = 3   # features[3] output: 24 channels at stride 4
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
+LOW_LEVEL_INDEX = 3  # features[3] output: 24 channels at stride 4
 NUM_IMAGENET_CLASSES = 1000
 
 
@@ -47,6 +54,7 @@ class InvertedResidual(nn.Module):
   ``conv_2`` (project conv), ``conv_3`` (BN); without expansion (t = 1) the
   depthwise pair is ``conv_0_*`` and the projection ``conv_1``/``conv_2``.
   """
+
   in_channels: int
   out_channels: int
   strides: int
@@ -63,8 +71,15 @@ class InvertedResidual(nn.Module):
       out = Conv(hidden, 1, dtype=self.dtype, name=f'conv_{idx}_0')(out)
       out = relu6(batch_norm(train, self.dtype, f'conv_{idx}_1')(out))
       idx += 1
-    out = Conv(hidden, 3, strides=self.strides, dilation=self.dilation,
-               groups=hidden, dtype=self.dtype, name=f'conv_{idx}_0')(out)
+    out = Conv(
+      hidden,
+      3,
+      strides=self.strides,
+      dilation=self.dilation,
+      groups=hidden,
+      dtype=self.dtype,
+      name=f'conv_{idx}_0',
+    )(out)
     out = relu6(batch_norm(train, self.dtype, f'conv_{idx}_1')(out))
     out = Conv(self.out_channels, 1, dtype=self.dtype, name=f'conv_{idx + 1}')(out)
     out = batch_norm(train, self.dtype, f'conv_{idx + 2}')(out)
@@ -83,6 +98,7 @@ class MobileNetV2(nn.Module):
       logits (used to test the converted ImageNet weights).
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   """
+
   output_stride: int = 16
   include_top: bool = False
   dtype: Any = jnp.float32
@@ -103,8 +119,9 @@ class MobileNetV2(nn.Module):
     """
     if self.output_stride not in (16, 32):
       raise ValueError(
-          f'MobileNetV2 supports output_stride 16 or 32, got '
-          f'{self.output_stride}; set config.model.output_stride to 16.')
+        f'MobileNetV2 supports output_stride 16 or 32, got '
+        f'{self.output_stride}; set config.model.output_stride to 16.'
+      )
     x = Conv(32, 3, strides=2, dtype=self.dtype, name='features_0_0')(x)
     x = relu6(batch_norm(train, self.dtype, 'features_0_1')(x))
     current_stride, dilation = 2, 1
@@ -121,8 +138,9 @@ class MobileNetV2(nn.Module):
           dilation *= stride
           stride = 1
         current_stride *= stride
-        x = InvertedResidual(in_channels, c, stride, block_dilation, t,
-                             dtype=self.dtype, name=f'features_{index}')(x, train)
+        x = InvertedResidual(
+          in_channels, c, stride, block_dilation, t, dtype=self.dtype, name=f'features_{index}'
+        )(x, train)
         in_channels = c
         if index == LOW_LEVEL_INDEX:
           low = x
@@ -133,8 +151,9 @@ class MobileNetV2(nn.Module):
     x = relu6(batch_norm(train, self.dtype, f'features_{index}_1')(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dropout(0.2, deterministic=not train)(x)
-    return nn.Dense(NUM_IMAGENET_CLASSES, dtype=jnp.float32,
-                    param_dtype=jnp.float32, name='classifier_1')(x)
+    return nn.Dense(
+      NUM_IMAGENET_CLASSES, dtype=jnp.float32, param_dtype=jnp.float32, name='classifier_1'
+    )(x)
 
 
 def mobilenet_v2(output_stride: int = 16, dtype: Any = jnp.float32) -> MobileNetV2:

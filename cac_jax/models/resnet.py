@@ -13,6 +13,7 @@ Parameter names mirror torchvision (``conv1``, ``bn1``, ``layer1_0/conv1``,
 ``layer1_0/downsample_0``, ...) so that :mod:`cac_jax.models.convert` maps a
 torchvision ``state_dict`` one-to-one (see :mod:`cac_jax.models.layers`).
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ MULTI_GRID = (1, 2, 4)
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (expansion 4), stride on the 3x3 convolution."""
+
   planes: int
   strides: int = 1
   dilation: int = 1
@@ -38,20 +40,21 @@ class Bottleneck(nn.Module):
     """[B, H, W, C_in] -> [B, H/stride, W/stride, 4 * planes]."""
     out = Conv(self.planes, 1, dtype=self.dtype, name='conv1')(x)
     out = nn.relu(batch_norm(train, self.dtype, 'bn1')(out))
-    out = Conv(self.planes, 3, strides=self.strides, dilation=self.dilation,
-               dtype=self.dtype, name='conv2')(out)
+    out = Conv(
+      self.planes, 3, strides=self.strides, dilation=self.dilation, dtype=self.dtype, name='conv2'
+    )(out)
     out = nn.relu(batch_norm(train, self.dtype, 'bn2')(out))
     out = Conv(self.planes * 4, 1, dtype=self.dtype, name='conv3')(out)
     out = batch_norm(train, self.dtype, 'bn3')(out)
     if self.downsample:
-      x = Conv(self.planes * 4, 1, strides=self.strides, dtype=self.dtype,
-               name='downsample_0')(x)
+      x = Conv(self.planes * 4, 1, strides=self.strides, dtype=self.dtype, name='downsample_0')(x)
       x = batch_norm(train, self.dtype, 'downsample_1')(x)
     return nn.relu(out + x)
 
 
 class BasicBlock(nn.Module):
   """torchvision BasicBlock (expansion 1): two 3x3 convolutions."""
+
   planes: int
   strides: int = 1
   dilation: int = 1
@@ -62,15 +65,14 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """[B, H, W, C_in] -> [B, H/stride, W/stride, planes]."""
-    out = Conv(self.planes, 3, strides=self.strides, dilation=self.dilation,
-               dtype=self.dtype, name='conv1')(x)
+    out = Conv(
+      self.planes, 3, strides=self.strides, dilation=self.dilation, dtype=self.dtype, name='conv1'
+    )(x)
     out = nn.relu(batch_norm(train, self.dtype, 'bn1')(out))
-    out = Conv(self.planes, 3, dilation=self.dilation, dtype=self.dtype,
-               name='conv2')(out)
+    out = Conv(self.planes, 3, dilation=self.dilation, dtype=self.dtype, name='conv2')(out)
     out = batch_norm(train, self.dtype, 'bn2')(out)
     if self.downsample:
-      x = Conv(self.planes, 1, strides=self.strides, dtype=self.dtype,
-               name='downsample_0')(x)
+      x = Conv(self.planes, 1, strides=self.strides, dtype=self.dtype, name='downsample_0')(x)
       x = batch_norm(train, self.dtype, 'downsample_1')(x)
     return nn.relu(out + x)
 
@@ -86,8 +88,9 @@ def layer_plan(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   if output_stride == 8:
     return (1, 2, 1, 1), (1, 1, 2, 4)
   raise ValueError(
-      f'output_stride must be 8 or 16, got {output_stride}; set '
-      'config.model.output_stride to 8 or 16.')
+    f'output_stride must be 8 or 16, got {output_stride}; set '
+    'config.model.output_stride to 8 or 16.'
+  )
 
 
 class ResNet(nn.Module):
@@ -103,6 +106,7 @@ class ResNet(nn.Module):
     output_stride: 8 or 16.
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
   """
+
   block: Any = Bottleneck
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -136,20 +140,21 @@ class ResNet(nn.Module):
         # Multi-grid: the blocks of layer4 use dilation base * (1, 2, 4).
         if self.block is Bottleneck and num_blocks != len(MULTI_GRID):
           raise ValueError(
-              f'layer4 must have {len(MULTI_GRID)} blocks (multi-grid), got '
-              f'{num_blocks}.')
+            f'layer4 must have {len(MULTI_GRID)} blocks (multi-grid), got {num_blocks}.'
+          )
         block_dilations = [dilations[3] * MULTI_GRID[i] for i in range(num_blocks)]
       else:
         block_dilations = [dilations[stage]] * num_blocks
       for i in range(num_blocks):
         first = i == 0
         x = self.block(
-            planes,
-            strides=strides[stage] if first else 1,
-            dilation=block_dilations[i],
-            downsample=first and (strides[stage] != 1 or in_channels != out_channels),
-            dtype=self.dtype,
-            name=f'layer{stage + 1}_{i}')(x, train)
+          planes,
+          strides=strides[stage] if first else 1,
+          dilation=block_dilations[i],
+          downsample=first and (strides[stage] != 1 or in_channels != out_channels),
+          dtype=self.dtype,
+          name=f'layer{stage + 1}_{i}',
+        )(x, train)
         in_channels = out_channels
       if stage == 0:
         low = x
@@ -168,5 +173,11 @@ def resnet101(output_stride: int = 16, dtype: Any = jnp.float32) -> ResNet:
 
 def resnet_tiny(output_stride: int = 16, dtype: Any = jnp.float32) -> ResNet:
   """Narrow ResNet-18-like backbone for tests: low 16 ch, high 128 ch."""
-  return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128),
-                stem_width=16, output_stride=output_stride, dtype=dtype)
+  return ResNet(
+    BasicBlock,
+    (1, 1, 1, 1),
+    widths=(16, 32, 64, 128),
+    stem_width=16,
+    output_stride=output_stride,
+    dtype=dtype,
+  )

