@@ -94,6 +94,14 @@ def test_readme_lists_the_two_setup_commands_and_the_test_command():
   assert 'bash launch/test.sh' in (REPO / '.ci' / 'run').read_text()
 
 
+def test_lint_command_verbatim_passes():
+  """The README's lint command (CI's first step) passes on this checkout."""
+  lint = _run(command('bash launch/lint.sh'), REPO, timeout=300)
+  assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
+  assert 'All checks passed!' in lint.stdout
+  assert 'bash launch/lint.sh' in (REPO / '.ci' / 'run').read_text()
+
+
 def test_main_job_resume_predict_and_evaluate_verbatim(clone):
   from PIL import Image
 
