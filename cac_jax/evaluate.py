@@ -247,7 +247,7 @@ def score_run(
 
   Args:
     workdir: the training run's --workdir.
-    which, step: which checkpoint (see `cac_jax.restore.load_run`).
+    which, step: which checkpoint (see `cac_jax.saved_run.load_run`).
     overrides: flat {'eval.flip': True, ...} changes to the saved config
       (an extra evaluator starts from config.eval, so they apply to it too
       where it does not set the field itself).
@@ -259,12 +259,12 @@ def score_run(
     (scores, class_names, step, entry): `scores` as `scores()` returns,
     `entry` the `cac_jax.evaluators.Entry` that was run.
   """
-  from cac_jax import config_lib, datasets, evaluators, paths, restore
+  from cac_jax import config_lib, datasets, evaluators, paths, saved_run
 
-  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  config, model, variables, step = saved_run.load_run(workdir, step=step, which=which)
   apply_overrides(config, overrides or {})
   config.data.root = paths.resolve(config.data.root)
-  mesh = restore.mesh_of(variables)
+  mesh = saved_run.mesh_of(variables)
   batch = int(config.data.eval_batch_size)
   if batch <= 0 or batch % mesh.devices.size or batch % jax.process_count():
     raise config_lib.ConfigError(
@@ -323,11 +323,11 @@ def _define_flags():
   from absl import flags
   from ml_collections import config_flags
 
-  from cac_jax import config_lib, restore
+  from cac_jax import config_lib, saved_run
 
   flags.DEFINE_string('workdir', None, 'The training run (holds checkpoints/).')
   flags.DEFINE_enum(
-    'which', 'best', restore.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
+    'which', 'best', saved_run.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
   )
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
   flags.DEFINE_string(

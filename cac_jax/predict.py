@@ -35,6 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from cac_jax import checkpoint as ckpt_lib
 from cac_jax import (
   cli,
   config_lib,
@@ -42,8 +43,8 @@ from cac_jax import (
   datasets,
   evaluators,
   paths,
-  restore,
   run_dir,
+  saved_run,
   visualize,
 )
 from cac_jax import evaluate as eval_lib
@@ -249,7 +250,7 @@ def run(
   workdir, images, out = paths.resolve(workdir), paths.resolve(images), paths.resolve(out)
   image_paths = list_images(images)
   check_out_dir(out)
-  config, model, variables, step = restore.load_run(workdir, step=step, which=which)
+  config, model, variables, step = saved_run.load_run(workdir, step=step, which=which)
   eval_lib.apply_overrides(
     config, {**(overrides or {}), **({} if flip is None else {'eval.flip': bool(flip)})}
   )
@@ -275,7 +276,7 @@ def _define_flags():
   flags.DEFINE_string('images', None, 'An image file, or a folder of images.')
   flags.DEFINE_string('out', None, 'Output folder for masks and overlays.')
   flags.DEFINE_enum(
-    'which', 'best', restore.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
+    'which', 'best', saved_run.WHICH, 'best: the highest val mIoU checkpoint; latest: the last one.'
   )
   flags.DEFINE_integer('step', None, 'A specific checkpoint step (overrides --which).')
   flags.DEFINE_bool(
@@ -310,7 +311,7 @@ def main(argv):
     # User errors (no checkpoint, bad path): the message, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     status = 2
-  except restore.ckpt_lib.CheckpointRestoreError as e:
+  except ckpt_lib.CheckpointRestoreError as e:
     print(f'error: {e}', file=sys.stderr)
     status = 1
   sys.exit(status)

@@ -30,7 +30,7 @@ from cac_jax import (
   evaluate,
   optim,
   precise_bn,
-  restore,
+  saved_run,
   sharding,
   train,
   train_state,
@@ -317,7 +317,7 @@ def test_precise_run_saves_the_statistics_it_scored(tmp_path):
   copy.wait_until_finished()
   copy.close()
   manager.close()
-  loaded, _, _, _ = restore.load_run(str(old_dir))
+  loaded, _, _, _ = saved_run.load_run(str(old_dir))
   assert loaded.bn.running_stats == 'all' and loaded.bn.precise_batches == 8
   config_lib.validate(loaded, num_devices=1)
   old_scores, _, _, _ = evaluate.evaluate_run(str(old_dir))

@@ -388,13 +388,13 @@ def test_a_run_saved_before_the_fast_paths_resumes_and_loads():
 
   import ml_collections
 
-  from cac_jax import restore, run_dir
+  from cac_jax import run_dir, saved_run
   from train_utils import tiny_config
 
   saved = json.loads(json.dumps(tiny_config().to_dict()))
   saved['cac']['matmul_dtype'] = 'float32'
   del saved['cac']['anchor_block']
   assert run_dir.config_differences(saved, tiny_config()) == ([], ['cac.matmul_dtype'])
-  config = restore._with_new_fields(ml_collections.ConfigDict(saved))
+  config = saved_run._with_new_fields(ml_collections.ConfigDict(saved))
   assert config.cac.anchor_block == losses.DEFAULT_ANCHOR_BLOCK
   assert config.cac.matmul_dtype == 'float32'

@@ -92,7 +92,7 @@ def test_command_line_user_errors_have_no_stack_trace(run, tmp_path):
 
 @pytest.mark.parametrize('opt_state', ['absent', 'different'])
 def test_inference_reads_params_and_batch_stats_only(run, tmp_path, opt_state):
-  """evaluate (and so predict, which shares `restore.load_run`) works on a
+  """evaluate (and so predict, which shares `saved_run.load_run`) works on a
   checkpoint whose optimiser state is absent or has another structure, and
   scores it exactly as the intact run: only params and batch_stats are read."""
   import jax
@@ -100,10 +100,10 @@ def test_inference_reads_params_and_batch_stats_only(run, tmp_path, opt_state):
   import numpy as np
 
   from cac_jax import checkpoint as ckpt_lib
-  from cac_jax import restore
+  from cac_jax import saved_run
 
   workdir, train_scores = run
-  config, _, variables, step = restore.load_run(workdir, which='latest')
+  config, _, variables, step = saved_run.load_run(workdir, which='latest')
   state = {
     'step': np.int32(step),
     'params': variables['params'],
@@ -118,6 +118,6 @@ def test_inference_reads_params_and_batch_stats_only(run, tmp_path, opt_state):
   got, _, got_step, _ = evaluate.evaluate_run(str(tmp_path), which='latest')
   assert got_step == step
   assert got == {k: v for k, v in train_scores.items() if not k.startswith('best_')}
-  _, _, again, _ = restore.load_run(str(tmp_path))
+  _, _, again, _ = saved_run.load_run(str(tmp_path))
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -176,11 +176,11 @@ def test_a_split_without_masks_fails_when_built(tmp_path):
 
 
 def test_an_old_run_without_extras_loads_with_the_default_evaluator_alone():
-  from cac_jax import restore, run_dir
+  from cac_jax import run_dir, saved_run
 
   saved = tiny_config().to_dict()
   del saved['eval']['extra']
-  config = restore._with_new_fields(ml_collections.ConfigDict(saved))
+  config = saved_run._with_new_fields(ml_collections.ConfigDict(saved))
   assert config.eval.extra.to_dict() == {}
   assert [(e.prefix, e.kind) for e in evaluators.entries(config)] == [
     ('val', 'miou'),
@@ -282,7 +282,7 @@ def test_extra_images_evaluator_draws_the_split_it_names(extra_run):
 def test_predict_uses_the_runs_eval_options(extra_run, tmp_path):
   """predict writes the scored prediction: the run evaluates with flip, so the
   mask is the argmax of the mean of both views' softmax, computed here by hand."""
-  from cac_jax import constants, predict, restore
+  from cac_jax import constants, predict, saved_run
   from cac_jax.data import embedded
 
   workdir, config, _ = extra_run
@@ -291,7 +291,7 @@ def test_predict_uses_the_runs_eval_options(extra_run, tmp_path):
   Image.fromarray(image).save(tmp_path / 'x.png')
   assert predict.run(workdir, str(tmp_path / 'x.png'), str(tmp_path / 'out')) == 0
   got = np.asarray(Image.open(tmp_path / 'out' / 'x.png'))
-  _, model, variables, _ = restore.load_run(workdir)
+  _, model, variables, _ = saved_run.load_run(workdir)
   x = np.pad(
     constants.normalize(image.astype(np.float32)), [(0, 3), (0, 6), (0, 0)], mode='reflect'
   )[None]

@@ -1,4 +1,4 @@
-"""cac_jax.predict and cac_jax.restore on a trained tiny run.
+"""cac_jax.predict and cac_jax.saved_run on a trained tiny run.
 
 One tiny run (4 steps) is trained per module; predictions are checked for
 file format and sizes, against an independent forward pass, and the command
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import optim, predict, restore, sharding, train_state
+from cac_jax import optim, predict, saved_run, sharding, train_state
 from cac_jax.data import embedded
 from cac_jax.models import build_model
 from train_utils import REPO, tiny_config
@@ -42,7 +42,7 @@ def images(tmp_path_factory):
 
 
 def _independent_mask(workdir, image_u8):
-  """argmax of the model's logits, computed without cac_jax.predict/restore."""
+  """argmax of the model's logits, computed without cac_jax.predict/saved_run."""
   config = tiny_config()
   model = build_model(config.model, num_classes=config.data.num_classes)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
@@ -63,24 +63,24 @@ def _independent_mask(workdir, image_u8):
 
 def test_load_run_restores_best_checkpoint(run):
   workdir, _ = run
-  config, model, variables, step = restore.load_run(workdir)
+  config, model, variables, step = saved_run.load_run(workdir)
   assert step == 4  # the only checkpoint with an mIoU (step 2 has none)
   assert config.model.backbone == 'resnet_tiny'
   assert set(variables) == {'params', 'batch_stats'}
-  _, _, _, latest = restore.load_run(workdir, which='latest')
+  _, _, _, latest = saved_run.load_run(workdir, which='latest')
   assert latest == 4
-  _, _, _, two = restore.load_run(workdir, step=2)
+  _, _, _, two = saved_run.load_run(workdir, step=2)
   assert two == 2
-  with pytest.raises(restore.RunError, match='available steps'):
-    restore.load_run(workdir, step=3)
+  with pytest.raises(saved_run.RunError, match='available steps'):
+    saved_run.load_run(workdir, step=3)
 
 
 def test_load_run_without_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(restore.RunError, match='does not exist'):
-    restore.load_run(str(tmp_path))
+  with pytest.raises(saved_run.RunError, match='does not exist'):
+    saved_run.load_run(str(tmp_path))
   (tmp_path / 'checkpoints').mkdir()
-  with pytest.raises(restore.RunError, match='no finished checkpoint'):
-    restore.load_run(str(tmp_path))
+  with pytest.raises(saved_run.RunError, match='no finished checkpoint'):
+    saved_run.load_run(str(tmp_path))
 
 
 def test_predict_writes_palette_masks_and_reports_bad_files(run, images, tmp_path, capsys):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import config_lib, paths, predict, restore, run_dir, train
+from cac_jax import config_lib, paths, predict, run_dir, saved_run, train
 from cac_jax.data import masks, pipeline, sources, validate
 from cac_jax.data.sources import DataError
 from train_utils import REPO, tiny_config, write_image
@@ -250,7 +250,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
   # Inference moves nothing. It reads params and batch_stats alone (partial
   # restore by the model's own tree), so a lost _METADATA file does not stop
   # it; truncated arrays do, and it falls back to the intact step 2.
-  _, _, _, step = restore.load_run(str(workdir), which='latest')
+  _, _, _, step = saved_run.load_run(str(workdir), which='latest')
   assert step == (2 if how == 'truncated' else 4)
   assert (workdir / 'checkpoints' / '4').exists()
   if how == 'truncated':
