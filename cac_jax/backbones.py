@@ -2,7 +2,7 @@
 
 The one list of backbones. Config validation (`config_lib`), the model
 builder (`models/builder.py`), the torchvision converter (`models/convert.py`)
-and the benchmarks (`bench/train_step.py`) all read it, so a backbone's
+and the benchmarks (`bench/step_time.py`) all read it, so a backbone's
 supported output strides or weights cannot disagree between them: a stride
 the backbone cannot do is a config error, not a traceback at model init.
 

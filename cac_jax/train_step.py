@@ -52,7 +52,7 @@ def fused_passes(cac_config) -> bool:
   """Whether the DC step runs its three passes as one call (`cac.fused_passes`).
 
   'auto': on GPU/TPU (one large call fills the chip), off on CPU, where the
-  step benchmark measures no gain (`python -m cac_jax.bench.train_step
+  step benchmark measures no gain (`python -m cac_jax.bench.step_time
   --modes=cac --fused-passes=on`, against `=off`). The step also needs the
   labeled and unlabeled batches to have one shape (`_fusable`).
   """

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cac_jax import config_lib
-from cac_jax.bench import train_step as bench
+from cac_jax.bench import step_time as bench
 from train_utils import REPO
 
 
@@ -121,7 +121,7 @@ def test_peak_flops_table():
 
 def test_cli_rejects_bad_flags_with_a_message():
   out = subprocess.run(
-    [sys.executable, '-m', 'cac_jax.bench.train_step', '--crop=60', '--backbone=resnet_tiny'],
+    [sys.executable, '-m', 'cac_jax.bench.step_time', '--crop=60', '--backbone=resnet_tiny'],
     cwd=REPO,
     capture_output=True,
     text=True,

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from cac_jax import losses
+from cac_jax.bench import step_time as bench
 from cac_jax.bench import torch_deeplab, torch_step
-from cac_jax.bench import train_step as bench
 from cac_jax.models import build_model, convert
 
 B, CROP, D, K, BANK = 2, 64, 16, 5, 256

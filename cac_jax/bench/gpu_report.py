@@ -19,7 +19,7 @@ conventions: every window tap (`cac_jax.bench.flops`, the benchmark's own
 count) and real-pixel taps only (taps over zero padding or between a strided
 layer's input-gradient pixels left out, 2 FLOPs per multiply-accumulate: the
 convention of XLA's CPU cost analysis), and the DC loss's share: timed alone
-at the step's shapes (`bench.train_step.dc_loss_share`) and, for the after
+at the step's shapes (`bench.step_time.dc_loss_share`) and, for the after
 step, measured inside the step from a profile (ops under the loss's name
 scope, `losses.DC_SCOPE`). Then the DC loss alone at the VOC size (both
 directions, 12,800 anchors each × 51,200 negatives) for several variants
@@ -49,7 +49,7 @@ from cac_jax import train_step as step_lib
 from cac_jax.bench import dc_loss as dc_bench
 from cac_jax.bench import flops as flops_lib
 from cac_jax.bench import profile_step
-from cac_jax.bench import train_step as bench
+from cac_jax.bench import step_time as bench
 from cac_jax.models import build_model
 
 # The DC loss before this change, as the GPU script ran it (chunk 1,024).

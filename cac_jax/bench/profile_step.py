@@ -3,7 +3,7 @@
   python -m cac_jax.bench.profile_step --backbone=resnet50 --crop=320 \
       --labeled=2 --unlabeled=2 --mode=sup [--top=25] [--convs=xla]
 
-Builds the same step as `cac_jax.bench.train_step` (synthetic batches, full
+Builds the same step as `cac_jax.bench.step_time` (synthetic batches, full
 bank), runs it `--warmup` times, traces `--steps` steps with
 `jax.profiler`, and prints the op time per step: totals by op kind (the
 fusion name without its number) and the `--top` single ops, each with its
@@ -27,7 +27,7 @@ import jax
 from cac_jax import optim, sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
-from cac_jax.bench import train_step as bench
+from cac_jax.bench import step_time as bench
 from cac_jax.models import build_model, layers
 
 

@@ -107,7 +107,7 @@ def xla_convolutions():
   """Within this block, `conv2d` traces to the plain XLA convolution only.
 
   For benchmarks that compare the two lowerings in one process
-  (`python -m cac_jax.bench.train_step --convs=xla`); functions must be
+  (`python -m cac_jax.bench.step_time --convs=xla`); functions must be
   traced (jitted and first called) inside the block.
   """
   _REWRITES.append(False)

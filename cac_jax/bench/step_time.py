@@ -1,6 +1,6 @@
 """Benchmark: one jitted CAC train step (compile, step time, FLOPs, memory).
 
-  python -m cac_jax.bench.train_step --backbone=resnet50 --crop=160 \
+  python -m cac_jax.bench.step_time --backbone=resnet50 --crop=160 \
       --labeled=4 --unlabeled=4 --dtype=float32,bfloat16 --modes=sup,cac \
       --steps=10 --json=out.json
 
@@ -66,9 +66,9 @@ also says whether the machine was already loaded when the run began
 CPU rows (docs/cpu_torch_ratio.json) are two runs, crop 160 with 4 (+ 4) and
 crop 320 with 2 (+ 2) images:
 
-  python -m cac_jax.bench.train_step --torch --crop=160 --labeled=4 \
+  python -m cac_jax.bench.step_time --torch --crop=160 --labeled=4 \
       --unlabeled=4 --steps=5 --warmup=1 --json=torch_160.json
-  python -m cac_jax.bench.train_step --torch --crop=320 --labeled=2 \
+  python -m cac_jax.bench.step_time --torch --crop=320 --labeled=2 \
       --unlabeled=2 --steps=5 --warmup=1 --json=torch_320.json
 
 CPU threads: XLA:CPU keeps both cores of the development machine busy in
@@ -308,7 +308,7 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
   box1, box2 = synthetic_boxes(c, n)
   flips = np.arange(n) % 2 == 0
   bank = bank if bank is not None else bank_lib.init_bank(0, proj1.shape[-1])
-  u = config.cac
+  cac = config.cac
 
   def loss(p1, p2):
     value, _ = losses.dc_loss_from_views(
@@ -324,14 +324,14 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
       bank.labels,
       jnp.ones_like(bank.valid),
       key=jax.random.key(2),
-      temperature=u.temperature,
-      pos_threshold=u.pos_threshold,
-      directional=u.directional,
-      filter_negatives=u.filter_negatives,
-      neg_per_image=u.neg_per_image,
-      chunk_size=u.chunk_size,
-      matmul_dtype=u.matmul_dtype,
-      anchor_block=u.anchor_block,
+      temperature=cac.temperature,
+      pos_threshold=cac.pos_threshold,
+      directional=cac.directional,
+      filter_negatives=cac.filter_negatives,
+      neg_per_image=cac.neg_per_image,
+      chunk_size=cac.chunk_size,
+      matmul_dtype=cac.matmul_dtype,
+      anchor_block=cac.anchor_block,
     )
     return value
 
@@ -344,7 +344,7 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
   walls, _, _ = _timed(run, steps)
   b, h, w, d = proj1.shape
   anchors = b * h * w
-  cells = h * w if not u.neg_per_image else u.neg_per_image
+  cells = h * w if not cac.neg_per_image else cac.neg_per_image
   negatives = 2 * b * cells + bank.feats.shape[0]
   # Per direction: anchors x negatives dot products of length d, forward (1
   # matmul) and backward w.r.t. the anchors (1 matmul), 2 FLOPs per MAC.
@@ -577,7 +577,7 @@ def _csv(value: str, allowed, name: str, parser) -> list[str]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-    prog='python -m cac_jax.bench.train_step', description=__doc__.splitlines()[0]
+    prog='python -m cac_jax.bench.step_time', description=__doc__.splitlines()[0]
   )
   parser.add_argument('--backbone', default='resnet50', choices=backbones.names())
   parser.add_argument('--crop', type=int, default=320)
