@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.proj_dim = 128
   m.dtype = 'float32'  # compute dtype: float32 | bfloat16
   # '' (random init) | path to a converted backbone (.msgpack) |
-  # 'imagenet' (MobileNetV2 only; fetched if missing) | 'imagenet-if-present'.
+  # 'imagenet' (MobileNetV2 only; fetched if missing).
   c.init_from = ''
   # Start from another run's checkpoint: the workdir of that run ('' = no).
   # Its step, parameters, BatchNorm statistics, optimiser state and bank are
@@ -75,30 +75,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.fork_from = ''
   c.fork_step = -1
 
-  c.cac = u = ml_collections.ConfigDict()
-  u.supervised_only = False  # the baseline: no unlabeled stream at all
-  u.weight = 0.1
-  u.unsup_start_step = 5785  # 5 "epochs" of 1157 steps (VOC)
-  u.temperature = 0.1
-  u.pos_threshold = 0.75  # 0 disables positive filtering
-  u.directional = True
-  u.filter_negatives = True
-  u.bank_steps = 1  # previous steps kept as negatives
-  u.neg_per_image = 0  # 0 = all cells of both views
-  u.chunk_size = 1024  # negatives per chunk: scratch memory ~ anchors x chunk
+  # cac: everything CAC adds to supervised training (the unlabeled stream,
+  # the DC loss and its feature bank).
+  c.cac = cac = ml_collections.ConfigDict()
+  cac.supervised_only = False  # the baseline: no unlabeled stream at all
+  cac.weight = 0.1
+  cac.unsup_start_step = 5785  # 5 "epochs" of 1157 steps (VOC)
+  cac.temperature = 0.1
+  cac.pos_threshold = 0.75  # 0 disables positive filtering
+  cac.directional = True
+  cac.filter_negatives = True
+  cac.bank_steps = 1  # previous steps kept as negatives
+  cac.neg_per_image = 0  # 0 = all cells of both views
+  cac.chunk_size = 1024  # negatives per chunk: scratch memory ~ anchors x chunk
   # DC-loss similarity matmul operands: 'auto' | 'float32' | 'bfloat16'
   # (accumulation is float32 either way). 'auto' = bfloat16 on GPU/TPU (tensor
   # cores; ~0.004/τ logit error) and float32 on CPU (no fast bf16 matmul there).
-  u.matmul_dtype = 'auto'
+  cac.matmul_dtype = 'auto'
   # Only anchors with DC weight w > 0 (15-25% of VOC overlap cells) are scored,
   # in blocks of this fraction of a direction's anchors, while a block holds
   # one (losses._active_rows); 0 scores every anchor. Same loss and gradient.
-  u.anchor_block = 0.125
+  cac.anchor_block = 0.125
   # The DC step's three network passes (labeled, view 1, view 2) as one call
   # of 3B with group-wise BatchNorm statistics and per-pass dropout keys
   # (train_step.fused_passes): 'auto' (on for GPU/TPU, off on CPU, where it
   # measures no faster) | 'on' | 'off'. Same step up to float summation order.
-  u.fused_passes = 'auto'
+  cac.fused_passes = 'auto'
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 0.01
@@ -170,7 +172,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   ]
   if problems:  # the checks below assume the schema
     raise ConfigError('\n  '.join(['invalid config:'] + problems))
-  d, m, u = config.data, config.model, config.cac
+  d, m, cac = config.data, config.model, config.cac
   if d.crop_size % FEATURE_STRIDE or d.crop_size <= 0:
     problems.append(
       f'data.crop_size={d.crop_size} must be a positive multiple of '
@@ -181,7 +183,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
     ('data.labeled_batch_size', d.labeled_batch_size),
     ('data.eval_batch_size', d.eval_batch_size),
   ]
-  if not u.supervised_only:
+  if not cac.supervised_only:
     batches.append(('data.unlabeled_batch_size', d.unlabeled_batch_size))
   for name, size in batches:
     if size <= 0 or size % num_devices:
@@ -195,7 +197,12 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   problems += _backbone_problems(m, config.init_from)
   if m.dtype not in ('float32', 'bfloat16'):
     problems.append(f'model.dtype={m.dtype!r} must be float32 or bfloat16')
-  if config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
+  if config.init_from == 'imagenet-if-present':
+    problems.append(
+      "init_from='imagenet-if-present' was removed: use 'imagenet' (fetched if "
+      "missing) or '' (random init)"
+    )
+  elif config.init_from not in SPECIAL_INIT and not os.path.exists(config.init_from):
     problems.append(
       f'init_from={config.init_from!r} does not exist; convert torchvision '
       'weights with `python -m cac_jax.models.convert` and pass the output'
@@ -203,21 +210,25 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
   if config.fork_step < -1:
     problems.append(f'fork_step={config.fork_step} must be a checkpoint step, or -1 for the latest')
   problems += _range_problems(config)
-  if not 0.0 <= u.pos_threshold < 1.0:
-    problems.append(f'cac.pos_threshold={u.pos_threshold} must be in [0, 1)')
-  if u.temperature <= 0:
-    problems.append(f'cac.temperature={u.temperature} must be positive')
+  if not 0.0 <= cac.pos_threshold < 1.0:
+    problems.append(f'cac.pos_threshold={cac.pos_threshold} must be in [0, 1)')
+  if cac.temperature <= 0:
+    problems.append(f'cac.temperature={cac.temperature} must be positive')
   for name in ('bank_steps', 'neg_per_image', 'unsup_start_step'):
-    if u[name] < 0:
-      problems.append(f'cac.{name}={u[name]} must be >= 0')
-  if u.chunk_size <= 0:
-    problems.append(f'cac.chunk_size={u.chunk_size} must be positive')
-  if u.matmul_dtype not in ('auto', 'float32', 'bfloat16'):
-    problems.append(f"cac.matmul_dtype={u.matmul_dtype!r} must be 'auto', 'float32' or 'bfloat16'")
-  if u.fused_passes not in ('auto', 'on', 'off'):
-    problems.append(f"cac.fused_passes={u.fused_passes!r} must be 'auto', 'on' or 'off'")
-  if not 0 <= u.anchor_block <= 1:
-    problems.append(f'cac.anchor_block={u.anchor_block} must be in [0, 1] (0 = score every anchor)')
+    if cac[name] < 0:
+      problems.append(f'cac.{name}={cac[name]} must be >= 0')
+  if cac.chunk_size <= 0:
+    problems.append(f'cac.chunk_size={cac.chunk_size} must be positive')
+  if cac.matmul_dtype not in ('auto', 'float32', 'bfloat16'):
+    problems.append(
+      f"cac.matmul_dtype={cac.matmul_dtype!r} must be 'auto', 'float32' or 'bfloat16'"
+    )
+  if cac.fused_passes not in ('auto', 'on', 'off'):
+    problems.append(f"cac.fused_passes={cac.fused_passes!r} must be 'auto', 'on' or 'off'")
+  if not 0 <= cac.anchor_block <= 1:
+    problems.append(
+      f'cac.anchor_block={cac.anchor_block} must be in [0, 1] (0 = score every anchor)'
+    )
   problems += eval_option_problems(config.eval)
   if config.eval.get('extra'):
     from cac_jax import evaluators  # JAX; TensorFlow for the split names
@@ -335,7 +346,7 @@ def _pair(value):
 
 def _range_problems(config) -> list[str]:
   """The numeric ranges the data pipeline and optimiser need."""
-  d, o, u = config.data, config.optim, config.cac
+  d, o, cac = config.data, config.optim, config.cac
   problems = []
   if d.base_size <= 0:
     problems.append(f'data.base_size={d.base_size} must be positive')
@@ -367,9 +378,9 @@ def _range_problems(config) -> list[str]:
     problems.append(f'optim.weight_decay={o.weight_decay} must be >= 0')
   if not o.poly_power >= 0:
     problems.append(f'optim.poly_power={o.poly_power} must be >= 0')
-  if not u.weight >= 0:
+  if not cac.weight >= 0:
     problems.append(
-      f'cac.weight={u.weight} must be >= 0 (0 runs the unlabeled passes '
+      f'cac.weight={cac.weight} must be >= 0 (0 runs the unlabeled passes '
       'without the DC gradient; the paper: 0.1)'
     )
   return problems
@@ -378,10 +389,10 @@ def _range_problems(config) -> list[str]:
 def warnings_for(config) -> list[str]:
   """Settings that are valid but probably not what was meant."""
   out = []
-  u = config.cac
-  if not u.supervised_only and u.unsup_start_step >= config.total_steps:
+  cac = config.cac
+  if not cac.supervised_only and cac.unsup_start_step >= config.total_steps:
     out.append(
-      f'cac.unsup_start_step={u.unsup_start_step} >= total_steps='
+      f'cac.unsup_start_step={cac.unsup_start_step} >= total_steps='
       f'{config.total_steps}: the DC loss never starts and this run trains '
       'supervised only; lower cac.unsup_start_step, or set '
       'cac.supervised_only=True to say so'

@@ -11,7 +11,7 @@ are. NumPy-free and TensorFlow-free.
 import os
 
 # init_from values that name a weight source, not a file.
-SPECIAL_INIT = ('', 'imagenet-if-present', 'imagenet')
+SPECIAL_INIT = ('', 'imagenet')
 # config fields that hold a path (dotted), resolved by `resolve_config`.
 CONFIG_PATH_FIELDS = (
   'data.root',

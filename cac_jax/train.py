@@ -102,7 +102,8 @@ class _Preemption:
       return self._agreed
     return self.requested
 
-  def restore(self):
+  def uninstall(self):
+    """Puts back the SIGTERM handler that was there before."""
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
@@ -217,23 +218,9 @@ def _init_from(state, config, mesh):
   from cac_jax.models import convert
 
   path = config.init_from
-  if path in ('imagenet', 'imagenet-if-present'):
+  if path == 'imagenet':  # validation checked that the backbone has such weights
     source = backbones.get(config.model.backbone).imagenet_path
-    found = registry.load(source)(fetch=path == 'imagenet') if source else None
-    if found is None:
-      hint = (
-        'run `python -m cac_jax.models.weights fetch-mobilenet`'
-        if source
-        else 'convert torchvision weights with `python -m cac_jax.models.convert`'
-      )
-      logging.warning(
-        'init_from=%r: no ImageNet weights for %s here; random init (%s)',
-        path,
-        config.model.backbone,
-        hint,
-      )
-      return state
-    path = str(found)
+    path = str(registry.load(source)(fetch=True))
   if not path:
     return state
   variables = convert.merge_backbone(
@@ -280,7 +267,7 @@ def train_and_evaluate(
     stop = (stop_after, stop_at_step)
     return _train_and_evaluate(config, workdir, stop, preemption, _HostSync(transfer_guard))
   finally:
-    preemption.restore()
+    preemption.uninstall()
 
 
 def _train_and_evaluate(config, workdir, stop, preemption, sync):

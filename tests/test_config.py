@@ -97,6 +97,9 @@ def test_missing_init_from_weights(tmp_path):
   assert 'cac_jax.models.convert' in message  # says how to make the file
   message = _problems(tiny_config(init_from='imagenet'))  # resnet_tiny has none
   assert 'only available offline for mobilenet_v2' in message
+  # The removed 'imagenet-if-present' mode names its replacements.
+  message = _problems(tiny_config(init_from='imagenet-if-present'))
+  assert "init_from='imagenet-if-present' was removed: use 'imagenet'" in message
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

@@ -1,6 +1,6 @@
 """A PyTorch baseline of the benchmarked train step, timed beside ours.
 
-`python -m cac_jax.bench.train_step --torch ...` builds, for each row, this
+`python -m cac_jax.bench.step_time --torch ...` builds, for each row, this
 module's `TorchTrainStep` on the same host batch as the JAX step and times
 the two interleaved in one process (`time_interleaved`), so that their ratio
 holds on whatever machine runs it, whatever else that machine is doing.
@@ -266,7 +266,7 @@ class TorchTrainStep:
   """The authors' train step (module docstring) on one fixed host batch.
 
   Args:
-    config: a `cac_jax.bench.train_step.bench_config` namespace (the model,
+    config: a `cac_jax.bench.step_time.bench_config` namespace (the model,
       data, cac and optim fields it reads are the JAX step's).
     batch: the host numpy batch of `train_step.synthetic_batch` (NHWC).
     with_dc: the CAC step (True) or the supervised one.
@@ -328,7 +328,7 @@ class TorchTrainStep:
     dim = proj1.shape[1]
     bank = torch.cat(self.bank) if self.bank else torch.zeros(0, dim)
     labels = torch.cat(self.bank_labels) if self.bank_labels else torch.zeros(0, dtype=torch.int64)
-    u = self.config.cac
+    cac = self.config.cac
     return dc_loss_authors(
       proj1,
       proj2,
@@ -340,11 +340,11 @@ class TorchTrainStep:
       self.flip2,
       bank,
       labels,
-      temperature=u.temperature,
-      pos_threshold=u.pos_threshold,
-      directional=u.directional,
-      filter_negatives=u.filter_negatives,
-      neg_per_image=u.neg_per_image,
+      temperature=cac.temperature,
+      pos_threshold=cac.pos_threshold,
+      directional=cac.directional,
+      filter_negatives=cac.filter_negatives,
+      neg_per_image=cac.neg_per_image,
       chunk_size=self.chunk_size,
       generator=self.generator,
     )
@@ -383,7 +383,7 @@ def time_dc_loss(step: TorchTrainStep, steps: int, warmup: int = 1) -> float:
   logits = [torch.randn((shape[0], c.num_classes, cells, cells), generator=g) for _ in range(2)]
   bank = torch.cat(step.bank) if step.bank else torch.zeros(0, d.proj_dim)
   labels = torch.cat(step.bank_labels) if step.bank_labels else torch.zeros(0, dtype=torch.int64)
-  u = step.config.cac
+  cac = step.config.cac
 
   def run():
     loss, _, _ = dc_loss_authors(
@@ -396,10 +396,10 @@ def time_dc_loss(step: TorchTrainStep, steps: int, warmup: int = 1) -> float:
       step.flip2,
       bank,
       labels,
-      temperature=u.temperature,
-      pos_threshold=u.pos_threshold,
-      directional=u.directional,
-      filter_negatives=u.filter_negatives,
+      temperature=cac.temperature,
+      pos_threshold=cac.pos_threshold,
+      directional=cac.directional,
+      filter_negatives=cac.filter_negatives,
       chunk_size=step.chunk_size,
     )
     loss.backward()
