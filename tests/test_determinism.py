@@ -8,24 +8,14 @@ only ones allowed to differ.
 import jax
 import numpy as np
 
-from cac_jax import checkpoint as ckpt_lib
-from cac_jax import optim, sharding, train, train_state
-from cac_jax.models import build_model
-from train_utils import read_scalars, tiny_config
+from cac_jax import train
+from train_utils import read_scalars, restored_state, tiny_config
 
 TIMING_TAGS = ('images_per_sec', 'steps_per_sec', 'uptime')
 
 
 def _untimed(scalars):
   return {tag: steps for tag, steps in scalars.items() if not any(t in tag for t in TIMING_TAGS)}
-
-
-def _params(workdir, config):
-  model = build_model(config.model, num_classes=config.data.num_classes)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  manager = ckpt_lib.make_manager(workdir, config.keep_checkpoints)
-  abstract = train_state.abstract_state(model, tx, config, sharding.make_mesh())
-  return jax.device_get(ckpt_lib.restore(manager, abstract).params)
 
 
 def test_same_seed_same_metrics_and_params(tmp_path):
@@ -36,7 +26,7 @@ def test_same_seed_same_metrics_and_params(tmp_path):
   a, b = (_untimed(read_scalars(w)) for w in runs)
   assert 'train/loss_dc' in a and 'val/miou' in a
   assert a == b  # exact float equality of every value, every step
-  jax.tree.map(np.testing.assert_array_equal, *(_params(w, config) for w in runs))
+  jax.tree.map(np.testing.assert_array_equal, *(restored_state(w, config).params for w in runs))
 
   # The comparison has teeth: another seed changes the very first loss.
   other = str(tmp_path / 'seed1')

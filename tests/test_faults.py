@@ -27,10 +27,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cac_jax import checkpoint as ckpt_lib
-from cac_jax import optim, sharding, train, train_state
+from cac_jax import train
 from cac_jax.data import pipeline
-from cac_jax.models import build_model
-from train_utils import REPO, read_scalars, tiny_config
+from train_utils import REPO, read_scalars, restored_state, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -125,16 +124,6 @@ def _listing(ckpt_dir):
   return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if TMP_MARK in n)
 
 
-def _state(workdir, step=None, config=None):
-  config = config or tiny_config(**OVERRIDES)
-  model = build_model(config.model, num_classes=config.data.num_classes)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  mesh = sharding.make_mesh()
-  manager = ckpt_lib.make_manager(str(workdir), config.keep_checkpoints)
-  state = ckpt_lib.restore(manager, train_state.abstract_state(model, tx, config, mesh), step)
-  return jax.device_get(state)
-
-
 def _untimed(scalars):
   return {tag: steps for tag, steps in scalars.items() if not any(t in tag for t in TIMING_TAGS)}
 
@@ -193,7 +182,10 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
   assert _listing(ckpt_dir) == ([6, 8], []), _listing(ckpt_dir)
 
   # Bit-identical final state (params, BN statistics, momentum, feature bank).
-  jax.tree.map(np.testing.assert_array_equal, _state(reference), _state(workdir))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    *(restored_state(w, tiny_config(**OVERRIDES)) for w in (reference, workdir)),
+  )
 
   # TensorBoard: every (tag, step) of the uninterrupted run is present, and
   # every value written for it, by any of the runs, equals the reference.
@@ -255,14 +247,14 @@ def test_checkpoint_dir_gone_mid_run_is_reported(tmp_path):
   ckpt_dir.unlink()
   os.rename(moved, ckpt_dir)
   assert _listing(ckpt_dir) == ([2], [])
-  assert int(_state(workdir, config=tiny_config()).step) == 2
+  assert int(restored_state(workdir, tiny_config()).step) == 2
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
   """The disk fills up in the middle of step 4's write (state written, config not)."""
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(), str(workdir), stop_after=2)
-  before = _state(workdir, config=tiny_config())
+  before = restored_state(workdir, tiny_config())
 
   async def disk_full(self, x, directory):
     raise OSError(errno.ENOSPC, 'No space left on device')
@@ -278,7 +270,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
   finalized, _ = _listing(workdir / 'checkpoints')
   assert finalized == [2]  # the partial step 4 is at most a temporary directory
-  after = _state(workdir, config=tiny_config())
+  after = restored_state(workdir, tiny_config())
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
@@ -296,7 +288,7 @@ def test_nan_loss_from_huge_lr_stops_cleanly(tmp_path):
   assert 'loss=nan' in error[0] and 'loss_ce=nan' in error[0] and 'grad_norm=nan' in error[0]
   assert 'the latest checkpoint (step 2) predates them and is kept' in error[0]
   assert _listing(workdir / 'checkpoints') == ([2], [])  # nothing saved after the NaN
-  state = _state(workdir, config=tiny_config())
+  state = restored_state(workdir, tiny_config())
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 

@@ -8,17 +8,7 @@ from cac_jax import checkpoint as ckpt_lib
 from cac_jax import optim, sharding, train, train_state, train_step
 from cac_jax.data import pipeline
 from cac_jax.models import build_model
-from train_utils import assert_updates_close, read_scalars, tiny_config
-
-
-def _params(workdir, step=None):
-  config = tiny_config()
-  model = build_model(config.model, num_classes=config.data.num_classes)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  mesh = sharding.make_mesh()
-  manager = ckpt_lib.make_manager(workdir, 2)
-  state = ckpt_lib.restore(manager, train_state.abstract_state(model, tx, config, mesh), step)
-  return jax.device_get(state)
+from train_utils import assert_updates_close, read_scalars, restored_state, tiny_config
 
 
 def test_train_and_evaluate_end_to_end(tmp_path):
@@ -51,7 +41,7 @@ def test_kill_and_resume_is_exact(tmp_path):
   train.train_and_evaluate(config, str(tmp_path / 'split'), stop_after=1)
   assert ckpt_lib.make_manager(str(tmp_path / 'split'), 2).latest_step() == 1
   train.train_and_evaluate(config, str(tmp_path / 'split'))
-  full, split = _params(str(tmp_path / 'full')), _params(str(tmp_path / 'split'))
+  full, split = (restored_state(tmp_path / n, tiny_config()) for n in ('full', 'split'))
   # Exact on CPU: same ops, same data (step-indexed stream), same keys.
   jax.tree.map(np.testing.assert_array_equal, full.params, split.params)
   jax.tree.map(np.testing.assert_array_equal, full.bank.feats, split.bank.feats)
