@@ -15,8 +15,9 @@ of three matmuls and two exp passes for autodiff through a rematerialised
 scan), and peak memory is O(N·chunk_size + (N + K)·D) for both passes; no
 `jax.checkpoint` is needed because the backward pass never revisits a chunk.
 (The price: only reverse-mode, first-order derivatives are defined, which is
-all training needs.) On the 2-core dev CPU, chunks of ~1,024 were fastest
-(`python -m cac_jax.bench.dc_loss`); accelerators prefer larger ones.
+all training needs.) On CPU, chunks of ~1,024 were fastest (figures in
+docs/benchmarks.md, from `python -m cac_jax.bench.dc_loss`); accelerators
+prefer larger ones.
 
 Only the anchors with weight w_k > 0 move the loss or its gradient (15-25%
 of the overlap cells in VOC steps), so by default only they are scored
