@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices, the persistent compilation cache, fast compiles.
+"""Test set-up: 8 fake CPU devices and the persistent compilation cache.
 
 Both must be configured before the first JAX computation, which is why they
 live here and not in the tests.
@@ -9,13 +9,6 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-# XLA:CPU compiles the suite's many small programs (each a few steps of a
-# tiny model, in this process and in the runs it starts, which inherit the
-# environment) faster with LLVM's optimisation off: on 2 cores, the tiny DC
-# step's cold compile drops from 21 to 12 s and the sharded state's from 14
-# to 5 s, while the step itself runs ~1.3x slower. Same program, same
-# arithmetic. Set XLA_FLAGS yourself to test under other flags.
-os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 
 import jax  # noqa: E402
 
