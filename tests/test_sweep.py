@@ -193,3 +193,107 @@ def test_report_of_one_seed_says_so_and_lists_what_has_not_run(tmp_path):
   assert '+5.0 (1 seed: no interval)' in text and 'nan' not in text
   assert '### context_biased, 640 DC steps' not in text
   assert 'No finished run yet: context_biased at 640 DC steps.' in text
+
+
+def _fake_trainer(monkeypatch, calls, drift=None):
+  """ablation.run_one as a stand-in that 'trains' a run: a final checkpoint
+  directory, scalars that depend on the run, and a params file whose hash is
+  the fingerprint (a warm-up's bytes change per call only if `drift`)."""
+
+  def run_one(workdir, flags, steps):
+    calls.append(str(workdir))
+    arm, seed = workdir.parts[-2], int(workdir.parts[-1].removeprefix('seed'))
+    (workdir / 'checkpoints' / str(steps)).mkdir(parents=True)
+    value = 0.2 + 0.01 * seed + (0.03 if arm == 'cac' else 0.0)
+    writer = metric_writers.create_default_writer(str(workdir))
+    writer.write_scalars(steps, {'val/miou': value, 'train/dc_loss_gap_12': value / 2})
+    writer.flush()
+    writer.close()
+    salt = str(len(calls)) if drift else ''
+    (workdir / 'params.bin').write_text(f'{flags}{salt}')
+    return 10.0 + steps
+
+  monkeypatch.setattr(ablation, 'run_one', run_one)
+  monkeypatch.setattr(
+    sweep, 'fingerprint', lambda workdir, step: (workdir / 'params.bin').read_text()
+  )
+
+
+def test_records_alone_finish_runs_when_the_workdirs_are_gone(tmp_path, monkeypatch):
+  import shutil
+
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  runs = sweep.plan(args)  # 3 seeds x (warm-up, supervised, cac, no_projector)
+  calls = []
+  _fake_trainer(monkeypatch, calls)
+  sweep.train_all(runs, args)
+  assert len(calls) == 12
+  records = sweep.read_records(args)
+  assert set(records) == {r.key for r in runs}
+  warm = records['dc160/context_biased/warmup/seed1']
+  assert warm['seconds'] == 90.0 and warm['fingerprint']
+  assert all('{workdirs}' in ' '.join(r['flags']) for k, r in records.items() if 'cac/' in k)
+  before = sweep.summarise(runs, args)
+
+  shutil.rmtree(tmp_path / 'w')  # another machine, a fresh clone: no workdirs
+  assert sweep.summarise(sweep.plan(args), args) == before
+  sweep.train_all(sweep.plan(args), args)
+  assert len(calls) == 12  # nothing trained again
+
+  # One arm's record deleted: it trains again, after its warm-up (whose own
+  # record stays, now marked as retrained with the same fingerprint).
+  del records['dc160/context_biased/cac/seed1']
+  sweep.write_records(args, records)
+  sweep.train_all(sweep.plan(args), args)
+  assert [c.split('/w/')[1] for c in calls[12:]] == [
+    'dc160/context_biased/warmup/seed1',
+    'dc160/context_biased/cac/seed1',
+  ]
+  again = sweep.read_records(args)
+  assert again['dc160/context_biased/warmup/seed1']['fingerprint'] == warm['fingerprint']
+  assert len(again['dc160/context_biased/warmup/seed1']['retrained']) == 1
+  assert sweep.summarise(sweep.plan(args), args) == before
+
+
+def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch):
+  import shutil
+
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  calls = []
+  _fake_trainer(monkeypatch, calls, drift=True)
+  sweep.train_all(sweep.plan(args), args)
+  records = sweep.read_records(args)
+  shutil.rmtree(tmp_path / 'w')
+  del records['dc160/context_biased/supervised/seed2']
+  sweep.write_records(args, records)
+  with pytest.raises(sweep.SweepError, match='does not reproduce the parameters'):
+    sweep.train_all(sweep.plan(args), args)
+  kept = sweep.read_records(args)
+  assert kept == records  # nothing recorded is lost or overwritten
+  assert calls[-1].endswith('dc160/context_biased/warmup/seed2')
+  # The retrained warm-up is moved aside, so no later sweep forks from it.
+  warm = tmp_path / 'w' / 'dc160' / 'context_biased' / 'warmup'
+  assert not (warm / 'seed2').exists() and len(list(warm.glob('seed2.unreproduced.*'))) == 1
+
+
+def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch, capsys):
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  _fake_trainer(monkeypatch, [])
+  sweep.train_all(sweep.plan(args), args)
+  saved = sweep.records_path(args).read_text()
+  argv = _args(tmp_path) + ['--dc_steps=160', '--extra=--config.data.crop_size=96']
+  with pytest.raises(SystemExit, match='records dc160/context_biased/warmup/seed0 with other'):
+    sweep.main(argv + ['--summary_only'])
+  assert sweep.records_path(args).read_text() == saved
+
+
+def test_fingerprint_tells_checkpoints_apart_bit_for_bit(tiny_run):
+  import pathlib
+
+  workdir = pathlib.Path(tiny_run[0])
+  final = sweep.fingerprint(workdir, 4)
+  assert len(final) == 64 and final == sweep.fingerprint(workdir, 4)
+  assert sweep.fingerprint(workdir, 2) != final

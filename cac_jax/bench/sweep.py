@@ -35,6 +35,16 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
 sessions; the report uses finished runs only and marks what is missing.
+
+**Records.** Every finished run is also written to `<out>_runs.json` (its
+flags, code, wall time, val mIoU and DC-diagnostic curves), which is small
+enough to commit beside the report. The records alone make a run finished:
+a sweep whose workdirs are gone (another machine, a fresh clone) reports
+from them and trains only what is missing. An arm still to train whose
+warm-up checkpoint is gone retrains the warm-up, which is deterministic; the
+warm-up's record holds a fingerprint of its parameters (sha256), and a
+retrained warm-up that does not reproduce it stops the sweep, since its forks
+would no longer pair exactly with the arms recorded before.
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
 """
@@ -44,6 +54,7 @@ import concurrent.futures
 import json
 import pathlib
 import sys
+import threading
 import time
 
 import numpy as np
@@ -142,16 +153,113 @@ def plan(args) -> list[Run]:
   return runs
 
 
-# --- Cost -----------------------------------------------------------------------
+# --- Records ---------------------------------------------------------------------
 
 
-def _ledger_path(args) -> pathlib.Path:
-  return REPO / args.workdirs / 'costs.json'
+class SweepError(RuntimeError):
+  """The records and the runs disagree; the message says what to do."""
 
 
-def read_ledger(args) -> dict:
-  path = _ledger_path(args)
+def records_path(args) -> pathlib.Path:
+  return REPO / f'{args.out}_runs.json'
+
+
+def read_records(args) -> dict:
+  """{run key: record} of the finished runs (empty if none is recorded)."""
+  path = records_path(args)
   return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_records(args, records: dict) -> None:
+  path = records_path(args)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.json.tmp')
+  tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+  tmp.replace(path)  # atomic: an interrupted write leaves the old records
+
+
+def portable_flags(run: Run, args) -> list[str]:
+  """The run's flags with the workdirs root spelled `{workdirs}`, so that records
+  made under one root match the plan under another."""
+  root = str(REPO / args.workdirs)
+  return [f.replace(root, '{workdirs}') for f in run.flags]
+
+
+def check_records(runs: list[Run], records: dict, args) -> None:
+  """Refuses records that another protocol made (other flags for the same run)."""
+  for run in runs:
+    rec = records.get(run.key)
+    if rec is not None and rec['flags'] != portable_flags(run, args):
+      ours, theirs = set(portable_flags(run, args)), set(rec['flags'])
+      raise SweepError(
+        f'{records_path(args)} records {run.key} with other flags (recorded only: '
+        f'{sorted(theirs - ours)}; planned only: {sorted(ours - theirs)}); pass another '
+        '--out for this protocol, or delete that record to train the run again'
+      )
+
+
+def backfill(runs: list[Run], args) -> None:
+  """Records the runs whose workdirs are finished but that no record holds yet
+  (trained before records existed): their wall time comes from the cost
+  ledger those sweeps kept in `<workdirs>/costs.json`, where it is there."""
+  records = read_records(args)
+  legacy = REPO / args.workdirs / 'costs.json'
+  seconds = json.loads(legacy.read_text()) if legacy.exists() else {}
+  new = [r for r in runs if r.key not in records and r.finished()]
+  for run in new:
+    records[run.key] = record(run, args, seconds=(seconds.get(run.key) or {}).get('seconds'))
+  if new:
+    write_records(args, records)
+
+
+def is_done(run: Run, records: dict) -> bool:
+  return run.key in records or run.finished()
+
+
+def fingerprint(workdir: pathlib.Path, step: int) -> str:
+  """sha256 of a checkpoint's params and batch_stats (leaf paths, dtypes and
+  bytes): equal exactly when the saved network is equal bit for bit."""
+  import hashlib
+
+  import jax
+
+  from cac_jax import saved_run
+
+  _, _, variables, _ = saved_run.load_run(str(workdir), step=step)
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    value = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def scalars_of(run: Run, records: dict) -> dict:
+  """{tag: [(step, value)]} of the tags the report uses, from the run's record,
+  else from its workdir's event files."""
+  if run.key in records:
+    return {tag: [tuple(p) for p in curve] for tag, curve in records[run.key]['scalars'].items()}
+  curves = ablation.read_curves(run.workdir)
+  tags = ['val/miou'] + [f'train/{tag}' for tag in DIAGNOSTICS]
+  return {tag: curves[tag] for tag in tags if tag in curves}
+
+
+def record(run: Run, args, seconds: float) -> dict:
+  """What the report and the cost model need of a finished run."""
+  return {
+    'flags': portable_flags(run, args),
+    'code': _commit(),
+    'seconds': seconds,
+    'sup_steps': run.sup_steps,
+    'dc_steps': run.dc_steps,
+    'parallel': args.parallel,
+    'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
+    'scalars': scalars_of(run, {}),
+    'fingerprint': fingerprint(run.workdir, run.end_step) if run.kind == 'warmup' else None,
+  }
+
+
+# --- Cost -----------------------------------------------------------------------
 
 
 def fit_costs(ledger: dict):
@@ -193,27 +301,53 @@ def prioritise(runs: list[Run], args) -> list[Run]:
 # --- Training -------------------------------------------------------------------
 
 
+_RECORDS_LOCK = threading.Lock()
+
+
 def train(run: Run, args) -> float:
-  """Trains one run (unless finished); records and returns its wall time."""
+  """Trains one run (unless its checkpoint is there), records it and returns
+  its wall time. A warm-up trained again must reproduce its recorded fingerprint."""
   if run.finished():
     return 0.0
   seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
-  ledger = read_ledger(args)
-  ledger[run.key] = {
-    'seconds': seconds,
-    'sup_steps': run.sup_steps,
-    'dc_steps': run.dc_steps,
-    'parallel': args.parallel,
-    'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
-  }
-  _ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
-  _ledger_path(args).write_text(json.dumps(ledger, indent=1))
+  new = record(run, args, seconds)
+  with _RECORDS_LOCK:
+    records = read_records(args)
+    old = records.get(run.key)
+    if old is not None:  # a warm-up retrained for forks still to run
+      if old.get('fingerprint') not in (None, new['fingerprint']):
+        # Moved aside (not deleted), so that no later sweep forks from it.
+        aside = run.workdir.with_name(f'{run.workdir.name}.unreproduced.{int(time.time())}')
+        run.workdir.rename(aside)
+        raise SweepError(
+          f'the warm-up {run.key}, trained again at code {new["code"]}, does not reproduce '
+          f'the parameters recorded in {records_path(args)} (code {old["code"]}), so forks '
+          'of it would not pair exactly with the arms recorded before; it is kept in '
+          f'{aside}. Delete the records of this seed to train all its runs again, or '
+          'find what changed the numerics'
+        )
+      if old.get('fingerprint') is None:
+        print(
+          f'warning: {run.key} has no recorded fingerprint; its new forks pair with '
+          'the arms recorded before only if training is reproducible across sessions',
+          flush=True,
+        )
+      old['fingerprint'] = new['fingerprint']
+      old.setdefault('retrained', []).append({k: new[k] for k in ('code', 'finished_at')})
+    else:
+      records[run.key] = new
+    write_records(args, records)
   return seconds
 
 
 def train_all(runs: list[Run], args) -> None:
-  """Runs warm-ups before their forks, `--parallel` at a time."""
+  """Runs warm-ups before their forks, `--parallel` at a time. Warm-ups known
+  only from their records are trained again where a fork still needs them."""
+  records = read_records(args)
   done = {r.key for r in runs if r.finished()}
+  todo = [r for r in runs if not is_done(r, records)]
+  needed = {r.after.key for r in todo if r.after is not None}
+  done |= {r.key for r in runs if r.key in records and r.key not in needed}
   pending = [r for r in runs if r.key not in done]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     running = {}
@@ -234,9 +368,26 @@ def train_all(runs: list[Run], args) -> None:
         done.add(run.key)
 
 
+def train_in_order(runs: list[Run], args) -> None:
+  """Prices the sweep (measuring the cost model first if needed), then trains
+  what is missing, the priority runs first if it is long."""
+  if fit_costs(read_records(args)) is None:
+    print('measuring the cost model on the first runs of the smallest budget', flush=True)
+    train_all(calibration_runs(runs, args), args)
+  cost = estimate(runs, args)
+  print(f'estimate: {json.dumps(cost)}', flush=True)
+  if cost.get('todo_hours') is None or cost['todo_hours'] > args.max_hours:
+    print(f'over {args.max_hours} h (or not yet priced): priority runs first', flush=True)
+    runs_in_order = prioritise(runs, args)
+  else:
+    runs_in_order = runs
+  train_all(runs_in_order, args)
+
+
 def estimate(runs: list[Run], args) -> dict:
-  costs = fit_costs(read_ledger(args))
-  todo = [r for r in runs if not r.finished()]
+  records = read_records(args)
+  costs = fit_costs(records)
+  todo = [r for r in runs if not is_done(r, records)]
   if costs is None:
     return {'costs': None, 'todo_runs': len(todo)}
   seconds = sum(price(r, costs) for r in todo) / args.parallel
@@ -263,10 +414,10 @@ def calibration_runs(runs: list[Run], args) -> list[Run]:
 # --- Report ---------------------------------------------------------------------
 
 
-def run_result(run: Run, seed: int, last_k: int) -> dict:
-  curves = ablation.read_curves(run.workdir)
+def run_result(run: Run, seed: int, last_k: int, records: dict) -> dict:
+  curves = scalars_of(run, records)
   if run.after is not None:  # the shared warm-up's evaluations come first
-    warm = ablation.read_curves(run.after.workdir).get('val/miou', [])
+    warm = scalars_of(run.after, records).get('val/miou', [])
     fork_step = run.after.end_step
     curve = [p for p in warm if p[0] <= fork_step] + [
       p for p in curves.get('val/miou', []) if p[0] > fork_step
@@ -286,14 +437,15 @@ def run_result(run: Run, seed: int, last_k: int) -> dict:
 
 def summarise(runs: list[Run], args) -> dict:
   """{budget: {setting: {arm: aggregate}}} over finished runs."""
+  records = read_records(args)
   results = {}
   for run in runs:
     if run.kind == 'warmup':
       continue
     dc, setting, arm, seed = run.key.split('/')
     cell = results.setdefault(dc, {}).setdefault(setting, {}).setdefault(arm, [])
-    if run.finished():
-      cell.append(run_result(run, int(seed.removeprefix('seed')), args.last_k))
+    if is_done(run, records):
+      cell.append(run_result(run, int(seed.removeprefix('seed')), args.last_k, records))
   for dc in results:
     for setting in results[dc]:
       for arm, rs in results[dc][setting].items():
@@ -511,29 +663,24 @@ def main(argv=None):
   if 'supervised' not in args.arms:
     parser.error('the arms must include supervised (every difference is paired with it)')
   runs = plan(args)
-  if not (args.summary_only or args.estimate_only):
-    if fit_costs(read_ledger(args)) is None:
-      print('measuring the cost model on the first runs of the smallest budget', flush=True)
-      train_all(calibration_runs(runs, args), args)
-    cost = estimate(runs, args)
-    print(f'estimate: {json.dumps(cost)}', flush=True)
-    if cost.get('todo_hours', 0) > args.max_hours:
-      print(f'over {args.max_hours} h: priority runs first', flush=True)
-      runs_in_order = prioritise(runs, args)
-    else:
-      runs_in_order = runs
-    train_all(runs_in_order, args)
+  try:
+    check_records(runs, read_records(args), args)
+    backfill(runs, args)
+    if not (args.summary_only or args.estimate_only):
+      train_in_order(runs, args)
+  except SweepError as e:
+    sys.exit(f'error: {e}')
   cost = estimate(runs, args)
   if args.estimate_only:
     print(json.dumps(cost, indent=1))
     return cost
-  ledger = read_ledger(args)
-  measured = [r for r in runs if r.key in ledger]
+  records = read_records(args)
+  measured = [r for r in runs if (records.get(r.key) or {}).get('seconds')]
   cost.update(
     measured_runs=len(measured),
-    measured_hours=sum(ledger[r.key]['seconds'] for r in measured) / 3600,
+    measured_hours=sum(records[r.key]['seconds'] for r in measured) / 3600,
   )
-  missing = [r.key for r in runs if not r.finished()]
+  missing = [r.key for r in runs if not is_done(r, records)]
   meta = {
     'command': 'python -m cac_jax.bench.sweep ' + ' '.join(sys.argv[1:] if argv is None else argv),
     'dc_steps': args.dc_steps,
