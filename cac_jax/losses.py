@@ -726,6 +726,25 @@ def _sample_cells(key, maps, num):
 DC_SCOPE = 'dc_loss'
 
 
+# The fields of the config's `cac` block that `dc_loss_from_views` takes as
+# keywords: the training step and the step benchmark pass the same ones.
+DC_OPTIONS = (
+  'temperature',
+  'pos_threshold',
+  'directional',
+  'filter_negatives',
+  'neg_per_image',
+  'chunk_size',
+  'matmul_dtype',
+  'anchor_block',
+)
+
+
+def dc_options(cac) -> dict:
+  """{keyword: value} of `dc_loss_from_views`'s options from a config's `cac` block."""
+  return {name: getattr(cac, name) for name in DC_OPTIONS}
+
+
 @jax.named_scope(DC_SCOPE)
 def dc_loss_from_views(
   proj1,

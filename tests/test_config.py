@@ -201,3 +201,23 @@ def test_cli_invalid_values_listed_together(tmp_path):
 )
 def test_cli_flag_errors(tmp_path, args, fragment):
   _assert_user_error(_cli(*args, f'--workdir={tmp_path}', '--validate_only'), 'error: ', fragment)
+
+
+def test_every_dc_option_of_the_config_reaches_the_dc_loss():
+  """The training step and the step benchmark pass `losses.dc_options(cac)`:
+  every `cac` field that `dc_loss_from_views` takes as a keyword must be in it."""
+  import inspect
+
+  from cac_jax import losses
+
+  cac = config_lib.base_config().cac
+  keywords = {
+    name
+    for name, p in inspect.signature(losses.dc_loss_from_views).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+  }
+  assert set(losses.DC_OPTIONS) == keywords & set(cac.keys())
+  options = losses.dc_options(cac)
+  assert options == {name: cac[name] for name in losses.DC_OPTIONS}
+  cac.temperature = 0.37  # read from the block, not fixed
+  assert losses.dc_options(cac)['temperature'] == 0.37

@@ -324,14 +324,7 @@ def dc_loss_share(model, variables, config, bank, steps: int, warmup: int):
       bank.labels,
       jnp.ones_like(bank.valid),
       key=jax.random.key(2),
-      temperature=cac.temperature,
-      pos_threshold=cac.pos_threshold,
-      directional=cac.directional,
-      filter_negatives=cac.filter_negatives,
-      neg_per_image=cac.neg_per_image,
-      chunk_size=cac.chunk_size,
-      matmul_dtype=cac.matmul_dtype,
-      anchor_block=cac.anchor_block,
+      **losses.dc_options(cac),
     )
     return value
 
