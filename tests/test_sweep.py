@@ -83,6 +83,11 @@ def test_plan_forks_every_arm_from_its_own_seeds_warmup(tmp_path):
   assert {r.kind for r in ordered[:9]} == {'warmup', 'supervised', 'cac'}
   position = {r.key: i for i, r in enumerate(ordered)}
   assert all(position[r.after.key] < position[r.key] for r in runs if r.after)
+  # With the weight-0 control: every seed's supervised and CAC runs come first.
+  args.arms = ['supervised', 'cac', 'weight_0', 'no_projector']
+  ordered = [r.key for r in sweep.prioritise(sweep.plan(args), args)]
+  assert [k.split('/')[2] for k in ordered[9:12]] == ['weight_0'] * 3
+  assert all(k.startswith('dc640/') for k in ordered[:12])
 
 
 def test_cost_fit_recovers_the_per_step_costs():

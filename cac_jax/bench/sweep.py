@@ -284,16 +284,18 @@ def price(run: Run, costs) -> float:
 
 def prioritise(runs: list[Run], args) -> list[Run]:
   """The priority runs (context-biased, longest budget, core arms) first, each
-  warm-up just before the first run that needs it."""
+  warm-up just before the first run that needs it. Among them, supervised and
+  CAC for every seed come before the weight-0 control, so that the main
+  comparison gets its seeds (and an interval) first."""
   longest = max(args.dc_steps)
   first_setting = 'context_biased' if 'context_biased' in args.settings else args.settings[0]
 
   def rank(run):
-    arm = run.kind
-    priority = run.key.startswith(f'dc{longest}/{first_setting}/') and arm in PRIORITY_ARMS + (
-      'warmup',
-    )
-    return 0 if priority else 1
+    if not run.key.startswith(f'dc{longest}/{first_setting}/'):
+      return 2
+    if run.kind in ('warmup', 'supervised', 'cac'):
+      return 0
+    return 1 if run.kind in PRIORITY_ARMS else 2
 
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
