@@ -259,6 +259,11 @@ def test_records_alone_finish_runs_when_the_workdirs_are_gone(tmp_path, monkeypa
   assert again['dc160/context_biased/warmup/seed1']['fingerprint'] == warm['fingerprint']
   assert len(again['dc160/context_biased/warmup/seed1']['retrained']) == 1
   assert sweep.summarise(sweep.plan(args), args) == before
+  # The report, from the records alone, names the code the runs were trained with.
+  sweep.main(_args(tmp_path) + ['--dc_steps=160', '--summary_only'])
+  text = (tmp_path / 'out' / 'sweep.md').read_text()
+  assert f'trained with the code of commit: {warm["code"]} (12 runs).' in text
+  assert '| cac | 3 |' in text
 
 
 def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch):

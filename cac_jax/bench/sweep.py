@@ -24,13 +24,13 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    difference against the number of DC steps (`<out>_delta.png`), val mIoU
    over steps (`<out>.png`) and the DC diagnostics of the CAC arm over steps
    (`<out>_diagnostics.png`). Written to `<out>.json` and `<out>.md`.
-3. **Cost first.** Every run's wall time goes to `<workdirs>/costs.json`.
+3. **Cost first.** Every run's wall time goes to its record (below).
    Before training, a per-step cost (start-up + supervised steps + DC steps)
    is fitted to the runs measured so far (the first warm-up, supervised and
    CAC runs of the smallest budget are trained first for this) and the
    remaining runs are priced. If the whole sweep exceeds `--max_hours`, the
    priority runs go first: the context-biased setting at the longest budget
-   with the supervised, CAC and weight-0 arms; then the rest.
+   with the supervised and CAC arms of every seed, then weight 0; then the rest.
 
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
@@ -526,6 +526,9 @@ def report(results, args, meta) -> str:
       lines.append('')
   if empty:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
+  if meta.get('trained_at'):
+    codes = ', '.join(f'{code} ({n} runs)' for code, n in meta['trained_at'].items())
+    lines += [f'Runs (warm-ups included) trained with the code of commit: {codes}.', '']
   if meta.get('cost'):
     c = meta['cost']
     lines += [
@@ -694,6 +697,10 @@ def main(argv=None):
     'extra': args.extra,
     'cost': cost,
     'code': _commit(),
+    'trained_at': {
+      code: sum(1 for r in runs if (records.get(r.key) or {}).get('code') == code)
+      for code in sorted({(records.get(r.key) or {}).get('code') for r in runs} - {None})
+    },
     'partial': (
       f'{len(missing)} of {len(runs)} runs not finished: '
       + ', '.join(missing[:6])
