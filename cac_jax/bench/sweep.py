@@ -207,7 +207,7 @@ def backfill(runs: list[Run], args) -> None:
   seconds = json.loads(legacy.read_text()) if legacy.exists() else {}
   new = [r for r in runs if r.key not in records and r.finished()]
   for run in new:
-    records[run.key] = record(run, args, seconds=(seconds.get(run.key) or {}).get('seconds'))
+    records[run.key] = record(run, args, (seconds.get(run.key) or {}).get('seconds'), code=None)
   if new:
     write_records(args, records)
 
@@ -244,11 +244,12 @@ def scalars_of(run: Run, records: dict) -> dict:
   return {tag: curves[tag] for tag in tags if tag in curves}
 
 
-def record(run: Run, args, seconds: float) -> dict:
-  """What the report and the cost model need of a finished run."""
+def record(run: Run, args, seconds: float | None, code: str | None) -> dict:
+  """What the report and the cost model need of a finished run; `code` is the
+  commit it was trained with (None: not known)."""
   return {
     'flags': portable_flags(run, args),
-    'code': _commit(),
+    'code': code,
     'seconds': seconds,
     'sup_steps': run.sup_steps,
     'dc_steps': run.dc_steps,
@@ -311,8 +312,9 @@ def train(run: Run, args) -> float:
   its wall time. A warm-up trained again must reproduce its recorded fingerprint."""
   if run.finished():
     return 0.0
+  code = _commit()  # before training: the tree may change while it runs
   seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
-  new = record(run, args, seconds)
+  new = record(run, args, seconds, code)
   with _RECORDS_LOCK:
     records = read_records(args)
     old = records.get(run.key)
@@ -627,14 +629,16 @@ def _draw_diagnostics(ax, arms, args):
 
 
 def _commit() -> str:
-  """The repository's commit (with '+changes' if the tree differs from it)."""
+  """The repository's commit, with '+changes' if the code (cac_jax/, configs/)
+  differs from it; reports and records elsewhere in the tree do not count."""
   import subprocess
 
   git = lambda *a: subprocess.run(
     ['git', *a], cwd=REPO, capture_output=True, text=True
   ).stdout.strip()
   head = git('rev-parse', '--short', 'HEAD') or 'unknown'
-  return head + ('+changes' if git('status', '--porcelain', '--untracked-files=no') else '')
+  changed = git('status', '--porcelain', '--untracked-files=no', '--', 'cac_jax', 'configs')
+  return head + ('+changes' if changed else '')
 
 
 def main(argv=None):
@@ -698,8 +702,10 @@ def main(argv=None):
     'cost': cost,
     'code': _commit(),
     'trained_at': {
-      code: sum(1 for r in runs if (records.get(r.key) or {}).get('code') == code)
-      for code in sorted({(records.get(r.key) or {}).get('code') for r in runs} - {None})
+      str(code or 'unknown'): sum(
+        1 for r in runs if r.key in records and records[r.key]['code'] == code
+      )
+      for code in sorted({records[r.key]['code'] for r in runs if r.key in records}, key=str)
     },
     'partial': (
       f'{len(missing)} of {len(runs)} runs not finished: '
