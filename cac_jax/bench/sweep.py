@@ -529,7 +529,7 @@ def report(results, args, meta) -> str:
   if empty:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('trained_at'):
-    codes = ', '.join(f'{code} ({n} runs)' for code, n in meta['trained_at'].items())
+    codes = ', '.join(f'{code} ({n} run{"s" * (n != 1)})' for code, n in meta['trained_at'].items())
     lines += [f'Runs (warm-ups included) trained with the code of commit: {codes}.', '']
   if meta.get('cost'):
     c = meta['cost']
