@@ -288,7 +288,7 @@ def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch)
   assert not (warm / 'seed2').exists() and len(list(warm.glob('seed2.unreproduced.*'))) == 1
 
 
-def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch, capsys):
+def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch):
   args = _parsed(tmp_path)
   args.dc_steps = [160]
   _fake_trainer(monkeypatch, [])

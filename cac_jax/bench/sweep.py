@@ -50,6 +50,7 @@ would no longer pair exactly with the arms recorded before.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import pathlib
@@ -348,10 +349,8 @@ def train_all(runs: list[Run], args) -> None:
   """Runs warm-ups before their forks, `--parallel` at a time. Warm-ups known
   only from their records are trained again where a fork still needs them."""
   records = read_records(args)
-  done = {r.key for r in runs if r.finished()}
-  todo = [r for r in runs if not is_done(r, records)]
-  needed = {r.after.key for r in todo if r.after is not None}
-  done |= {r.key for r in runs if r.key in records and r.key not in needed}
+  needed = {r.after.key for r in runs if r.after is not None and not is_done(r, records)}
+  done = {r.key for r in runs if r.finished() or (r.key in records and r.key not in needed)}
   pending = [r for r in runs if r.key not in done]
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     running = {}
@@ -701,12 +700,13 @@ def main(argv=None):
     'extra': args.extra,
     'cost': cost,
     'code': _commit(),
-    'trained_at': {
-      str(code or 'unknown'): sum(
-        1 for r in runs if r.key in records and records[r.key]['code'] == code
+    'trained_at': dict(
+      sorted(
+        collections.Counter(
+          str(records[r.key]['code'] or 'unknown') for r in runs if r.key in records
+        ).items()
       )
-      for code in sorted({records[r.key]['code'] for r in runs if r.key in records}, key=str)
-    },
+    ),
     'partial': (
       f'{len(missing)} of {len(runs)} runs not finished: '
       + ', '.join(missing[:6])
