@@ -88,6 +88,14 @@ def test_plan_forks_every_arm_from_its_own_seeds_warmup(tmp_path):
   ordered = [r.key for r in sweep.prioritise(sweep.plan(args), args)]
   assert [k.split('/')[2] for k in ordered[9:12]] == ['weight_0'] * 3
   assert all(k.startswith('dc640/') for k in ordered[:12])
+  # Then warm-up, supervised and CAC at the other budget of the same setting,
+  # before any other arm or setting.
+  args.settings = ['context_biased', 'frac_1_16']
+  ordered = [r.key.split('/') for r in sweep.prioritise(sweep.plan(args), args)]
+  assert all(k[:2] == ['dc640', 'context_biased'] for k in ordered[:12]), ordered[:12]
+  assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[12:21]), ordered[12:21]
+  assert {k[2] for k in ordered[12:21]} == {'warmup', 'supervised', 'cac'}
+  assert not any(k[1] == 'context_biased' and k[2] in ('supervised', 'cac') for k in ordered[21:])
 
 
 def test_cost_fit_recovers_the_per_step_costs():

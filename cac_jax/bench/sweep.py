@@ -30,7 +30,9 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    CAC runs of the smallest budget are trained first for this) and the
    remaining runs are priced. If the whole sweep exceeds `--max_hours`, the
    priority runs go first: the context-biased setting at the longest budget
-   with the supervised and CAC arms of every seed, then weight 0; then the rest.
+   with the supervised and CAC arms of every seed, then weight 0; then
+   supervised and CAC at the other budgets of that setting (the paired
+   difference against DC steps); then the rest.
 
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
@@ -288,16 +290,22 @@ def prioritise(runs: list[Run], args) -> list[Run]:
   """The priority runs (context-biased, longest budget, core arms) first, each
   warm-up just before the first run that needs it. Among them, supervised and
   CAC for every seed come before the weight-0 control, so that the main
-  comparison gets its seeds (and an interval) first."""
+  comparison gets its seeds (and an interval) first. Then supervised and CAC
+  at the setting's other budgets, so that the difference against the number
+  of DC steps has every seed before any other arm or setting runs."""
   longest = max(args.dc_steps)
   first_setting = 'context_biased' if 'context_biased' in args.settings else args.settings[0]
+  core = ('warmup', 'supervised', 'cac')
 
   def rank(run):
-    if not run.key.startswith(f'dc{longest}/{first_setting}/'):
-      return 2
-    if run.kind in ('warmup', 'supervised', 'cac'):
+    budget, setting = run.key.split('/')[:2]
+    if setting != first_setting:
+      return 3
+    if budget != f'dc{longest}':
+      return 2 if run.kind in core else 3
+    if run.kind in core:
       return 0
-    return 1 if run.kind in PRIORITY_ARMS else 2
+    return 1 if run.kind in PRIORITY_ARMS else 3
 
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
