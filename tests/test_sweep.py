@@ -98,6 +98,36 @@ def test_plan_forks_every_arm_from_its_own_seeds_warmup(tmp_path):
   assert not any(k[1] == 'context_biased' and k[2] in ('supervised', 'cac') for k in ordered[21:])
 
 
+def test_priority_seeds_add_seeds_to_the_priority_cell_only(tmp_path):
+  args = _parsed(tmp_path)
+  args.arms = ['supervised', 'cac', 'weight_0', 'no_projector']
+  args.settings = ['context_biased', 'frac_1_16']
+  args.priority_seeds = 5
+  runs = sweep.plan(args)
+  seeds = {}
+  for run in runs:
+    budget, setting, kind, seed = run.key.split('/')
+    seeds.setdefault((budget, setting, kind), set()).add(int(seed.removeprefix('seed')))
+  for (budget, setting, kind), got in seeds.items():
+    priority = (budget, setting) == ('dc640', 'context_biased') and kind != 'no_projector'
+    assert got == set(range(5 if priority else 3)), (budget, setting, kind, got)
+  for run in runs:  # an extra seed's arms fork from that seed's own warm-up
+    if run.after:
+      assert run.after.key.split('/')[3] == run.key.split('/')[3]
+  # Tiers: core and weight 0 of seeds 0-2, then of seeds 3-4, then the other budget.
+  ordered = [r.key.split('/') for r in sweep.prioritise(runs, args)]
+  assert [(k[2], k[3]) for k in ordered[:12]] == (
+    [(kind, f'seed{s}') for s in range(3) for kind in ('warmup', 'supervised', 'cac')]
+    + [('weight_0', f'seed{s}') for s in range(3)]
+  )
+  assert [(k[2], k[3]) for k in ordered[12:20]] == (
+    [(kind, f'seed{s}') for s in (3, 4) for kind in ('warmup', 'supervised', 'cac')]
+    + [('weight_0', f'seed{s}') for s in (3, 4)]
+  )
+  assert all(k[:2] == ['dc640', 'context_biased'] for k in ordered[:20])
+  assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[20:29]), ordered[20:29]
+
+
 def test_cost_fit_recovers_the_per_step_costs():
   rng = np.random.default_rng()
   start, sup, dc = rng.uniform(20, 60), rng.uniform(0.2, 0.6), rng.uniform(0.8, 2.0)

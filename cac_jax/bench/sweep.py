@@ -1,7 +1,8 @@
 """Does CAC beat supervised training, and at what budget? The paired, budget-swept protocol.
 
   python -m cac_jax.bench.sweep --out=docs/sweep --dc_steps=160,640,2560 \
-      --settings=context_biased,frac_1_16 --arms=supervised,cac,weight_0 --seeds=3
+      --settings=context_biased,frac_1_16 --arms=supervised,cac,weight_0 --seeds=3 \
+      --priority_seeds=5
   python -m cac_jax.bench.sweep --out=docs/sweep --estimate_only   # cost, then exit
   python -m cac_jax.bench.sweep --out=docs/sweep --summary_only    # report only
 
@@ -30,9 +31,10 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    CAC runs of the smallest budget are trained first for this) and the
    remaining runs are priced. If the whole sweep exceeds `--max_hours`, the
    priority runs go first: the context-biased setting at the longest budget
-   with the supervised and CAC arms of every seed, then weight 0; then
-   supervised and CAC at the other budgets of that setting (the paired
-   difference against DC steps); then the rest.
+   with the supervised and CAC arms of every seed, then weight 0; then the
+   same for the cell's `--priority_seeds` beyond `--seeds` (5 seeds where
+   the budget allows); then supervised and CAC at the other budgets of that
+   setting (the paired difference against DC steps); then the rest.
 
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
@@ -105,8 +107,15 @@ class Run:
     return (self.workdir / 'checkpoints' / str(self.end_step)).is_dir()
 
 
+def first_setting(args) -> str:
+  """The setting whose longest budget is the priority cell."""
+  return 'context_biased' if 'context_biased' in args.settings else args.settings[0]
+
+
 def plan(args) -> list[Run]:
-  """Every run of the sweep, warm-ups before the arms that fork from them."""
+  """Every run of the sweep, warm-ups before the arms that fork from them.
+  The priority cell (longest budget, first setting) runs its priority arms
+  for `--priority_seeds` seeds where that is more than `--seeds`."""
   root = REPO / args.workdirs
   runs = []
   for dc in args.dc_steps:
@@ -123,7 +132,9 @@ def plan(args) -> list[Run]:
       *args.extra,
     ]
     for setting in args.settings:
-      for seed in args.seeds:
+      priority_cell = dc == max(args.dc_steps) and setting == first_setting(args)
+      for seed in range(max(args.seeds, args.priority_seeds if priority_cell else 0)):
+        arms = args.arms if seed < args.seeds else [a for a in args.arms if a in PRIORITY_ARMS]
         where = root / f'dc{dc}' / setting
         common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
         warm = Run(
@@ -135,7 +146,7 @@ def plan(args) -> list[Run]:
           0,
         )
         runs.append(warm)
-        for arm in args.arms:
+        for arm in arms:
           flags = common + ablation.ARMS[arm]
           sup = '--config.cac.supervised_only=True' in ablation.ARMS[arm]
           if arm in NOT_FORKABLE:
@@ -287,25 +298,31 @@ def price(run: Run, costs) -> float:
 
 
 def prioritise(runs: list[Run], args) -> list[Run]:
-  """The priority runs (context-biased, longest budget, core arms) first, each
-  warm-up just before the first run that needs it. Among them, supervised and
-  CAC for every seed come before the weight-0 control, so that the main
-  comparison gets its seeds (and an interval) first. Then supervised and CAC
-  at the setting's other budgets, so that the difference against the number
-  of DC steps has every seed before any other arm or setting runs."""
-  longest = max(args.dc_steps)
-  first_setting = 'context_biased' if 'context_biased' in args.settings else args.settings[0]
+  """The priority runs first, each warm-up just before the first run that
+  needs it, in tiers:
+    0. the priority cell (context-biased, longest budget): warm-up,
+       supervised and CAC of the first `--seeds` seeds (the main comparison
+       gets its interval first);
+    1. the weight-0 control for those seeds;
+    2. warm-up, supervised and CAC of the cell's extra `--priority_seeds`;
+    3. weight 0 for them;
+    4. warm-up, supervised and CAC at the setting's other budgets (the
+       difference against the number of DC steps);
+    5. the rest.
+  """
+  longest = f'dc{max(args.dc_steps)}'
   core = ('warmup', 'supervised', 'cac')
 
   def rank(run):
-    budget, setting = run.key.split('/')[:2]
-    if setting != first_setting:
-      return 3
-    if budget != f'dc{longest}':
-      return 2 if run.kind in core else 3
+    budget, setting, _, seed = run.key.split('/')
+    if setting != first_setting(args):
+      return 5
+    if budget != longest:
+      return 4 if run.kind in core else 5
+    extra = 2 if int(seed.removeprefix('seed')) >= args.seeds else 0
     if run.kind in core:
-      return 0
-    return 1 if run.kind in PRIORITY_ARMS else 3
+      return extra
+    return extra + 1 if run.kind in PRIORITY_ARMS else 5
 
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
@@ -654,6 +671,12 @@ def main(argv=None):
   parser.add_argument('--workdirs', default='workdirs/sweep')
   parser.add_argument('--config', default='configs/default.py')
   parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument(
+    '--priority_seeds',
+    type=int,
+    default=0,
+    help='more seeds for the priority arms of the priority cell (if above --seeds)',
+  )
   parser.add_argument('--dc_steps', default='160,640,2560')
   parser.add_argument('--unsup_start', type=int, default=80)
   parser.add_argument('--eval_every', type=int, default=0, help='0: from the budget')
@@ -668,7 +691,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.dc_steps = [int(x) for x in args.dc_steps.split(',')]
   args.arms, args.settings = args.arms.split(','), args.settings.split(',')
-  args.seeds, args.extra = list(range(args.seeds)), args.extra.split()
+  args.extra = args.extra.split()
   for name, table, given in (
     ('arm', ablation.ARMS, args.arms),
     ('setting', ablation.SETTINGS, args.settings),
@@ -701,7 +724,8 @@ def main(argv=None):
     'command': 'python -m cac_jax.bench.sweep ' + ' '.join(sys.argv[1:] if argv is None else argv),
     'dc_steps': args.dc_steps,
     'unsup_start': args.unsup_start,
-    'seeds': len(args.seeds),
+    'seeds': args.seeds,
+    'priority_seeds': max(args.seeds, args.priority_seeds),
     'arms': args.arms,
     'settings': args.settings,
     'config': args.config,
