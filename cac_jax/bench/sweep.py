@@ -578,28 +578,39 @@ def plots(results, out: pathlib.Path, args) -> None:
   import matplotlib.pyplot as plt
 
   budgets, settings = list(results), sorted({s for dc in results for s in results[dc]})
-  # Paired Δ final vs DC steps, per setting and arm, with 95% CIs.
+  # Paired Δ final vs DC steps, per setting and arm: every seed's difference
+  # (dots) and, from 2 seeds on, the mean with its 95% t-interval.
   fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
   for ax, setting in zip(axes[0], settings):
     arms = sorted({a for dc in budgets for a in results[dc].get(setting, {})} - {'supervised'})
+    paired = 0
     for i, arm in enumerate(arms):
+      color, labelled = f'C{i}', False
       xs, ys, lo, hi = [], [], [], []
       for dc in budgets:
-        if arm not in results[dc].get(setting, {}):
-          continue
-        d = deltas(results, dc, setting, arm, 'final_miou')
-        if len(d) < 2:
-          continue
-        mean, low, high = ablation.paired_interval(d)
-        xs.append(int(dc.removeprefix('dc')) * (1 + 0.03 * i))
-        ys.append(mean), lo.append(mean - low), hi.append(high - mean)
-      if xs:
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker='o', capsize=3, label=arm)
+        d = (
+          deltas(results, dc, setting, arm, 'final_miou')
+          if arm in results[dc].get(setting, {})
+          else []
+        )
+        x = int(dc.removeprefix('dc')) * (1 + 0.06 * i)
+        label = arm if d and not labelled else None
+        ax.plot([x] * len(d), d, '.', color=color, alpha=0.5, ms=5, label=label)
+        labelled, paired = labelled or bool(d), paired + len(d)
+        if len(d) >= 2:
+          mean, low, high = ablation.paired_interval(d)
+          xs.append(x), ys.append(mean), lo.append(mean - low), hi.append(high - mean)
+      ax.errorbar(xs, ys, yerr=[lo, hi], marker='o', capsize=3, color=color)
     ax.axhline(0, color='gray', lw=1)
     ax.set_xscale('log')
+    ax.set_xticks(args.dc_steps, [str(x) for x in args.dc_steps])
+    ax.minorticks_off()
+    ax.set_xlim(min(args.dc_steps) / 1.6, max(args.dc_steps) * 1.6)
+    if not paired:
+      ax.text(0.5, 0.5, 'no paired runs finished yet', ha='center', transform=ax.transAxes)
     ax.set_title(setting)
     ax.set_xlabel('DC steps')
-    ax.set_ylabel('Δ final val mIoU vs supervised (points), 95% CI')
+    ax.set_ylabel('Δ final val mIoU vs supervised (points)\ndots: seeds; mean, 95% CI')
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
