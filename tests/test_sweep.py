@@ -27,7 +27,7 @@ def _args(tmp_path, **kw):
   return argv + [f'--{k}={v}' for k, v in kw.items()]
 
 
-def _parsed(tmp_path):
+def _parsed(tmp_path, **kw):
   """The args object main() builds, through main's own parser (estimate_only
   trains nothing and returns before any report)."""
   captured = {}
@@ -39,7 +39,7 @@ def _parsed(tmp_path):
 
   sweep.plan = spy
   try:
-    sweep.main(_args(tmp_path) + ['--estimate_only'])
+    sweep.main(_args(tmp_path, **kw) + ['--estimate_only'])
   finally:
     sweep.plan = real_plan
   return captured['args']
@@ -96,13 +96,20 @@ def test_plan_forks_every_arm_from_its_own_seeds_warmup(tmp_path):
   assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[12:21]), ordered[12:21]
   assert {k[2] for k in ordered[12:21]} == {'warmup', 'supervised', 'cac'}
   assert not any(k[1] == 'context_biased' and k[2] in ('supervised', 'cac') for k in ordered[21:])
+  assert ordered[21] == ['dc160', 'context_biased', 'weight_0', 'seed0']  # then plan order
+  # context_biased is the priority setting wherever --settings lists it.
+  args.settings = ['frac_1_16', 'context_biased']
+  reordered = [r.key.split('/') for r in sweep.prioritise(sweep.plan(args), args)]
+  assert reordered[:21] == ordered[:21]
 
 
 def test_priority_seeds_add_seeds_to_the_priority_cell_only(tmp_path):
-  args = _parsed(tmp_path)
-  args.arms = ['supervised', 'cac', 'weight_0', 'no_projector']
-  args.settings = ['context_biased', 'frac_1_16']
-  args.priority_seeds = 5
+  args = _parsed(
+    tmp_path,
+    arms='supervised,cac,weight_0,no_projector',
+    settings='context_biased,frac_1_16',
+    priority_seeds=5,
+  )
   runs = sweep.plan(args)
   seeds = {}
   for run in runs:
@@ -126,6 +133,10 @@ def test_priority_seeds_add_seeds_to_the_priority_cell_only(tmp_path):
   )
   assert all(k[:2] == ['dc640', 'context_biased'] for k in ordered[:20])
   assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[20:29]), ordered[20:29]
+  assert ordered[29] == ['dc160', 'context_biased', 'weight_0', 'seed0']
+  # Supervised alone has nothing to pair its extra seeds with: none are planned.
+  args.arms = ['supervised', 'no_projector']
+  assert {r.key.split('/')[3] for r in sweep.plan(args)} == {'seed0', 'seed1', 'seed2'}
 
 
 def test_cost_fit_recovers_the_per_step_costs():
@@ -302,6 +313,13 @@ def test_records_alone_finish_runs_when_the_workdirs_are_gone(tmp_path, monkeypa
   text = (tmp_path / 'out' / 'sweep.md').read_text()
   assert f'trained with the code of commit: {warm["code"]} (12 runs).' in text
   assert '| cac | 3 |' in text
+  # Other flags plan fewer runs: the records they do not plan are named, kept.
+  saved = sweep.records_path(args).read_text()
+  sweep.main(_args(tmp_path) + ['--dc_steps=160', '--seeds=2', '--summary_only'])
+  text = (tmp_path / 'out' / 'sweep.md').read_text()
+  assert '**Not in this report**: 4 recorded runs' in text
+  assert 'dc160/context_biased/cac/seed2' in text and '| cac | 2 |' in text
+  assert sweep.records_path(args).read_text() == saved
 
 
 def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch):

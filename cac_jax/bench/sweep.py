@@ -3,8 +3,11 @@
   python -m cac_jax.bench.sweep --out=docs/sweep --dc_steps=160,640,2560 \
       --settings=context_biased,frac_1_16 --arms=supervised,cac,weight_0 --seeds=3 \
       --priority_seeds=5
-  python -m cac_jax.bench.sweep --out=docs/sweep --estimate_only   # cost, then exit
-  python -m cac_jax.bench.sweep --out=docs/sweep --summary_only    # report only
+  ... the same flags and --estimate_only   # cost, then exit
+  ... the same flags and --summary_only    # report only, from the records
+
+A report made with other flags plans other runs: records that its plan does
+not hold are named (and left alone), never silently counted or dropped.
 
 For every budget (DC steps after `--unsup_start`), setting and seed:
 
@@ -31,9 +34,10 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    CAC runs of the smallest budget are trained first for this) and the
    remaining runs are priced. If the whole sweep exceeds `--max_hours`, the
    priority runs go first: the context-biased setting at the longest budget
-   with the supervised and CAC arms of every seed, then weight 0; then the
-   same for the cell's `--priority_seeds` beyond `--seeds` (5 seeds where
-   the budget allows); then supervised and CAC at the other budgets of that
+   with the supervised and CAC arms of the first `--seeds` seeds, then
+   weight 0; then the same for the seeds up to `--priority_seeds` (a total,
+   e.g. 5), trained after the first seeds' runs so that an interrupted sweep
+   has those first; then supervised and CAC at the other budgets of that
    setting (the paired difference against DC steps); then the rest.
 
 Runs are resumable (a finished run is never trained again; an interrupted one
@@ -107,15 +111,17 @@ class Run:
     return (self.workdir / 'checkpoints' / str(self.end_step)).is_dir()
 
 
-def first_setting(args) -> str:
-  """The setting whose longest budget is the priority cell."""
+def priority_setting(args) -> str:
+  """The setting whose longest budget is the priority cell: context_biased if
+  it is in `--settings` (the case CAC is designed for), else the first one."""
   return 'context_biased' if 'context_biased' in args.settings else args.settings[0]
 
 
 def plan(args) -> list[Run]:
   """Every run of the sweep, warm-ups before the arms that fork from them.
-  The priority cell (longest budget, first setting) runs its priority arms
-  for `--priority_seeds` seeds where that is more than `--seeds`."""
+  The priority cell (longest budget, `priority_setting`) runs its priority
+  arms for `--priority_seeds` seeds in all where that is more than `--seeds`
+  (not when supervised would be their only arm: nothing to pair it with)."""
   root = REPO / args.workdirs
   runs = []
   for dc in args.dc_steps:
@@ -132,9 +138,12 @@ def plan(args) -> list[Run]:
       *args.extra,
     ]
     for setting in args.settings:
-      priority_cell = dc == max(args.dc_steps) and setting == first_setting(args)
-      for seed in range(max(args.seeds, args.priority_seeds if priority_cell else 0)):
-        arms = args.arms if seed < args.seeds else [a for a in args.arms if a in PRIORITY_ARMS]
+      extra = [a for a in args.arms if a in PRIORITY_ARMS]
+      priority_cell = dc == max(args.dc_steps) and setting == priority_setting(args)
+      if not priority_cell or extra == ['supervised']:
+        extra = []
+      for seed in range(max(args.seeds, args.priority_seeds) if extra else args.seeds):
+        arms = args.arms if seed < args.seeds else extra
         where = root / f'dc{dc}' / setting
         common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
         warm = Run(
@@ -315,7 +324,7 @@ def prioritise(runs: list[Run], args) -> list[Run]:
 
   def rank(run):
     budget, setting, _, seed = run.key.split('/')
-    if setting != first_setting(args):
+    if setting != priority_setting(args):
       return 5
     if budget != longest:
       return 4 if run.kind in core else 5
@@ -500,13 +509,22 @@ def report(results, args, meta) -> str:
   lines = [f'Command: `{meta["command"]}` (code {meta.get("code", "?")})', '']
   if meta.get('partial'):
     lines += [f'**Partial**: {meta["partial"]}', '']
+  if meta.get('unplanned'):
+    lines += [
+      f'**Not in this report**: {len(meta["unplanned"])} recorded runs that these flags '
+      f'do not plan ({", ".join(meta["unplanned"][:6])}'
+      + (' ...' if len(meta['unplanned']) > 6 else '')
+      + '); the flags that made them report them.',
+      '',
+    ]
   lines += [
     f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
     'evaluations, and the paired difference to supervised (same seed: same '
     'initialisation, split, stream and warm-up) with its 95% t-interval. Every '
     f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
     '(not the arms marked *scratch*). "Beats supervised" only where an interval '
-    'excludes 0.',
+    'excludes 0. Arms of one table may have different numbers of seeds (the '
+    '`seeds` column); compare them through the paired differences, not the means.',
     '',
   ]
   empty = [
@@ -582,21 +600,20 @@ def plots(results, out: pathlib.Path, args) -> None:
   # (dots) and, from 2 seeds on, the mean with its 95% t-interval.
   fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
   for ax, setting in zip(axes[0], settings):
-    arms = sorted({a for dc in budgets for a in results[dc].get(setting, {})} - {'supervised'})
-    paired = 0
+
+    def paired(arm, dc):
+      cell = results[dc].get(setting, {})
+      return deltas(results, dc, setting, arm, 'final_miou') if arm in cell else []
+
+    # Arms with at least one pair, side by side around each budget's tick;
+    # colours by the arm's place in --arms, as in the curves.
+    arms = [a for a in args.arms if a != 'supervised' and any(paired(a, dc) for dc in budgets)]
     for i, arm in enumerate(arms):
-      color, labelled = f'C{i}', False
+      color, shift = _color(arm, args), 1 + 0.05 * (i - (len(arms) - 1) / 2)
       xs, ys, lo, hi = [], [], [], []
-      for dc in budgets:
-        d = (
-          deltas(results, dc, setting, arm, 'final_miou')
-          if arm in results[dc].get(setting, {})
-          else []
-        )
-        x = int(dc.removeprefix('dc')) * (1 + 0.06 * i)
-        label = arm if d and not labelled else None
-        ax.plot([x] * len(d), d, '.', color=color, alpha=0.5, ms=5, label=label)
-        labelled, paired = labelled or bool(d), paired + len(d)
+      for j, dc in enumerate(budgets):
+        d, x = paired(arm, dc), int(dc.removeprefix('dc')) * shift
+        ax.plot([x] * len(d), d, '.', color=color, alpha=0.5, ms=5, label=None if j else arm)
         if len(d) >= 2:
           mean, low, high = ablation.paired_interval(d)
           xs.append(x), ys.append(mean), lo.append(mean - low), hi.append(high - mean)
@@ -606,8 +623,8 @@ def plots(results, out: pathlib.Path, args) -> None:
     ax.set_xticks(args.dc_steps, [str(x) for x in args.dc_steps])
     ax.minorticks_off()
     ax.set_xlim(min(args.dc_steps) / 1.6, max(args.dc_steps) * 1.6)
-    if not paired:
-      ax.text(0.5, 0.5, 'no paired runs finished yet', ha='center', transform=ax.transAxes)
+    if not arms:
+      ax.text(0.5, 0.6, 'no paired runs finished yet', ha='center', transform=ax.transAxes)
     ax.set_title(setting)
     ax.set_xlabel('DC steps')
     ax.set_ylabel('Δ final val mIoU vs supervised (points)\ndots: seeds; mean, 95% CI')
@@ -638,6 +655,10 @@ def plots(results, out: pathlib.Path, args) -> None:
     plt.close(fig)
 
 
+def _color(arm, args) -> str:
+  return f'C{args.arms.index(arm) % 10}'
+
+
 def _draw_curves(ax, arms, args):
   for arm, r in arms.items():
     curves = [x['curve'] for x in r['runs']]
@@ -645,7 +666,7 @@ def _draw_curves(ax, arms, args):
       continue
     steps = [s for s, _ in curves[0]]
     values = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
-    ax.plot(steps, 100 * values.mean(0), label=arm)
+    ax.plot(steps, 100 * values.mean(0), label=arm, color=_color(arm, args))
   ax.axvline(args.unsup_start, color='gray', ls=':', lw=1)
   ax.set_ylabel('val mIoU (%), mean over seeds')
 
@@ -686,7 +707,8 @@ def main(argv=None):
     '--priority_seeds',
     type=int,
     default=0,
-    help='more seeds for the priority arms of the priority cell (if above --seeds)',
+    help='seeds in all for supervised, cac and weight_0 in the priority cell '
+    '(the longest budget of context_biased), used if above --seeds',
   )
   parser.add_argument('--dc_steps', default='160,640,2560')
   parser.add_argument('--unsup_start', type=int, default=80)
@@ -730,7 +752,10 @@ def main(argv=None):
     measured_runs=len(measured),
     measured_hours=sum(records[r.key]['seconds'] for r in measured) / 3600,
   )
-  missing = [r.key for r in runs if not is_done(r, records)]
+  missing = [r.key for r in prioritise(runs, args) if not is_done(r, records)]
+  unplanned = sorted(set(records) - {r.key for r in runs})
+  if unplanned:
+    print(f'{len(unplanned)} recorded runs are not in this plan: {unplanned}', flush=True)
   meta = {
     'command': 'python -m cac_jax.bench.sweep ' + ' '.join(sys.argv[1:] if argv is None else argv),
     'dc_steps': args.dc_steps,
@@ -751,12 +776,13 @@ def main(argv=None):
       )
     ),
     'partial': (
-      f'{len(missing)} of {len(runs)} runs not finished: '
+      f'{len(missing)} of {len(runs)} runs not finished; next to train: '
       + ', '.join(missing[:6])
       + (' ...' if len(missing) > 6 else '')
     )
     if missing
     else '',
+    'unplanned': unplanned,
   }
   results = summarise(runs, args)
   out = REPO / args.out
