@@ -205,6 +205,26 @@ def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
   assert f'{mean:+.1f} [{low:+.1f}, {high:+.1f}]' == '+2.0 [-0.5, +4.5]'
 
 
+def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
+  args = _parsed(tmp_path, arms='supervised,cac,weight_0', dc_steps='160')
+  runs = sweep.plan(args)
+  rng = np.random.default_rng()
+  sup = rng.uniform(0.2, 0.3, 3)
+  finals = {'supervised': sup, 'weight_0': sup - 0.05}
+  finals['cac'] = finals['weight_0'] + np.array([0.01, 0.02, 0.03])
+  for run in runs:
+    seed = int(run.key.split('seed')[-1])
+    if run.kind == 'warmup':
+      _fake_run(run, [(80, 0.1)])
+    else:
+      _fake_run(run, [(240, float(finals[run.kind][seed]))])
+  lines = sweep.report(sweep.summarise(runs, args), args, {'command': 'cmd'}).splitlines()
+  (line,) = [x for x in lines if x.startswith('CAC − weight 0, paired')]
+  # CAC - weight 0 is +1, +2, +3 points per seed: mean 2, t-interval [-0.5, +4.5].
+  assert 'Δ final +2.0 [-0.5, +4.5]' in line and '(3 seeds)' in line
+  assert '| cac | 3 |' in '\n'.join(lines) and '| weight_0 | 3 |' in '\n'.join(lines)
+
+
 def test_bad_arm_is_a_clear_error(tmp_path, capsys):
   with pytest.raises(SystemExit):
     sweep.main(_args(tmp_path) + ['--arms=supervised,cca', '--estimate_only'])

@@ -24,8 +24,9 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
 2. **Report.** Per arm: final, best (and its step) and the mean of the last
    `--last_k` evaluations of val mIoU, mean +- std over seeds, and the paired
    difference to supervised (same seed) with a 95% t-interval over seeds;
-   "beats supervised" only where the interval excludes 0. Then the paired
-   difference against the number of DC steps (`<out>_delta.png`), val mIoU
+   "beats supervised" only where the interval excludes 0; with the weight-0
+   control, CAC - weight 0 paired the same way (the DC gradient alone). Then
+   the paired difference against the number of DC steps (`<out>_delta.png`), val mIoU
    over steps (`<out>.png`) and the DC diagnostics of the CAC arm over steps
    (`<out>_diagnostics.png`). Written to `<out>.json` and `<out>.md`.
 3. **Cost first.** Every run's wall time goes to its record (below).
@@ -494,14 +495,30 @@ def summarise(runs: list[Run], args) -> dict:
   return results
 
 
-def deltas(results, dc, setting, arm, key):
-  """Paired differences (points) of `arm` to supervised at `key`, per seed."""
-  base = {r['seed']: r for r in results[dc][setting].get('supervised', {}).get('runs', [])}
+def deltas(results, dc, setting, arm, key, base='supervised'):
+  """Paired differences (points) of `arm` to `base` at `key`, per seed."""
+  base = {r['seed']: r for r in results[dc][setting].get(base, {}).get('runs', [])}
   return [
     100 * (r[key] - base[r['seed']][key])
     for r in results[dc][setting][arm]['runs']
     if r['seed'] in base
   ]
+
+
+def _keys(k):
+  return ('final_miou', 'best_miou', f'last{k}_miou')
+
+
+def _interval(d) -> str:
+  """A paired difference (points, per seed) as a report cell: mean and 95%
+  t-interval, bold where the interval excludes 0."""
+  if not d:
+    return '–'
+  mean, low, high = ablation.paired_interval(d)
+  if len(d) < 2:
+    return f'{mean:+.1f} (1 seed: no interval)'
+  mark = ' **' if (low > 0 or high < 0) else ''
+  return f'{mark}{mean:+.1f} [{low:+.1f}, {high:+.1f}]{mark}'
 
 
 def report(results, args, meta) -> str:
@@ -554,20 +571,21 @@ def report(results, args, meta) -> str:
           f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f} ({steps})',
           f'{100 * r["last_mean"]:.1f} ± {100 * r["last_std"]:.1f}',
         ]
-        for key in ('final_miou', 'best_miou', f'last{k}_miou'):
+        for key in _keys(k):
           d = deltas(results, dc, setting, arm, key) if arm != 'supervised' else []
-          if not d:
-            cells.append('–')
-            continue
-          mean, low, high = ablation.paired_interval(d)
-          if len(d) < 2:
-            cells.append(f'{mean:+.1f} (1 seed: no interval)')
-            continue
-          mark = ' **' if (low > 0 or high < 0) else ''
-          cells.append(f'{mark}{mean:+.1f} [{low:+.1f}, {high:+.1f}]{mark}')
+          cells.append(_interval(d))
         name = arm + (' *scratch*' if not r['runs'][0]['forked'] else '')
         lines.append(f'| {name} | {len(r["runs"])} | ' + ' | '.join(cells) + ' |')
       lines.append('')
+      arms = results[dc][setting]
+      if arms.get('cac', {}).get('runs') and arms.get('weight_0', {}).get('runs'):
+        d = {key: deltas(results, dc, setting, 'cac', key, base='weight_0') for key in _keys(k)}
+        lines += [
+          'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
+          f'passes): Δ final {_interval(d["final_miou"])}, Δ best {_interval(d["best_miou"])}, '
+          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({len(d["final_miou"])} seeds).',
+          '',
+        ]
   if empty:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('trained_at'):
