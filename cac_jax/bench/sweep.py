@@ -509,6 +509,10 @@ def _keys(k):
   return ('final_miou', 'best_miou', f'last{k}_miou')
 
 
+def _seeds(n) -> str:
+  return f'{n} seed' + 's' * (n != 1)
+
+
 def _interval(d) -> str:
   """A paired difference (points, per seed) as a report cell: mean and 95%
   t-interval, bold where the interval excludes 0."""
@@ -583,7 +587,7 @@ def report(results, args, meta) -> str:
         lines += [
           'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
           f'passes): Δ final {_interval(d["final_miou"])}, Δ best {_interval(d["best_miou"])}, '
-          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({len(d["final_miou"])} seeds).',
+          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({_seeds(len(d["final_miou"]))}).',
           '',
         ]
   if empty:
