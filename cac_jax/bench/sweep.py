@@ -118,6 +118,10 @@ def priority_setting(args) -> str:
   return 'context_biased' if 'context_biased' in args.settings else args.settings[0]
 
 
+def in_priority_cell(dc: int, setting: str, args) -> bool:
+  return dc == max(args.dc_steps) and setting == priority_setting(args)
+
+
 def plan(args) -> list[Run]:
   """Every run of the sweep, warm-ups before the arms that fork from them.
   The priority cell (longest budget, `priority_setting`) runs its priority
@@ -140,8 +144,7 @@ def plan(args) -> list[Run]:
     ]
     for setting in args.settings:
       extra = [a for a in args.arms if a in PRIORITY_ARMS]
-      priority_cell = dc == max(args.dc_steps) and setting == priority_setting(args)
-      if not priority_cell or extra == ['supervised']:
+      if not in_priority_cell(dc, setting, args) or extra == ['supervised']:
         extra = []
       for seed in range(max(args.seeds, args.priority_seeds) if extra else args.seeds):
         arms = args.arms if seed < args.seeds else extra
@@ -509,8 +512,13 @@ def _keys(k):
   return ('final_miou', 'best_miou', f'last{k}_miou')
 
 
-def _seeds(n) -> str:
-  return f'{n} seed' + 's' * (n != 1)
+def _count(n, word) -> str:
+  return f'{n} {word}' + 's' * (n != 1)
+
+
+def _listed(keys, n=6) -> str:
+  """The first `n` keys, comma-separated, '...' if there are more."""
+  return ', '.join(keys[:n]) + (' ...' if len(keys) > n else '')
 
 
 def _interval(d) -> str:
@@ -533,9 +541,7 @@ def report(results, args, meta) -> str:
   if meta.get('unplanned'):
     lines += [
       f'**Not in this report**: {len(meta["unplanned"])} recorded runs that these flags '
-      f'do not plan ({", ".join(meta["unplanned"][:6])}'
-      + (' ...' if len(meta['unplanned']) > 6 else '')
-      + '); the flags that made them report them.',
+      f'do not plan ({_listed(meta["unplanned"])}); the flags that made them report them.',
       '',
     ]
   lines += [
@@ -587,13 +593,13 @@ def report(results, args, meta) -> str:
         lines += [
           'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
           f'passes): Δ final {_interval(d["final_miou"])}, Δ best {_interval(d["best_miou"])}, '
-          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({_seeds(len(d["final_miou"]))}).',
+          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({_count(len(d["final_miou"]), "seed")}).',
           '',
         ]
   if empty:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('trained_at'):
-    codes = ', '.join(f'{code} ({n} run{"s" * (n != 1)})' for code, n in meta['trained_at'].items())
+    codes = ', '.join(f'{code} ({_count(n, "run")})' for code, n in meta['trained_at'].items())
     lines += [f'Runs (warm-ups included) trained with the code of commit: {codes}.', '']
   if meta.get('cost'):
     c = meta['cost']
@@ -798,9 +804,7 @@ def main(argv=None):
       )
     ),
     'partial': (
-      f'{len(missing)} of {len(runs)} runs not finished; next to train: '
-      + ', '.join(missing[:6])
-      + (' ...' if len(missing) > 6 else '')
+      f'{len(missing)} of {len(runs)} runs not finished; next to train: {_listed(missing)}'
     )
     if missing
     else '',
