@@ -121,18 +121,22 @@ def test_priority_seeds_add_seeds_to_the_priority_cell_only(tmp_path):
   for run in runs:  # an extra seed's arms fork from that seed's own warm-up
     if run.after:
       assert run.after.key.split('/')[3] == run.key.split('/')[3]
-  # Tiers: core and weight 0 of seeds 0-2, then of seeds 3-4, then the other budget.
+  # Tiers: core and weight 0 of seeds 0-2, core of seeds 3-4, core at the
+  # other budget, then weight 0 of seeds 3-4, then the rest.
   ordered = [r.key.split('/') for r in sweep.prioritise(runs, args)]
   assert [(k[2], k[3]) for k in ordered[:12]] == (
     [(kind, f'seed{s}') for s in range(3) for kind in ('warmup', 'supervised', 'cac')]
     + [('weight_0', f'seed{s}') for s in range(3)]
   )
-  assert [(k[2], k[3]) for k in ordered[12:20]] == (
+  assert [(k[2], k[3]) for k in ordered[12:18]] == (
     [(kind, f'seed{s}') for s in (3, 4) for kind in ('warmup', 'supervised', 'cac')]
-    + [('weight_0', f'seed{s}') for s in (3, 4)]
   )
-  assert all(k[:2] == ['dc640', 'context_biased'] for k in ordered[:20])
-  assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[20:29]), ordered[20:29]
+  assert all(k[:2] == ['dc640', 'context_biased'] for k in ordered[:18])
+  assert all(k[:2] == ['dc160', 'context_biased'] for k in ordered[18:27]), ordered[18:27]
+  assert {k[2] for k in ordered[18:27]} == {'warmup', 'supervised', 'cac'}
+  assert [(k[:3], k[3]) for k in ordered[27:29]] == [
+    (['dc640', 'context_biased', 'weight_0'], f'seed{s}') for s in (3, 4)
+  ]
   assert ordered[29] == ['dc160', 'context_biased', 'weight_0', 'seed0']
   # Supervised alone has nothing to pair its extra seeds with: none are planned.
   args.arms = ['supervised', 'no_projector']

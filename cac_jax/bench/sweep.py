@@ -318,9 +318,10 @@ def prioritise(runs: list[Run], args) -> list[Run]:
        gets its interval first);
     1. the weight-0 control for those seeds;
     2. warm-up, supervised and CAC of the cell's extra `--priority_seeds`;
-    3. weight 0 for them;
-    4. warm-up, supervised and CAC at the setting's other budgets (the
-       difference against the number of DC steps);
+    3. warm-up, supervised and CAC at the setting's other budgets, shortest
+       first (the difference against the number of DC steps);
+    4. weight 0 for the extra seeds (it only narrows the interval of a
+       control that three seeds already measure);
     5. the rest.
   """
   longest = f'dc{max(args.dc_steps)}'
@@ -331,11 +332,13 @@ def prioritise(runs: list[Run], args) -> list[Run]:
     if setting != priority_setting(args):
       return 5
     if budget != longest:
-      return 4 if run.kind in core else 5
-    extra = 2 if int(seed.removeprefix('seed')) >= args.seeds else 0
+      return 3 if run.kind in core else 5
+    extra = int(seed.removeprefix('seed')) >= args.seeds
     if run.kind in core:
-      return extra
-    return extra + 1 if run.kind in PRIORITY_ARMS else 5
+      return 2 if extra else 0
+    if run.kind not in PRIORITY_ARMS:
+      return 5
+    return 4 if extra else 1
 
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
