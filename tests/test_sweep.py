@@ -229,6 +229,14 @@ def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
   assert '| cac | 3 |' in '\n'.join(lines) and '| weight_0 | 3 |' in '\n'.join(lines)
 
 
+def test_interval_cell_is_bold_markdown_only_where_it_excludes_0():
+  # t(0.975, 2) = 4.303; deltas 4, 5, 6 have std 1: 5 +- 4.303 / sqrt(3) = [2.5, 7.5].
+  assert sweep._interval([4.0, 5.0, 6.0]) == '**+5.0 [+2.5, +7.5]**'
+  assert sweep._interval([-6.0, -5.0, -4.0]) == '**-5.0 [-7.5, -2.5]**'
+  assert sweep._interval([1.0, 2.0, 3.0]) == '+2.0 [-0.5, +4.5]'
+  assert sweep._interval([]) == '–'
+
+
 def test_bad_arm_is_a_clear_error(tmp_path, capsys):
   with pytest.raises(SystemExit):
     sweep.main(_args(tmp_path) + ['--arms=supervised,cca', '--estimate_only'])

@@ -532,8 +532,9 @@ def _interval(d) -> str:
   mean, low, high = ablation.paired_interval(d)
   if len(d) < 2:
     return f'{mean:+.1f} (1 seed: no interval)'
-  mark = ' **' if (low > 0 or high < 0) else ''
-  return f'{mark}{mean:+.1f} [{low:+.1f}, {high:+.1f}]{mark}'
+  cell = f'{mean:+.1f} [{low:+.1f}, {high:+.1f}]'
+  # No space inside the asterisks: Markdown renders ' **x **' literally.
+  return f'**{cell}**' if (low > 0 or high < 0) else cell
 
 
 def report(results, args, meta) -> str:
