@@ -366,14 +366,67 @@ def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch)
   shutil.rmtree(tmp_path / 'w')
   del records['dc160/context_biased/supervised/seed2']
   sweep.write_records(args, records)
-  with pytest.raises(sweep.SweepError, match='does not reproduce the parameters'):
+  with pytest.raises(sweep.SweepError, match='does not reproduce the parameters') as err:
     sweep.train_all(sweep.plan(args), args)
+  assert 'would not pair exactly with dc160/context_biased/cac/seed2' in str(err.value)
+  assert sweep.machine() in str(err.value)
   kept = sweep.read_records(args)
   assert kept == records  # nothing recorded is lost or overwritten
   assert calls[-1].endswith('dc160/context_biased/warmup/seed2')
   # The retrained warm-up is moved aside, so no later sweep forks from it.
   warm = tmp_path / 'w' / 'dc160' / 'context_biased' / 'warmup'
   assert not (warm / 'seed2').exists() and len(list(warm.glob('seed2.unreproduced.*'))) == 1
+
+
+def test_a_warmup_no_recorded_run_forks_from_is_retrained_and_replaced(tmp_path, monkeypatch):
+  import shutil
+
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  calls = []
+  _fake_trainer(monkeypatch, calls, drift=True)
+  sweep.train_all(sweep.plan(args), args)
+  records = sweep.read_records(args)
+  old = dict(records['dc160/context_biased/warmup/seed2'])
+  shutil.rmtree(tmp_path / 'w')
+  for arm in ('supervised', 'cac'):  # seed 2's forks are not recorded (a cut-off session)
+    del records[f'dc160/context_biased/{arm}/seed2']
+  sweep.write_records(args, records)
+  sweep.train_all(sweep.plan(args), args)  # no error: nothing pairs with the old warm-up
+  assert [c.split('/w/')[1] for c in calls[12:]] == [
+    'dc160/context_biased/warmup/seed2',
+    'dc160/context_biased/supervised/seed2',
+    'dc160/context_biased/cac/seed2',
+  ]
+  now = sweep.read_records(args)
+  warm = now['dc160/context_biased/warmup/seed2']
+  assert warm['fingerprint'] != old['fingerprint']
+  assert warm['replaced'] == [
+    {k: old[k] for k in ('code', 'finished_at', 'fingerprint', 'machine')}
+  ]
+  assert warm['machine'] == sweep.machine() and 'jaxlib' in warm['machine']
+  assert {k: v for k, v in now.items() if 'seed2' not in k} == {
+    k: v for k, v in records.items() if 'seed2' not in k
+  }
+
+
+def test_a_warmup_waits_for_the_first_run_that_forks_from_it(tmp_path):
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  by_key = {r.key: r for r in sweep.plan(args)}
+  key = 'dc160/context_biased/{}/seed{}'.format
+  # In priority order seed 1's supervised arm comes first, seed 0's CAC later;
+  # seed 0's warm-up (retrained only for that CAC arm) must not go first.
+  pending = [by_key[key(*k)] for k in (('warmup', 0), ('warmup', 1), ('supervised', 1), ('cac', 0))]
+  ordered = sweep.warmups_before_first_fork(pending)
+  assert [r.key for r in ordered] == [
+    key('warmup', 1),
+    key('supervised', 1),
+    key('warmup', 0),
+    key('cac', 0),
+  ]
+  scratch = by_key[key('no_projector', 2)]  # no warm-up: stays where it is
+  assert sweep.warmups_before_first_fork([scratch, *pending])[0] is scratch
 
 
 def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch):

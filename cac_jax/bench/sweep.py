@@ -50,10 +50,12 @@ flags, code, wall time, val mIoU and DC-diagnostic curves), which is small
 enough to commit beside the report. The records alone make a run finished:
 a sweep whose workdirs are gone (another machine, a fresh clone) reports
 from them and trains only what is missing. An arm still to train whose
-warm-up checkpoint is gone retrains the warm-up, which is deterministic; the
-warm-up's record holds a fingerprint of its parameters (sha256), and a
-retrained warm-up that does not reproduce it stops the sweep, since its forks
-would no longer pair exactly with the arms recorded before.
+warm-up checkpoint is gone retrains the warm-up just before it; training is
+deterministic on one machine, but another CPU may round differently. The
+warm-up's record holds a fingerprint of its parameters (sha256) and the
+machine; a retrained warm-up that does not reproduce it stops the sweep if
+recorded arms forked from it (new forks would no longer pair exactly with
+them), and otherwise replaces the record (nothing paired with it yet).
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
 """
@@ -284,7 +286,29 @@ def record(run: Run, args, seconds: float | None, code: str | None) -> dict:
     'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
     'scalars': scalars_of(run, {}),
     'fingerprint': fingerprint(run.workdir, run.end_step) if run.kind == 'warmup' else None,
+    'machine': machine(),
   }
+
+
+def machine() -> str:
+  """The CPU and jaxlib a run was trained with: XLA's float rounding, and so
+  a warm-up's fingerprint, may differ between CPUs."""
+  import importlib.metadata
+  import platform
+
+  info = {}
+  try:  # the first processor's block
+    for line in pathlib.Path('/proc/cpuinfo').read_text().split('\n\n')[0].splitlines():
+      key, _, value = line.partition(':')
+      info[key.strip()] = value.strip()
+  except OSError:
+    pass
+  cpu = info.get('model name') or platform.processor() or platform.machine()
+  if 'cpu family' in info:
+    cpu += f' (family {info["cpu family"]}, model {info.get("model")})'
+  if 'flags' in info:
+    cpu += ', ' + ('AVX-512' if 'avx512f' in info['flags'].split() else 'no AVX-512')
+  return f'{cpu}; jaxlib {importlib.metadata.version("jaxlib")}'
 
 
 # --- Cost -----------------------------------------------------------------------
@@ -349,9 +373,11 @@ def prioritise(runs: list[Run], args) -> list[Run]:
 _RECORDS_LOCK = threading.Lock()
 
 
-def train(run: Run, args) -> float:
+def train(run: Run, args, forks: tuple[str, ...] = ()) -> float:
   """Trains one run (unless its checkpoint is there), records it and returns
-  its wall time. A warm-up trained again must reproduce its recorded fingerprint."""
+  its wall time. A warm-up trained again must reproduce its recorded
+  fingerprint if `forks` (the recorded runs that forked from it) is not empty;
+  with no recorded fork nothing pairs with it yet, and its record is replaced."""
   if run.finished():
     return 0.0
   code = _commit()  # before training: the tree may change while it runs
@@ -360,18 +386,28 @@ def train(run: Run, args) -> float:
   with _RECORDS_LOCK:
     records = read_records(args)
     old = records.get(run.key)
-    if old is not None:  # a warm-up retrained for forks still to run
-      if old.get('fingerprint') not in (None, new['fingerprint']):
+    if old is not None and old.get('fingerprint') not in (None, new['fingerprint']):
+      if forks:
         # Moved aside (not deleted), so that no later sweep forks from it.
         aside = run.workdir.with_name(f'{run.workdir.name}.unreproduced.{int(time.time())}')
         run.workdir.rename(aside)
+        was_on = old.get('machine') or 'a machine not recorded'
         raise SweepError(
-          f'the warm-up {run.key}, trained again at code {new["code"]}, does not reproduce '
-          f'the parameters recorded in {records_path(args)} (code {old["code"]}), so forks '
-          'of it would not pair exactly with the arms recorded before; it is kept in '
-          f'{aside}. Delete the records of this seed to train all its runs again, or '
-          'find what changed the numerics'
+          f'the warm-up {run.key}, trained again at code {new["code"]} on '
+          f'{new["machine"]}, does not reproduce the parameters recorded in '
+          f'{records_path(args)} (code {old["code"]}, on {was_on}), '
+          f'so new forks of it would not pair exactly with {", ".join(forks)}; it is '
+          f"kept in {aside}. Another CPU can change XLA's float rounding. Delete the "
+          'records of this seed to train all its runs again, or find what changed the numerics'
         )
+      print(
+        f'note: {run.key} does not reproduce its recorded parameters, but no recorded '
+        'run forks from it: its record is replaced',
+        flush=True,
+      )
+      replaced = {k: old.get(k) for k in ('code', 'finished_at', 'fingerprint', 'machine')}
+      records[run.key] = dict(new, replaced=old.get('replaced', []) + [replaced])
+    elif old is not None:  # a warm-up retrained for forks still to run
       if old.get('fingerprint') is None:
         print(
           f'warning: {run.key} has no recorded fingerprint; its new forks pair with '
@@ -379,11 +415,27 @@ def train(run: Run, args) -> float:
           flush=True,
         )
       old['fingerprint'] = new['fingerprint']
-      old.setdefault('retrained', []).append({k: new[k] for k in ('code', 'finished_at')})
+      old.setdefault('retrained', []).append(
+        {k: new[k] for k in ('code', 'finished_at', 'machine')}
+      )
     else:
       records[run.key] = new
     write_records(args, records)
   return seconds
+
+
+def warmups_before_first_fork(runs: list[Run]) -> list[Run]:
+  """`runs` in order, each warm-up moved to just before the first of them that
+  forks from it: a warm-up retrained only for low-priority forks (its record
+  holds, its workdir is gone) waits for them instead of going first."""
+  first_fork = {}
+  for i, r in enumerate(runs):
+    if r.after is not None:
+      first_fork.setdefault(r.after.key, i)
+  position = {
+    r.key: first_fork.get(r.key, i) - 0.5 * (r.key in first_fork) for i, r in enumerate(runs)
+  }
+  return sorted(runs, key=lambda r: position[r.key])
 
 
 def train_all(runs: list[Run], args) -> None:
@@ -392,7 +444,11 @@ def train_all(runs: list[Run], args) -> None:
   records = read_records(args)
   needed = {r.after.key for r in runs if r.after is not None and not is_done(r, records)}
   done = {r.key for r in runs if r.finished() or (r.key in records and r.key not in needed)}
-  pending = [r for r in runs if r.key not in done]
+  pending = warmups_before_first_fork([r for r in runs if r.key not in done])
+  forks = collections.defaultdict(list)  # warm-up key -> its recorded forks
+  for r in runs:
+    if r.after is not None and r.key in records:
+      forks[r.after.key].append(r.key)
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     running = {}
     while pending or running:
@@ -400,7 +456,7 @@ def train_all(runs: list[Run], args) -> None:
       while ready and len(running) < args.parallel:
         run = ready.pop(0)
         pending.remove(run)
-        running[pool.submit(train, run, args)] = run
+        running[pool.submit(train, run, args, tuple(forks[run.key]))] = run
       if not running:
         raise RuntimeError(
           'runs wait for warm-ups that are not planned: ' + ', '.join(r.key for r in pending)
