@@ -440,7 +440,9 @@ def warmups_before_first_fork(runs: list[Run]) -> list[Run]:
 
 def train_all(runs: list[Run], args) -> None:
   """Runs warm-ups before their forks, `--parallel` at a time. Warm-ups known
-  only from their records are trained again where a fork still needs them."""
+  only from their records are trained again where a fork still needs them; a
+  retrained warm-up that does not reproduce blocks its own forks only: the
+  other runs train, and the sweep then stops with every such error."""
   records = read_records(args)
   needed = {r.after.key for r in runs if r.after is not None and not is_done(r, records)}
   done = {r.key for r in runs if r.finished() or (r.key in records and r.key not in needed)}
@@ -449,6 +451,7 @@ def train_all(runs: list[Run], args) -> None:
   for r in runs:
     if r.after is not None and r.key in records:
       forks[r.after.key].append(r.key)
+  blocked = []
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     running = {}
     while pending or running:
@@ -464,8 +467,17 @@ def train_all(runs: list[Run], args) -> None:
       finished, _ = concurrent.futures.wait(running, return_when='FIRST_COMPLETED')
       for fut in finished:
         run = running.pop(fut)
-        print(f'{run.key}: {fut.result():.0f} s', flush=True)
+        try:
+          print(f'{run.key}: {fut.result():.0f} s', flush=True)
+        except SweepError as e:
+          skipped = [r for r in pending if r.after is not None and r.after.key == run.key]
+          pending = [r for r in pending if r not in skipped]
+          blocked.append(f'{e} (not trained: {_listed([r.key for r in skipped])})')
+          print(f'error: {blocked[-1]}; the other runs go on', flush=True)
+          continue
         done.add(run.key)
+  if blocked:
+    raise SweepError('\n'.join(blocked))
 
 
 def train_in_order(runs: list[Run], args) -> None:
