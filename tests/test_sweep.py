@@ -354,19 +354,30 @@ def test_records_alone_finish_runs_when_the_workdirs_are_gone(tmp_path, monkeypa
   assert sweep.records_path(args).read_text() == saved
 
 
-def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch):
+def _sweep_on_a_new_machine(tmp_path, monkeypatch, calls, unrecorded):
+  """A 160-step sweep trained whole by a trainer whose warm-ups never
+  reproduce, then its workdirs lost and the records of `unrecorded` deleted:
+  (args, the records left)."""
   import shutil
 
   args = _parsed(tmp_path)
   args.dc_steps = [160]
-  calls = []
   _fake_trainer(monkeypatch, calls, drift=True)
   sweep.train_all(sweep.plan(args), args)
   records = sweep.read_records(args)
   shutil.rmtree(tmp_path / 'w')
-  del records['dc160/context_biased/supervised/seed2']
-  del records['dc160/context_biased/no_projector/seed1']  # no warm-up: not blocked
+  for key in unrecorded:
+    del records[f'dc160/context_biased/{key}']
   sweep.write_records(args, records)
+  return args, records
+
+
+def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch):
+  calls = []
+  # no_projector has no warm-up: not blocked.
+  args, records = _sweep_on_a_new_machine(
+    tmp_path, monkeypatch, calls, ['supervised/seed2', 'no_projector/seed1']
+  )
   with pytest.raises(sweep.SweepError, match='does not reproduce the parameters') as err:
     sweep.train_all(sweep.plan(args), args)
   assert 'would not pair exactly with dc160/context_biased/cac/seed2' in str(err.value)
@@ -386,19 +397,12 @@ def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch)
 
 
 def test_a_warmup_no_recorded_run_forks_from_is_retrained_and_replaced(tmp_path, monkeypatch):
-  import shutil
-
-  args = _parsed(tmp_path)
-  args.dc_steps = [160]
   calls = []
-  _fake_trainer(monkeypatch, calls, drift=True)
-  sweep.train_all(sweep.plan(args), args)
-  records = sweep.read_records(args)
-  old = dict(records['dc160/context_biased/warmup/seed2'])
-  shutil.rmtree(tmp_path / 'w')
-  for arm in ('supervised', 'cac'):  # seed 2's forks are not recorded (a cut-off session)
-    del records[f'dc160/context_biased/{arm}/seed2']
-  sweep.write_records(args, records)
+  # Seed 2's forks are not recorded (as after a cut-off session).
+  args, records = _sweep_on_a_new_machine(
+    tmp_path, monkeypatch, calls, ['supervised/seed2', 'cac/seed2']
+  )
+  old = records['dc160/context_biased/warmup/seed2']
   sweep.train_all(sweep.plan(args), args)  # no error: nothing pairs with the old warm-up
   assert [c.split('/w/')[1] for c in calls[12:]] == [
     'dc160/context_biased/warmup/seed2',
