@@ -378,8 +378,11 @@ def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch)
   args, records = _sweep_on_a_new_machine(
     tmp_path, monkeypatch, calls, ['supervised/seed2', 'no_projector/seed1']
   )
-  with pytest.raises(sweep.SweepError, match='does not reproduce the parameters') as err:
-    sweep.train_all(sweep.plan(args), args)
+  # The whole command: the runs it could train are trained and reported, then it fails.
+  with pytest.raises(SystemExit, match='does not reproduce the parameters') as err:
+    sweep.main(_args(tmp_path) + ['--dc_steps=160'])
+  text = (tmp_path / 'out' / 'sweep.md').read_text()
+  assert '| no_projector *scratch* | 3 |' in text and '; 1 run left,' in text
   assert 'would not pair exactly with dc160/context_biased/cac/seed2' in str(err.value)
   assert 'not trained: dc160/context_biased/supervised/seed2' in str(err.value)
   assert sweep.machine() in str(err.value)

@@ -677,9 +677,9 @@ def report(results, args, meta) -> str:
     c = meta['cost']
     lines += [
       f'Cost: {c["measured_hours"]:.2f} h of training measured over '
-      f'{c["measured_runs"]} runs ({args.parallel} at a time)'
+      f'{_count(c["measured_runs"], "run")} ({args.parallel} at a time)'
       + (
-        f'; {c["todo_runs"]} runs left, estimated {c["todo_hours"]:.1f} h'
+        f'; {_count(c["todo_runs"], "run")} left, estimated {c["todo_hours"]:.1f} h'
         if c.get('todo_hours') is not None and c['todo_runs']
         else ''
       )
@@ -838,10 +838,14 @@ def main(argv=None):
   try:
     check_records(runs, read_records(args), args)
     backfill(runs, args)
-    if not (args.summary_only or args.estimate_only):
-      train_in_order(runs, args)
   except SweepError as e:
     sys.exit(f'error: {e}')
+  blocked = None  # runs a non-reproducing warm-up blocked: reported, then the exit
+  if not (args.summary_only or args.estimate_only):
+    try:
+      train_in_order(runs, args)
+    except SweepError as e:
+      blocked = e
   cost = estimate(runs, args)
   if args.estimate_only:
     print(json.dumps(cost, indent=1))
@@ -890,6 +894,8 @@ def main(argv=None):
   out.with_suffix('.md').write_text(text)
   plots(results, out, args)
   print(text)
+  if blocked is not None:
+    sys.exit(f'error: {blocked}')
   return results
 
 
