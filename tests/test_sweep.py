@@ -443,6 +443,17 @@ def test_a_warmup_waits_for_the_first_run_that_forks_from_it(tmp_path):
   assert sweep.warmups_before_first_fork([scratch, *pending])[0] is scratch
 
 
+def test_backfilled_runs_record_their_code_and_machine_as_unknown(tmp_path):
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  (run,) = [r for r in sweep.plan(args) if r.key == 'dc160/context_biased/supervised/seed0']
+  _fake_run(run, [(240, 0.3)])  # a workdir trained before records existed
+  sweep.backfill(sweep.plan(args), args)
+  got = sweep.read_records(args)[run.key]
+  assert got['code'] is None and got['machine'] is None
+  assert got['scalars']['val/miou'] == [[240, pytest.approx(0.3)]]
+
+
 def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch):
   args = _parsed(tmp_path)
   args.dc_steps = [160]

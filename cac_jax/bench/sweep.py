@@ -236,7 +236,8 @@ def backfill(runs: list[Run], args) -> None:
   seconds = json.loads(legacy.read_text()) if legacy.exists() else {}
   new = [r for r in runs if r.key not in records and r.finished()]
   for run in new:
-    records[run.key] = record(run, args, (seconds.get(run.key) or {}).get('seconds'), code=None)
+    wall = (seconds.get(run.key) or {}).get('seconds')
+    records[run.key] = record(run, args, wall, code=None, on=None)
   if new:
     write_records(args, records)
 
@@ -273,9 +274,9 @@ def scalars_of(run: Run, records: dict) -> dict:
   return {tag: curves[tag] for tag in tags if tag in curves}
 
 
-def record(run: Run, args, seconds: float | None, code: str | None) -> dict:
+def record(run: Run, args, seconds: float | None, code: str | None, on: str | None) -> dict:
   """What the report and the cost model need of a finished run; `code` is the
-  commit it was trained with (None: not known)."""
+  commit it was trained with and `on` the machine (None: not known)."""
   return {
     'flags': portable_flags(run, args),
     'code': code,
@@ -286,7 +287,7 @@ def record(run: Run, args, seconds: float | None, code: str | None) -> dict:
     'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
     'scalars': scalars_of(run, {}),
     'fingerprint': fingerprint(run.workdir, run.end_step) if run.kind == 'warmup' else None,
-    'machine': machine(),
+    'machine': on,
   }
 
 
@@ -382,7 +383,7 @@ def train(run: Run, args, forks: tuple[str, ...] = ()) -> float:
     return 0.0
   code = _commit()  # before training: the tree may change while it runs
   seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
-  new = record(run, args, seconds, code)
+  new = record(run, args, seconds, code, on=machine())
   with _RECORDS_LOCK:
     records = read_records(args)
     old = records.get(run.key)
