@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from cac_jax.bench import ablation, sweep
+from cac_jax.bench import ablation, sweep, sweep_records, sweep_report
 
 
 def _args(tmp_path, **kw):
@@ -186,7 +186,7 @@ def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
         [(80, 0.99), (120, f - 0.04), (160, f + 0.05), (200, f - 0.01), (240, f)],
         diag=[(240, 1.5)],
       )
-  results = sweep.summarise(runs, args)
+  results = sweep_report.summarise(runs, args)
   cac = results['dc160']['context_biased']['cac']
   run0 = cac['runs'][0]
   assert [s for s, _ in run0['curve']] == [40, 80, 120, 160, 200, 240]
@@ -198,11 +198,11 @@ def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
   assert run0['diagnostics']['dc_loss_gap_12'] == [(240, 1.5)]
   assert results['dc160']['context_biased']['no_projector']['runs'] == []
   meta = {'command': 'cmd', 'partial': '3 of 12 runs not finished'}
-  text = sweep.report(results, args, meta)
+  text = sweep_report.report(results, args, meta)
   # Paired final deltas +1, +2, +3 points: mean 2, t-interval [-0.5, +4.5].
   assert '| cac | 3 |' in text and '+2.0 [-0.5, +4.5]' in text
   assert '| no_projector | 0 | not run |' in text and '**Partial**' in text
-  sweep.plots(results, tmp_path / 'sweep', args)
+  sweep_report.plots(results, tmp_path / 'sweep', args)
   for name in ('sweep.png', 'sweep_delta.png', 'sweep_diagnostics.png'):
     assert (tmp_path / name).stat().st_size > 0
   mean, low, high = ablation.paired_interval([1.0, 2.0, 3.0])
@@ -222,7 +222,9 @@ def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
       _fake_run(run, [(80, 0.1)])
     else:
       _fake_run(run, [(240, float(finals[run.kind][seed]))])
-  lines = sweep.report(sweep.summarise(runs, args), args, {'command': 'cmd'}).splitlines()
+  lines = sweep_report.report(
+    sweep_report.summarise(runs, args), args, {'command': 'cmd'}
+  ).splitlines()
   (line,) = [x for x in lines if x.startswith('CAC − weight 0, paired')]
   # CAC - weight 0 is +1, +2, +3 points per seed: mean 2, t-interval [-0.5, +4.5].
   assert 'Δ final +2.0 [-0.5, +4.5]' in line and '(3 seeds)' in line
@@ -231,10 +233,10 @@ def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
 
 def test_interval_cell_is_bold_markdown_only_where_it_excludes_0():
   # t(0.975, 2) = 4.303; deltas 4, 5, 6 have std 1: 5 +- 4.303 / sqrt(3) = [2.5, 7.5].
-  assert sweep._interval([4.0, 5.0, 6.0]) == '**+5.0 [+2.5, +7.5]**'
-  assert sweep._interval([-6.0, -5.0, -4.0]) == '**-5.0 [-7.5, -2.5]**'
-  assert sweep._interval([1.0, 2.0, 3.0]) == '+2.0 [-0.5, +4.5]'
-  assert sweep._interval([]) == '–'
+  assert sweep_report.interval([4.0, 5.0, 6.0]) == '**+5.0 [+2.5, +7.5]**'
+  assert sweep_report.interval([-6.0, -5.0, -4.0]) == '**-5.0 [-7.5, -2.5]**'
+  assert sweep_report.interval([1.0, 2.0, 3.0]) == '+2.0 [-0.5, +4.5]'
+  assert sweep_report.interval([]) == '–'
 
 
 def test_bad_arm_is_a_clear_error(tmp_path, capsys):
@@ -275,7 +277,7 @@ def test_report_of_one_seed_says_so_and_lists_what_has_not_run(tmp_path):
         _fake_run(run, [(80, 0.1)])
       elif run.kind in ('supervised', 'cac'):
         _fake_run(run, [(240, 0.30 if run.kind == 'cac' else 0.25)])
-  text = sweep.report(sweep.summarise(runs, args), args, {'command': 'cmd'})
+  text = sweep_report.report(sweep_report.summarise(runs, args), args, {'command': 'cmd'})
   assert '+5.0 (1 seed: no interval)' in text and 'nan' not in text
   assert '### context_biased, 640 DC steps' not in text
   assert 'No finished run yet: context_biased at 640 DC steps.' in text
@@ -301,7 +303,7 @@ def _fake_trainer(monkeypatch, calls, drift=None):
 
   monkeypatch.setattr(ablation, 'run_one', run_one)
   monkeypatch.setattr(
-    sweep, 'fingerprint', lambda workdir, step: (workdir / 'params.bin').read_text()
+    sweep_records, 'fingerprint', lambda workdir, step: (workdir / 'params.bin').read_text()
   )
 
 
@@ -315,43 +317,43 @@ def test_records_alone_finish_runs_when_the_workdirs_are_gone(tmp_path, monkeypa
   _fake_trainer(monkeypatch, calls)
   sweep.train_all(runs, args)
   assert len(calls) == 12
-  records = sweep.read_records(args)
+  records = sweep_records.read_records(args)
   assert set(records) == {r.key for r in runs}
   warm = records['dc160/context_biased/warmup/seed1']
   assert warm['seconds'] == 90.0 and warm['fingerprint']
   assert all('{workdirs}' in ' '.join(r['flags']) for k, r in records.items() if 'cac/' in k)
-  before = sweep.summarise(runs, args)
+  before = sweep_report.summarise(runs, args)
 
   shutil.rmtree(tmp_path / 'w')  # another machine, a fresh clone: no workdirs
-  assert sweep.summarise(sweep.plan(args), args) == before
+  assert sweep_report.summarise(sweep.plan(args), args) == before
   sweep.train_all(sweep.plan(args), args)
   assert len(calls) == 12  # nothing trained again
 
   # One arm's record deleted: it trains again, after its warm-up (whose own
   # record stays, now marked as retrained with the same fingerprint).
   del records['dc160/context_biased/cac/seed1']
-  sweep.write_records(args, records)
+  sweep_records.write_records(args, records)
   sweep.train_all(sweep.plan(args), args)
   assert [c.split('/w/')[1] for c in calls[12:]] == [
     'dc160/context_biased/warmup/seed1',
     'dc160/context_biased/cac/seed1',
   ]
-  again = sweep.read_records(args)
+  again = sweep_records.read_records(args)
   assert again['dc160/context_biased/warmup/seed1']['fingerprint'] == warm['fingerprint']
   assert len(again['dc160/context_biased/warmup/seed1']['retrained']) == 1
-  assert sweep.summarise(sweep.plan(args), args) == before
+  assert sweep_report.summarise(sweep.plan(args), args) == before
   # The report, from the records alone, names the code the runs were trained with.
   sweep.main(_args(tmp_path) + ['--dc_steps=160', '--summary_only'])
   text = (tmp_path / 'out' / 'sweep.md').read_text()
   assert f'trained with the code of commit: {warm["code"]} (12 runs).' in text
   assert '| cac | 3 |' in text
   # Other flags plan fewer runs: the records they do not plan are named, kept.
-  saved = sweep.records_path(args).read_text()
+  saved = sweep_records.records_path(args).read_text()
   sweep.main(_args(tmp_path) + ['--dc_steps=160', '--seeds=2', '--summary_only'])
   text = (tmp_path / 'out' / 'sweep.md').read_text()
   assert '**Not in this report**: 4 recorded runs' in text
   assert 'dc160/context_biased/cac/seed2' in text and '| cac | 2 |' in text
-  assert sweep.records_path(args).read_text() == saved
+  assert sweep_records.records_path(args).read_text() == saved
 
 
 def _sweep_on_a_new_machine(tmp_path, monkeypatch, calls, unrecorded):
@@ -364,11 +366,11 @@ def _sweep_on_a_new_machine(tmp_path, monkeypatch, calls, unrecorded):
   args.dc_steps = [160]
   _fake_trainer(monkeypatch, calls, drift=True)
   sweep.train_all(sweep.plan(args), args)
-  records = sweep.read_records(args)
+  records = sweep_records.read_records(args)
   shutil.rmtree(tmp_path / 'w')
   for key in unrecorded:
     del records[f'dc160/context_biased/{key}']
-  sweep.write_records(args, records)
+  sweep_records.write_records(args, records)
   return args, records
 
 
@@ -385,8 +387,8 @@ def test_a_warmup_that_does_not_reproduce_stops_the_sweep(tmp_path, monkeypatch)
   assert '| no_projector *scratch* | 3 |' in text and '; 1 run left,' in text
   assert 'would not pair exactly with dc160/context_biased/cac/seed2' in str(err.value)
   assert 'not trained: dc160/context_biased/supervised/seed2' in str(err.value)
-  assert sweep.machine() in str(err.value)
-  kept = sweep.read_records(args)
+  assert sweep_records.machine() in str(err.value)
+  kept = sweep_records.read_records(args)
   # Nothing recorded is lost or overwritten; the run the warm-up does not block trained.
   assert kept.pop('dc160/context_biased/no_projector/seed1')['flags']
   assert kept == records
@@ -412,13 +414,13 @@ def test_a_warmup_no_recorded_run_forks_from_is_retrained_and_replaced(tmp_path,
     'dc160/context_biased/supervised/seed2',
     'dc160/context_biased/cac/seed2',
   ]
-  now = sweep.read_records(args)
+  now = sweep_records.read_records(args)
   warm = now['dc160/context_biased/warmup/seed2']
   assert warm['fingerprint'] != old['fingerprint']
   assert warm['replaced'] == [
     {k: old[k] for k in ('code', 'finished_at', 'fingerprint', 'machine')}
   ]
-  assert warm['machine'] == sweep.machine() and 'jaxlib' in warm['machine']
+  assert warm['machine'] == sweep_records.machine() and 'jaxlib' in warm['machine']
   assert {k: v for k, v in now.items() if 'seed2' not in k} == {
     k: v for k, v in records.items() if 'seed2' not in k
   }
@@ -448,8 +450,8 @@ def test_backfilled_runs_record_their_code_and_machine_as_unknown(tmp_path):
   args.dc_steps = [160]
   (run,) = [r for r in sweep.plan(args) if r.key == 'dc160/context_biased/supervised/seed0']
   _fake_run(run, [(240, 0.3)])  # a workdir trained before records existed
-  sweep.backfill(sweep.plan(args), args)
-  got = sweep.read_records(args)[run.key]
+  sweep_records.backfill(sweep.plan(args), args)
+  got = sweep_records.read_records(args)[run.key]
   assert got['code'] is None and got['machine'] is None
   assert got['scalars']['val/miou'] == [[240, pytest.approx(0.3)]]
 
@@ -459,17 +461,17 @@ def test_records_of_another_protocol_are_refused_by_name(tmp_path, monkeypatch):
   args.dc_steps = [160]
   _fake_trainer(monkeypatch, [])
   sweep.train_all(sweep.plan(args), args)
-  saved = sweep.records_path(args).read_text()
+  saved = sweep_records.records_path(args).read_text()
   argv = _args(tmp_path) + ['--dc_steps=160', '--extra=--config.data.crop_size=96']
   with pytest.raises(SystemExit, match='records dc160/context_biased/warmup/seed0 with other'):
     sweep.main(argv + ['--summary_only'])
-  assert sweep.records_path(args).read_text() == saved
+  assert sweep_records.records_path(args).read_text() == saved
 
 
 def test_fingerprint_tells_checkpoints_apart_bit_for_bit(tiny_run):
   import pathlib
 
   workdir = pathlib.Path(tiny_run[0])
-  final = sweep.fingerprint(workdir, 4)
-  assert len(final) == 64 and final == sweep.fingerprint(workdir, 4)
-  assert sweep.fingerprint(workdir, 2) != final
+  final = sweep_records.fingerprint(workdir, 4)
+  assert len(final) == 64 and final == sweep_records.fingerprint(workdir, 4)
+  assert sweep_records.fingerprint(workdir, 2) != final

@@ -53,18 +53,22 @@ from them and trains only what is missing. An arm still to train whose
 warm-up checkpoint is gone retrains the warm-up just before it; training is
 deterministic on one machine, but another CPU may round differently. The
 warm-up's record holds a fingerprint of its parameters (sha256) and the
-machine; a retrained warm-up that does not reproduce it stops the sweep if
-recorded arms forked from it (new forks would no longer pair exactly with
-them), and otherwise replaces the record (nothing paired with it yet).
+machine; a retrained warm-up that does not reproduce it blocks its new forks
+if recorded arms forked from it (they would no longer pair exactly with
+them): the other runs train, the report is written, and the command exits
+with an error naming the blocked runs. With no recorded fork, the new
+warm-up replaces the record (nothing paired with it yet).
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
+
+This module plans, prices, orders and trains the runs; the records are
+`sweep_records.py`, the report and its plots `sweep_report.py`.
 """
 
 import argparse
 import collections
 import concurrent.futures
 import json
-import pathlib
 import sys
 import threading
 import time
@@ -72,18 +76,24 @@ import time
 import numpy as np
 
 from cac_jax.bench import ablation
+from cac_jax.bench.sweep_records import (
+  SweepError,
+  backfill,
+  check_records,
+  commit,
+  is_done,
+  machine,
+  read_records,
+  record,
+  records_path,
+  write_records,
+)
+from cac_jax.bench.sweep_report import listed, plots, report, summarise
 
 REPO = ablation.REPO
 # Arms whose switch changes the network: they cannot fork from the warm-up.
 NOT_FORKABLE = ('no_projector',)
 PRIORITY_ARMS = ('supervised', 'cac', 'weight_0')
-DIAGNOSTICS = (
-  'dc_loss_gap_12',
-  'dc_anchor_label_acc_12',
-  'dc_false_neg_rate_12',
-  'dc_cos_pos_12',
-  'active_frac_12',
-)
 
 
 def eval_every_for(dc_steps: int, unsup_start: int) -> int:
@@ -182,136 +192,6 @@ def plan(args) -> list[Run]:
   return runs
 
 
-# --- Records ---------------------------------------------------------------------
-
-
-class SweepError(RuntimeError):
-  """The records and the runs disagree; the message says what to do."""
-
-
-def records_path(args) -> pathlib.Path:
-  return REPO / f'{args.out}_runs.json'
-
-
-def read_records(args) -> dict:
-  """{run key: record} of the finished runs (empty if none is recorded)."""
-  path = records_path(args)
-  return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_records(args, records: dict) -> None:
-  path = records_path(args)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.json.tmp')
-  tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
-  tmp.replace(path)  # atomic: an interrupted write leaves the old records
-
-
-def portable_flags(run: Run, args) -> list[str]:
-  """The run's flags with the workdirs root spelled `{workdirs}`, so that records
-  made under one root match the plan under another."""
-  root = str(REPO / args.workdirs)
-  return [f.replace(root, '{workdirs}') for f in run.flags]
-
-
-def check_records(runs: list[Run], records: dict, args) -> None:
-  """Refuses records that another protocol made (other flags for the same run)."""
-  for run in runs:
-    rec = records.get(run.key)
-    if rec is not None and rec['flags'] != portable_flags(run, args):
-      ours, theirs = set(portable_flags(run, args)), set(rec['flags'])
-      raise SweepError(
-        f'{records_path(args)} records {run.key} with other flags (recorded only: '
-        f'{sorted(theirs - ours)}; planned only: {sorted(ours - theirs)}); pass another '
-        '--out for this protocol, or delete that record to train the run again'
-      )
-
-
-def backfill(runs: list[Run], args) -> None:
-  """Records the runs whose workdirs are finished but that no record holds yet
-  (trained before records existed): their wall time comes from the cost
-  ledger those sweeps kept in `<workdirs>/costs.json`, where it is there."""
-  records = read_records(args)
-  legacy = REPO / args.workdirs / 'costs.json'
-  seconds = json.loads(legacy.read_text()) if legacy.exists() else {}
-  new = [r for r in runs if r.key not in records and r.finished()]
-  for run in new:
-    wall = (seconds.get(run.key) or {}).get('seconds')
-    records[run.key] = record(run, args, wall, code=None, on=None)
-  if new:
-    write_records(args, records)
-
-
-def is_done(run: Run, records: dict) -> bool:
-  return run.key in records or run.finished()
-
-
-def fingerprint(workdir: pathlib.Path, step: int) -> str:
-  """sha256 of a checkpoint's params and batch_stats (leaf paths, dtypes and
-  bytes): equal exactly when the saved network is equal bit for bit."""
-  import hashlib
-
-  import jax
-
-  from cac_jax import saved_run
-
-  _, _, variables, _ = saved_run.load_run(str(workdir), step=step)
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    value = np.asarray(leaf)
-    digest.update(f'{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};'.encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()
-
-
-def scalars_of(run: Run, records: dict) -> dict:
-  """{tag: [(step, value)]} of the tags the report uses, from the run's record,
-  else from its workdir's event files."""
-  if run.key in records:
-    return {tag: [tuple(p) for p in curve] for tag, curve in records[run.key]['scalars'].items()}
-  curves = ablation.read_curves(run.workdir)
-  tags = ['val/miou'] + [f'train/{tag}' for tag in DIAGNOSTICS]
-  return {tag: curves[tag] for tag in tags if tag in curves}
-
-
-def record(run: Run, args, seconds: float | None, code: str | None, on: str | None) -> dict:
-  """What the report and the cost model need of a finished run; `code` is the
-  commit it was trained with and `on` the machine (None: not known)."""
-  return {
-    'flags': portable_flags(run, args),
-    'code': code,
-    'seconds': seconds,
-    'sup_steps': run.sup_steps,
-    'dc_steps': run.dc_steps,
-    'parallel': args.parallel,
-    'finished_at': time.strftime('%Y-%m-%d %H:%M:%S'),
-    'scalars': scalars_of(run, {}),
-    'fingerprint': fingerprint(run.workdir, run.end_step) if run.kind == 'warmup' else None,
-    'machine': on,
-  }
-
-
-def machine() -> str:
-  """The CPU and jaxlib a run was trained with: XLA's float rounding, and so
-  a warm-up's fingerprint, may differ between CPUs."""
-  import importlib.metadata
-  import platform
-
-  info = {}
-  try:  # the first processor's block
-    for line in pathlib.Path('/proc/cpuinfo').read_text().split('\n\n')[0].splitlines():
-      key, _, value = line.partition(':')
-      info[key.strip()] = value.strip()
-  except OSError:
-    pass
-  cpu = info.get('model name') or platform.processor() or platform.machine()
-  if 'cpu family' in info:
-    cpu += f' (family {info["cpu family"]}, model {info.get("model")})'
-  if 'flags' in info:
-    cpu += ', ' + ('AVX-512' if 'avx512f' in info['flags'].split() else 'no AVX-512')
-  return f'{cpu}; jaxlib {importlib.metadata.version("jaxlib")}'
-
-
 # --- Cost -----------------------------------------------------------------------
 
 
@@ -333,6 +213,36 @@ def fit_costs(ledger: dict):
 def price(run: Run, costs) -> float:
   start, per_sup, per_dc = costs
   return start + per_sup * run.sup_steps + per_dc * run.dc_steps
+
+
+def estimate(runs: list[Run], args) -> dict:
+  records = read_records(args)
+  costs = fit_costs(records)
+  todo = [r for r in runs if not is_done(r, records)]
+  if costs is None:
+    return {'costs': None, 'todo_runs': len(todo)}
+  seconds = sum(price(r, costs) for r in todo) / args.parallel
+  return {
+    'costs': dict(zip(('startup_s', 'per_sup_step_s', 'per_dc_step_s'), costs)),
+    'todo_runs': len(todo),
+    'todo_hours': seconds / 3600,
+  }
+
+
+def calibration_runs(runs: list[Run], args) -> list[Run]:
+  """The first warm-up, supervised and CAC runs of the smallest budget: three
+  shapes of (sup steps, DC steps), enough to fit the cost model."""
+  smallest = f'dc{min(args.dc_steps)}/'
+  first = [r for r in runs if r.key.startswith(smallest)]
+  picked = []
+  for kind in ('warmup', 'supervised', 'cac'):
+    match = [r for r in first if r.kind == kind]
+    if match:
+      picked.append(match[0])
+  return picked
+
+
+# --- Order and training --------------------------------------------------------
 
 
 def prioritise(runs: list[Run], args) -> list[Run]:
@@ -368,9 +278,6 @@ def prioritise(runs: list[Run], args) -> list[Run]:
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
 
-# --- Training -------------------------------------------------------------------
-
-
 _RECORDS_LOCK = threading.Lock()
 
 
@@ -381,7 +288,7 @@ def train(run: Run, args, forks: tuple[str, ...] = ()) -> float:
   with no recorded fork nothing pairs with it yet, and its record is replaced."""
   if run.finished():
     return 0.0
-  code = _commit()  # before training: the tree may change while it runs
+  code = commit()  # before training: the tree may change while it runs
   seconds = ablation.run_one(run.workdir, run.flags, run.end_step)
   new = record(run, args, seconds, code, on=machine())
   with _RECORDS_LOCK:
@@ -473,7 +380,7 @@ def train_all(runs: list[Run], args) -> None:
         except SweepError as e:
           skipped = [r for r in pending if r.after is not None and r.after.key == run.key]
           pending = [r for r in pending if r not in skipped]
-          blocked.append(f'{e} (not trained: {_listed([r.key for r in skipped])})')
+          blocked.append(f'{e} (not trained: {listed([r.key for r in skipped])})')
           print(f'error: {blocked[-1]}; the other runs go on', flush=True)
           continue
         done.add(run.key)
@@ -495,307 +402,6 @@ def train_in_order(runs: list[Run], args) -> None:
   else:
     runs_in_order = runs
   train_all(runs_in_order, args)
-
-
-def estimate(runs: list[Run], args) -> dict:
-  records = read_records(args)
-  costs = fit_costs(records)
-  todo = [r for r in runs if not is_done(r, records)]
-  if costs is None:
-    return {'costs': None, 'todo_runs': len(todo)}
-  seconds = sum(price(r, costs) for r in todo) / args.parallel
-  return {
-    'costs': dict(zip(('startup_s', 'per_sup_step_s', 'per_dc_step_s'), costs)),
-    'todo_runs': len(todo),
-    'todo_hours': seconds / 3600,
-  }
-
-
-def calibration_runs(runs: list[Run], args) -> list[Run]:
-  """The first warm-up, supervised and CAC runs of the smallest budget: three
-  shapes of (sup steps, DC steps), enough to fit the cost model."""
-  smallest = f'dc{min(args.dc_steps)}/'
-  first = [r for r in runs if r.key.startswith(smallest)]
-  picked = []
-  for kind in ('warmup', 'supervised', 'cac'):
-    match = [r for r in first if r.kind == kind]
-    if match:
-      picked.append(match[0])
-  return picked
-
-
-# --- Report ---------------------------------------------------------------------
-
-
-def run_result(run: Run, seed: int, last_k: int, records: dict) -> dict:
-  curves = scalars_of(run, records)
-  if run.after is not None:  # the shared warm-up's evaluations come first
-    warm = scalars_of(run.after, records).get('val/miou', [])
-    fork_step = run.after.end_step
-    curve = [p for p in warm if p[0] <= fork_step] + [
-      p for p in curves.get('val/miou', []) if p[0] > fork_step
-    ]
-  else:
-    curve = curves.get('val/miou', [])
-  diagnostics = {tag: curves.get(f'train/{tag}', []) for tag in DIAGNOSTICS}
-  return {
-    'seed': seed,
-    'curve': curve,
-    'final_miou': curve[-1][1],
-    f'last{last_k}_miou': float(np.mean([v for _, v in curve[-last_k:]])),
-    'diagnostics': diagnostics,
-    'forked': run.after is not None,
-  }
-
-
-def summarise(runs: list[Run], args) -> dict:
-  """{budget: {setting: {arm: aggregate}}} over finished runs."""
-  records = read_records(args)
-  results = {}
-  for run in runs:
-    if run.kind == 'warmup':
-      continue
-    dc, setting, arm, seed = run.key.split('/')
-    cell = results.setdefault(dc, {}).setdefault(setting, {}).setdefault(arm, [])
-    if is_done(run, records):
-      cell.append(run_result(run, int(seed.removeprefix('seed')), args.last_k, records))
-  for dc in results:
-    for setting in results[dc]:
-      for arm, rs in results[dc][setting].items():
-        agg = ablation.aggregate(rs)
-        values = np.array([r[f'last{args.last_k}_miou'] for r in rs])
-        agg['last_mean'] = float(values.mean()) if rs else None
-        agg['last_std'] = float(values.std(ddof=1)) if len(rs) > 1 else 0.0
-        results[dc][setting][arm] = agg
-  return results
-
-
-def deltas(results, dc, setting, arm, key, base='supervised'):
-  """Paired differences (points) of `arm` to `base` at `key`, per seed."""
-  base = {r['seed']: r for r in results[dc][setting].get(base, {}).get('runs', [])}
-  return [
-    100 * (r[key] - base[r['seed']][key])
-    for r in results[dc][setting][arm]['runs']
-    if r['seed'] in base
-  ]
-
-
-def _keys(k):
-  return ('final_miou', 'best_miou', f'last{k}_miou')
-
-
-def _count(n, word) -> str:
-  return f'{n} {word}' + 's' * (n != 1)
-
-
-def _listed(keys, n=6) -> str:
-  """The first `n` keys, comma-separated, '...' if there are more."""
-  return ', '.join(keys[:n]) + (' ...' if len(keys) > n else '')
-
-
-def _interval(d) -> str:
-  """A paired difference (points, per seed) as a report cell: mean and 95%
-  t-interval, bold where the interval excludes 0."""
-  if not d:
-    return '–'
-  mean, low, high = ablation.paired_interval(d)
-  if len(d) < 2:
-    return f'{mean:+.1f} (1 seed: no interval)'
-  cell = f'{mean:+.1f} [{low:+.1f}, {high:+.1f}]'
-  # No space inside the asterisks: Markdown renders ' **x **' literally.
-  return f'**{cell}**' if (low > 0 or high < 0) else cell
-
-
-def report(results, args, meta) -> str:
-  k = args.last_k
-  lines = [f'Command: `{meta["command"]}` (code {meta.get("code", "?")})', '']
-  if meta.get('partial'):
-    lines += [f'**Partial**: {meta["partial"]}', '']
-  if meta.get('unplanned'):
-    lines += [
-      f'**Not in this report**: {len(meta["unplanned"])} recorded runs that these flags '
-      f'do not plan ({_listed(meta["unplanned"])}); the flags that made them report them.',
-      '',
-    ]
-  lines += [
-    f'Val mIoU (%), mean ± std over seeds of final / best / mean of the last {k} '
-    'evaluations, and the paired difference to supervised (same seed: same '
-    'initialisation, split, stream and warm-up) with its 95% t-interval. Every '
-    f'arm forks from one supervised warm-up of {args.unsup_start} steps per seed '
-    '(not the arms marked *scratch*). "Beats supervised" only where an interval '
-    'excludes 0. Arms of one table may have different numbers of seeds (the '
-    '`seeds` column); compare them through the paired differences, not the means.',
-    '',
-  ]
-  empty = [
-    f'{setting} at {dc.removeprefix("dc")} DC steps'
-    for dc in results
-    for setting in results[dc]
-    if not any(r['runs'] for r in results[dc][setting].values())
-  ]
-  for dc in results:
-    for setting in results[dc]:
-      if f'{setting} at {dc.removeprefix("dc")} DC steps' in empty:
-        continue
-      lines += [
-        f'### {setting}, {dc.removeprefix("dc")} DC steps',
-        '',
-        '| arm | seeds | final | best (step) | last-k mean | Δ final [95% CI] | '
-        'Δ best [95% CI] | Δ last-k [95% CI] |',
-        '|---|---|---|---|---|---|---|---|',
-      ]
-      for arm, r in results[dc][setting].items():
-        if not r['runs']:
-          lines.append(f'| {arm} | 0 | not run | | | | | |')
-          continue
-        steps = ', '.join(str(x['best_step']) for x in r['runs'])
-        cells = [
-          f'{100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}',
-          f'{100 * r["best_mean"]:.1f} ± {100 * r["best_std"]:.1f} ({steps})',
-          f'{100 * r["last_mean"]:.1f} ± {100 * r["last_std"]:.1f}',
-        ]
-        for key in _keys(k):
-          d = deltas(results, dc, setting, arm, key) if arm != 'supervised' else []
-          cells.append(_interval(d))
-        name = arm + (' *scratch*' if not r['runs'][0]['forked'] else '')
-        lines.append(f'| {name} | {len(r["runs"])} | ' + ' | '.join(cells) + ' |')
-      lines.append('')
-      arms = results[dc][setting]
-      if arms.get('cac', {}).get('runs') and arms.get('weight_0', {}).get('runs'):
-        d = {key: deltas(results, dc, setting, 'cac', key, base='weight_0') for key in _keys(k)}
-        lines += [
-          'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
-          f'passes): Δ final {_interval(d["final_miou"])}, Δ best {_interval(d["best_miou"])}, '
-          f'Δ last-k {_interval(d[f"last{k}_miou"])} ({_count(len(d["final_miou"]), "seed")}).',
-          '',
-        ]
-  if empty:
-    lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
-  if meta.get('trained_at'):
-    codes = ', '.join(f'{code} ({_count(n, "run")})' for code, n in meta['trained_at'].items())
-    lines += [f'Runs (warm-ups included) trained with the code of commit: {codes}.', '']
-  if meta.get('cost'):
-    c = meta['cost']
-    lines += [
-      f'Cost: {c["measured_hours"]:.2f} h of training measured over '
-      f'{_count(c["measured_runs"], "run")} ({args.parallel} at a time)'
-      + (
-        f'; {_count(c["todo_runs"], "run")} left, estimated {c["todo_hours"]:.1f} h'
-        if c.get('todo_hours') is not None and c['todo_runs']
-        else ''
-      )
-      + '.',
-      '',
-    ]
-  return '\n'.join(lines) + '\n'
-
-
-def plots(results, out: pathlib.Path, args) -> None:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  budgets, settings = list(results), sorted({s for dc in results for s in results[dc]})
-  # Paired Δ final vs DC steps, per setting and arm: every seed's difference
-  # (dots) and, from 2 seeds on, the mean with its 95% t-interval.
-  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
-  for ax, setting in zip(axes[0], settings):
-
-    def paired(arm, dc):
-      cell = results[dc].get(setting, {})
-      return deltas(results, dc, setting, arm, 'final_miou') if arm in cell else []
-
-    # Arms with at least one pair, side by side around each budget's tick;
-    # colours by the arm's place in --arms, as in the curves.
-    arms = [a for a in args.arms if a != 'supervised' and any(paired(a, dc) for dc in budgets)]
-    for i, arm in enumerate(arms):
-      color, shift = _color(arm, args), 1 + 0.05 * (i - (len(arms) - 1) / 2)
-      xs, ys, lo, hi = [], [], [], []
-      for j, dc in enumerate(budgets):
-        d, x = paired(arm, dc), int(dc.removeprefix('dc')) * shift
-        ax.plot([x] * len(d), d, '.', color=color, alpha=0.5, ms=5, label=None if j else arm)
-        if len(d) >= 2:
-          mean, low, high = ablation.paired_interval(d)
-          xs.append(x), ys.append(mean), lo.append(mean - low), hi.append(high - mean)
-      ax.errorbar(xs, ys, yerr=[lo, hi], marker='o', capsize=3, color=color)
-    ax.axhline(0, color='gray', lw=1)
-    ax.set_xscale('log')
-    ax.set_xticks(args.dc_steps, [str(x) for x in args.dc_steps])
-    ax.minorticks_off()
-    ax.set_xlim(min(args.dc_steps) / 1.6, max(args.dc_steps) * 1.6)
-    if not arms:
-      ax.text(0.5, 0.6, 'no paired runs finished yet', ha='center', transform=ax.transAxes)
-    ax.set_title(setting)
-    ax.set_xlabel('DC steps')
-    ax.set_ylabel('Δ final val mIoU vs supervised (points)\ndots: seeds; mean, 95% CI')
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out.parent / f'{out.name}_delta.png', dpi=110)
-  plt.close(fig)
-  # Val mIoU over steps, and the CAC arm's diagnostics, per (budget, setting).
-  pairs = [
-    (dc, s)
-    for dc in budgets
-    for s in results[dc]
-    if any(r['runs'] for r in results[dc][s].values())
-  ] or [(budgets[0], settings[0])]
-  for suffix, draw in (('', _draw_curves), ('_diagnostics', _draw_diagnostics)):
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), squeeze=False)
-    for ax, (dc, setting) in zip(axes[0], pairs):
-      draw(ax, results[dc][setting], args)
-      ax.set_title(f'{setting}, {dc.removeprefix("dc")} DC steps')
-      ax.set_xlabel('step')
-      ax.grid(alpha=0.3)
-      if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.parent / f'{out.name}{suffix}.png', dpi=110)
-    plt.close(fig)
-
-
-def _color(arm, args) -> str:
-  return f'C{args.arms.index(arm) % 10}'
-
-
-def _draw_curves(ax, arms, args):
-  for arm, r in arms.items():
-    curves = [x['curve'] for x in r['runs']]
-    if not curves:
-      continue
-    steps = [s for s, _ in curves[0]]
-    values = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
-    ax.plot(steps, 100 * values.mean(0), label=arm, color=_color(arm, args))
-  ax.axvline(args.unsup_start, color='gray', ls=':', lw=1)
-  ax.set_ylabel('val mIoU (%), mean over seeds')
-
-
-def _draw_diagnostics(ax, arms, args):
-  runs = arms.get('cac', {}).get('runs', [])
-  for tag in DIAGNOSTICS:
-    series = [x['diagnostics'].get(tag) or [] for x in runs]
-    series = [s for s in series if s]
-    if not series:
-      continue
-    n = min(len(s) for s in series)
-    steps = [p[0] for p in series[0][:n]]
-    ax.plot(steps, np.mean([[v for _, v in s[:n]] for s in series], 0), label=tag)
-  ax.set_ylabel('CAC arm, mean over seeds')
-
-
-def _commit() -> str:
-  """The repository's commit, with '+changes' if the code (cac_jax/, configs/)
-  differs from it; reports and records elsewhere in the tree do not count."""
-  import subprocess
-
-  git = lambda *a: subprocess.run(
-    ['git', *a], cwd=REPO, capture_output=True, text=True
-  ).stdout.strip()
-  head = git('rev-parse', '--short', 'HEAD') or 'unknown'
-  changed = git('status', '--porcelain', '--untracked-files=no', '--', 'cac_jax', 'configs')
-  return head + ('+changes' if changed else '')
 
 
 def main(argv=None):
@@ -872,7 +478,7 @@ def main(argv=None):
     'config': args.config,
     'extra': args.extra,
     'cost': cost,
-    'code': _commit(),
+    'code': commit(),
     'trained_at': dict(
       sorted(
         collections.Counter(
@@ -881,7 +487,7 @@ def main(argv=None):
       )
     ),
     'partial': (
-      f'{len(missing)} of {len(runs)} runs not finished; next to train: {_listed(missing)}'
+      f'{len(missing)} of {len(runs)} runs not finished; next to train: {listed(missing)}'
     )
     if missing
     else '',
