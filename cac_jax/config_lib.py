@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   cac.matmul_dtype = 'auto'
   # Only anchors with DC weight w > 0 (15-25% of VOC overlap cells) are scored,
   # in blocks of this fraction of a direction's anchors, while a block holds
-  # one (losses._active_rows); 0 scores every anchor. Same loss and gradient.
+  # one (negative_lse._active_rows); 0 scores every anchor. Same loss and gradient.
   cac.anchor_block = 0.125
   # The DC step's three network passes (labeled, view 1, view 2) as one call
   # of 3B with group-wise BatchNorm statistics and per-pass dropout keys

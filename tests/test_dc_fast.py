@@ -1,6 +1,6 @@
 """The DC loss's fast paths against the dense path and float64 NumPy.
 
-Variants (cac_jax/losses.py): active-anchor compaction (`anchor_block`, only
+Variants (cac_jax/negative_lse.py): active-anchor compaction (`anchor_block`, only
 the anchors with w > 0 are scored, in blocks, while a block holds one),
 bfloat16 matmul operands (`matmul_dtype`, the accelerator default of
 'auto'), and the static shift 1/τ (`shift='static'`). Each is checked on
@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cac_jax import losses
+from cac_jax import losses, negative_lse
 from test_losses import jax_value_and_grads, random_problem, reference_dc, unit
 
 SWITCHES = dict(pos_threshold=0.5, directional=True, filter_negatives=True)
@@ -110,7 +110,7 @@ def test_inactive_anchors_are_not_scored():
     jnp.ones((k,), bool),
   )
   active = jnp.asarray(rng.random(n) < 0.3)
-  cfg = losses._LseConfig(
+  cfg = negative_lse.LseConfig(
     inv_temperature=10.0,
     chunk_size=64,
     filter_negatives=True,
@@ -118,8 +118,8 @@ def test_inactive_anchors_are_not_scored():
     matmul_dtype='float32',
     anchor_block=16,
   )
-  lse = losses._negative_lse(anchor, pos, label, *negs, active, cfg)
-  dense = losses._negative_lse(anchor, pos, label, *negs, active, cfg._replace(anchor_block=0))
+  lse = negative_lse.negative_lse(anchor, pos, label, *negs, active, cfg)
+  dense = negative_lse.negative_lse(anchor, pos, label, *negs, active, cfg._replace(anchor_block=0))
   a = np.asarray(active)
   assert 0 < a.sum() < n
   np.testing.assert_array_equal(np.asarray(lse)[~a], np.asarray(pos)[~a])
@@ -144,7 +144,7 @@ def test_bfloat16_matmuls_error_against_float64():
   problem = random_problem(seed=seed, n=256, k=2048, d=128, num_classes=21)
   kw = dict(temperature=0.1, **SWITCHES)
   ref_loss, ref_grad = reference_dc(**problem, **kw)
-  for block in (0.0, losses.DEFAULT_ANCHOR_BLOCK):
+  for block in (0.0, negative_lse.DEFAULT_ANCHOR_BLOCK):
     loss, (g, _, _) = jax_value_and_grads(
       problem, chunk_size=512, anchor_block=block, matmul_dtype='bfloat16', **kw
     )
@@ -154,33 +154,33 @@ def test_bfloat16_matmuls_error_against_float64():
 
 
 def test_matmul_dtype_auto_resolves_by_backend():
-  assert losses.resolve_matmul_dtype('auto', 'cpu') == 'float32'
-  assert losses.resolve_matmul_dtype('auto', 'gpu') == 'bfloat16'
-  assert losses.resolve_matmul_dtype('auto', 'tpu') == 'bfloat16'
-  assert losses.resolve_matmul_dtype('auto') == 'float32'  # the tests' CPU
-  assert losses.resolve_matmul_dtype(jnp.bfloat16, 'cpu') == 'bfloat16'
-  assert losses.resolve_matmul_dtype('float32', 'gpu') == 'float32'
+  assert negative_lse.resolve_matmul_dtype('auto', 'cpu') == 'float32'
+  assert negative_lse.resolve_matmul_dtype('auto', 'gpu') == 'bfloat16'
+  assert negative_lse.resolve_matmul_dtype('auto', 'tpu') == 'bfloat16'
+  assert negative_lse.resolve_matmul_dtype('auto') == 'float32'  # the tests' CPU
+  assert negative_lse.resolve_matmul_dtype(jnp.bfloat16, 'cpu') == 'bfloat16'
+  assert negative_lse.resolve_matmul_dtype('float32', 'gpu') == 'float32'
   with pytest.raises(ValueError, match='matmul_dtype'):
-    losses.resolve_matmul_dtype('float16')
+    negative_lse.resolve_matmul_dtype('float16')
 
 
 def test_config_defaults_are_the_loss_defaults():
   from cac_jax import config_lib
 
   cac = config_lib.base_config().cac
-  assert cac.anchor_block == losses.DEFAULT_ANCHOR_BLOCK
+  assert cac.anchor_block == negative_lse.DEFAULT_ANCHOR_BLOCK
   assert cac.matmul_dtype == 'auto'
 
 
 def test_anchor_block_rows():
-  assert losses.anchor_block_rows(0.125, 12_800) == 1_600
-  assert losses.anchor_block_rows(0.1, 64) == 8  # 6.4 -> 7 -> 8
-  assert losses.anchor_block_rows(0.3, 64) == 24  # 19.2 -> 20 -> 24
-  assert losses.anchor_block_rows(0.5, 3) == 3  # at most N
-  assert losses.anchor_block_rows(0.0, 64) == 0  # the dense path
-  assert losses.anchor_block_rows(0.5, 0) == 0
+  assert negative_lse.anchor_block_rows(0.125, 12_800) == 1_600
+  assert negative_lse.anchor_block_rows(0.1, 64) == 8  # 6.4 -> 7 -> 8
+  assert negative_lse.anchor_block_rows(0.3, 64) == 24  # 19.2 -> 20 -> 24
+  assert negative_lse.anchor_block_rows(0.5, 3) == 3  # at most N
+  assert negative_lse.anchor_block_rows(0.0, 64) == 0  # the dense path
+  assert negative_lse.anchor_block_rows(0.5, 0) == 0
   with pytest.raises(ValueError, match='anchor_block'):
-    losses.anchor_block_rows(1.5, 64)
+    negative_lse.anchor_block_rows(1.5, 64)
 
 
 def _aligned_problem(rng, n, k, d, *, target_sign, noise=0.01):
@@ -215,7 +215,7 @@ def test_static_shift_at_the_edges_of_its_range(temperature, matmul_dtype):
   tiny = max(float(np.finfo(np.float32).tiny), float(ml_dtypes.finfo(ml_dtypes.bfloat16).tiny))
   assert np.exp(-2.0 / temperature) > tiny
   assert float(jnp.asarray(np.exp(-2.0 / temperature), jnp.bfloat16)) > tiny
-  assert losses._shift_mode('static', 1.0 / temperature) == 'static'
+  assert negative_lse.shift_mode('static', 1.0 / temperature) == 'static'
   rng = np.random.default_rng(np.random.SeedSequence().entropy)
   n, k, d = 32, 96, 16
   problem = _aligned_problem(rng, n, k, d, target_sign=-1)
@@ -259,11 +259,11 @@ def test_static_shift_matches_the_positive_shift_and_reference():
   np.testing.assert_allclose(got[0], dense[0], rtol=1e-5)
   # Below τ = 1/40 the static shift's terms could underflow: an online max
   # takes over (as below τ = 1/30 for the positive shift).
-  assert losses._shift_mode('static', 1 / 0.024) == 'online'
-  assert losses._shift_mode('positive', 1 / 0.032) == 'online'
-  assert losses._shift_mode('positive', 1 / 0.034) == 'positive'
+  assert negative_lse.shift_mode('static', 1 / 0.024) == 'online'
+  assert negative_lse.shift_mode('positive', 1 / 0.032) == 'online'
+  assert negative_lse.shift_mode('positive', 1 / 0.034) == 'positive'
   with pytest.raises(ValueError, match='shift'):
-    losses._shift_mode('max', 10.0)
+    negative_lse.shift_mode('max', 10.0)
 
 
 def test_label_filter_is_exact_when_same_class_mass_dominates():
@@ -363,7 +363,7 @@ def test_views_loss_gradients_and_diagnostics_equal_the_dense_path():
       problem['proj1'], problem['proj2']
     )
 
-  (loss, aux), grads = run(losses.DEFAULT_ANCHOR_BLOCK)
+  (loss, aux), grads = run(negative_lse.DEFAULT_ANCHOR_BLOCK)
   (loss0, aux0), grads0 = run(0.0)
   assert 0 < float(aux0['active_frac_12']) < 1 and float(loss0) > 0
   np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
@@ -396,5 +396,5 @@ def test_a_run_saved_before_the_fast_paths_resumes_and_loads():
   del saved['cac']['anchor_block']
   assert run_dir.config_differences(saved, tiny_config()) == ([], ['cac.matmul_dtype'])
   config = saved_run._with_new_fields(ml_collections.ConfigDict(saved))
-  assert config.cac.anchor_block == losses.DEFAULT_ANCHOR_BLOCK
+  assert config.cac.anchor_block == negative_lse.DEFAULT_ANCHOR_BLOCK
   assert config.cac.matmul_dtype == 'float32'

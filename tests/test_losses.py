@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cac_jax import losses
+from cac_jax import losses, negative_lse
 
 # ----------------------------------------------------------------------------
 # Cross-entropy.
@@ -154,7 +154,7 @@ SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize('anchor_block', [0.0, losses.DEFAULT_ANCHOR_BLOCK])
+@pytest.mark.parametrize('anchor_block', [0.0, negative_lse.DEFAULT_ANCHOR_BLOCK])
 @pytest.mark.parametrize('switches', SWITCHES)
 def test_dc_loss_matches_reference(switches, anchor_block):
   # K = 300 with chunk 128: two full chunks and a remainder of 44. Both the

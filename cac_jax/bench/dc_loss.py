@@ -20,7 +20,7 @@ Variants (`--variants`, comma list; each is `impl[:block][/option...]`):
   dense             every anchor scored (the path before active-anchor
                     compaction; `anchor_block=0`);
   compact[:f]       only the anchors with w > 0, in blocks of a fraction f
-                    of the anchors (default `losses.DEFAULT_ANCHOR_BLOCK`);
+                    of the anchors (default `negative_lse.DEFAULT_ANCHOR_BLOCK`);
   /static           the static shift 1/τ instead of the positive logit;
   /nofilter         no pseudo-label filter (what the filter's comparison
                     costs: no formulation without it can be faster);
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cac_jax import losses
+from cac_jax import losses, negative_lse
 
 DIM = 128
 NUM_CLASSES = 21
@@ -95,7 +95,7 @@ def parse_variant(spec: str) -> dict:
   if impl not in ('dense', 'compact') or (block and impl == 'dense'):
     raise ValueError(f'variant {spec!r}: starts with dense or compact[:fraction]')
   kw = dict(
-    anchor_block=0.0 if impl == 'dense' else float(block or losses.DEFAULT_ANCHOR_BLOCK),
+    anchor_block=0.0 if impl == 'dense' else float(block or negative_lse.DEFAULT_ANCHOR_BLOCK),
     shift='positive',
     filter_negatives=True,
     matmul_dtype='float32',
@@ -109,7 +109,7 @@ def parse_variant(spec: str) -> dict:
       kw['matmul_dtype'] = _DTYPES[option]
     else:
       raise ValueError(f'variant {spec!r}: unknown option {option!r}')
-  losses.anchor_block_rows(kw['anchor_block'], 1)  # range check
+  negative_lse.anchor_block_rows(kw['anchor_block'], 1)  # range check
   return kw
 
 
@@ -150,7 +150,7 @@ def _active(inputs, both_directions):
 
 def _rows_scored(n, active, anchor_block):
   """Anchor rows the loss scores per direction (all N on the dense path)."""
-  rows = losses.anchor_block_rows(anchor_block, n)
+  rows = negative_lse.anchor_block_rows(anchor_block, n)
   if not rows:
     return [n] * len(active)
   return [min(n, -(-a // rows) * rows) if a else 0 for a in active]

@@ -43,7 +43,7 @@ import time
 
 import jax
 
-from cac_jax import losses, optim, sharding
+from cac_jax import losses, negative_lse, optim, sharding
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
 from cac_jax.bench import dc_loss as dc_bench
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     '--tiny', action='store_true', help='resnet_tiny, crop 64, 2+2, float32: a CPU check'
   )
   parser.add_argument('--steps', type=int, default=0, help='timed steps (0: 10, tiny 2)')
-  parser.add_argument('--after-anchor-block', type=float, default=losses.DEFAULT_ANCHOR_BLOCK)
+  parser.add_argument('--after-anchor-block', type=float, default=negative_lse.DEFAULT_ANCHOR_BLOCK)
   parser.add_argument(
     '--after-matmul-dtype', default='auto', choices=('auto', 'float32', 'bfloat16')
   )
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
   )
   after_name = (
     f'block {after["anchor_block"]:g}, '
-    f'{losses.resolve_matmul_dtype(after["matmul_dtype"], dev.platform)}, '
+    f'{negative_lse.resolve_matmul_dtype(after["matmul_dtype"], dev.platform)}, '
     f'chunk {after["chunk_size"]:,}'
   )
   before_name = 'dense, float32 HIGHEST, chunk 1,024'

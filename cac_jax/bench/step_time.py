@@ -95,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cac_jax import backbones, losses, optim, sharding
+from cac_jax import backbones, losses, negative_lse, optim, sharding
 from cac_jax import bank as bank_lib
 from cac_jax import train_state as state_lib
 from cac_jax import train_step as step_lib
@@ -490,7 +490,9 @@ def benchmark(
     'peak_name': peak_name,
     'mfu': flops_per_s / peak if peak else None,
     'dc_matmul_dtype': config.cac.matmul_dtype,
-    'dc_matmul_resolved': losses.resolve_matmul_dtype(config.cac.matmul_dtype, devices[0].platform),
+    'dc_matmul_resolved': negative_lse.resolve_matmul_dtype(
+      config.cac.matmul_dtype, devices[0].platform
+    ),
     'dc_anchor_block': config.cac.anchor_block,
     'fused_passes': step_lib.fused_passes(config.cac) if with_dc else None,
     'device_peak_mib': _memory_mib(compiled),
