@@ -3,8 +3,8 @@ with a custom VJP, for every anchor or for the active ones only.
 
 For anchors a_k (unit norm) with positive logit pos_k, it computes
 lse_k = log(exp(pos_k) + Σ_j m_kj exp(<a_k, n_j>/τ)), where m_kj keeps the
-valid negatives n_j whose pseudo-label differs from the anchor's
-(`losses.dc_direction` turns it into the loss).
+valid negatives n_j (with `filter_negatives`, those whose pseudo-label
+differs from the anchor's); `losses.dc_direction` turns it into the loss.
 
 Cost. At VOC scale one direction has ~12,800 anchors and ~51,200 negatives of
 128-d: the [N, K] similarity matrix would be 2.6 GB in float32, so negatives

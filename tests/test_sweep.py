@@ -1,4 +1,5 @@
-"""The budget-swept comparison (cac_jax.bench.sweep): plan, cost model, report.
+"""The budget-swept comparison (cac_jax.bench.sweep, sweep_records,
+sweep_report): plan, cost model, records, report.
 
 The fork it rests on (a warm-up forked with the same settings is the
 uninterrupted run) is tested in test_fork.py; here the runs are stand-ins:

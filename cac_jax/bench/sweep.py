@@ -54,8 +54,8 @@ warm-up checkpoint is gone retrains the warm-up just before it; training is
 deterministic on one machine, but another CPU may round differently. The
 warm-up's record holds a fingerprint of its parameters (sha256) and the
 machine; a retrained warm-up that does not reproduce it blocks its new forks
-if recorded arms forked from it (they would no longer pair exactly with
-them): the other runs train, the report is written, and the command exits
+if recorded arms forked from it (new forks would no longer pair exactly
+with the recorded arms): the other runs train, the report is written, and the command exits
 with an error naming the blocked runs. With no recorded fork, the new
 warm-up replaces the record (nothing paired with it yet).
 `--config` points the protocol at any config (a folder dataset too: use

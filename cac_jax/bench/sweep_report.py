@@ -1,7 +1,8 @@
 """The sweep's report: per (budget, setting) and arm, val mIoU over seeds and
-the paired difference to supervised with its 95% t-interval (Markdown and
-JSON), and its plots: the difference against the number of DC steps, val
-mIoU over steps, and the CAC arm's DC diagnostics over steps.
+the paired difference to supervised with its 95% t-interval (the summary
+`sweep.main` writes as JSON, and the Markdown report), and its plots: the
+difference against the number of DC steps, val mIoU over steps, and the CAC
+arm's DC diagnostics over steps.
 """
 
 import pathlib
