@@ -427,6 +427,36 @@ def test_a_warmup_no_recorded_run_forks_from_is_retrained_and_replaced(tmp_path,
   }
 
 
+def test_forks_of_a_warmup_recorded_on_another_machine_go_last(tmp_path, monkeypatch, capsys):
+  calls = []
+  args, records = _sweep_on_a_new_machine(
+    tmp_path, monkeypatch, calls, ['supervised/seed1', 'supervised/seed2', 'no_projector/seed2']
+  )
+  # Seed 1's warm-up was recorded elsewhere; seed 2's here (its retrained
+  # warm-up still drifts: the fake trainer never reproduces).
+  records['dc160/context_biased/warmup/seed1']['machine'] = 'another CPU; jaxlib 0.0'
+  sweep_records.write_records(args, records)
+  with pytest.raises(sweep_records.SweepError, match='does not reproduce'):
+    sweep.train_all(sweep.plan(args), args)
+  # Plan order would be seed 1's warm-up and supervised arm first; they go
+  # last, after the runs that can pair on this machine.
+  assert [c.split('/w/')[1] for c in calls[12:]] == [
+    'dc160/context_biased/warmup/seed2',
+    'dc160/context_biased/no_projector/seed2',
+    'dc160/context_biased/warmup/seed1',
+  ]
+  out = capsys.readouterr().out
+  assert 'trained last, as their warm-ups were recorded on another machine (another CPU' in out
+  assert '(then they are blocked): 1 run, dc160/context_biased/supervised/seed1\n' in out
+  # The report's next runs follow the same order.
+  sweep.main(_args(tmp_path) + ['--dc_steps=160', '--summary_only'])
+  text = (tmp_path / 'out' / 'sweep.md').read_text()
+  assert (
+    'next to train: dc160/context_biased/supervised/seed2, dc160/context_biased/supervised/seed1'
+    in text
+  )
+
+
 def test_a_warmup_waits_for_the_first_run_that_forks_from_it(tmp_path):
   args = _parsed(tmp_path)
   args.dc_steps = [160]

@@ -55,9 +55,11 @@ deterministic on one machine, but another CPU may round differently. The
 warm-up's record holds a fingerprint of its parameters (sha256) and the
 machine; a retrained warm-up that does not reproduce it blocks its new forks
 if recorded arms forked from it (new forks would no longer pair exactly
-with the recorded arms): the other runs train, the report is written, and the command exits
-with an error naming the blocked runs. With no recorded fork, the new
-warm-up replaces the record (nothing paired with it yet).
+with the recorded arms): the other runs train, the report is written, and
+the command exits with an error naming the blocked runs. Such forks of a
+warm-up recorded on another machine are therefore trained last. With no
+recorded fork, the new warm-up replaces the record (nothing paired with it
+yet).
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
 
@@ -88,7 +90,7 @@ from cac_jax.bench.sweep_records import (
   records_path,
   write_records,
 )
-from cac_jax.bench.sweep_report import listed, plots, report, summarise
+from cac_jax.bench.sweep_report import counted, listed, plots, report, summarise
 
 REPO = ablation.REPO
 # Arms whose switch changes the network: they cannot fork from the warm-up.
@@ -346,19 +348,58 @@ def warmups_before_first_fork(runs: list[Run]) -> list[Run]:
   return sorted(runs, key=lambda r: position[r.key])
 
 
+def recorded_forks(runs: list[Run], records: dict) -> dict:
+  """{warm-up key: the keys of its recorded forks}."""
+  forks = collections.defaultdict(list)
+  for r in runs:
+    if r.after is not None and r.key in records:
+      forks[r.after.key].append(r.key)
+  return forks
+
+
+def foreign_last(runs: list[Run], records: dict, forks: dict, here: str):
+  """(`runs` in order with the foreign ones last, the foreign ones). A run is
+  foreign if its warm-up must be trained again (its workdir is gone, recorded
+  arms forked from it) and was recorded on another machine than `here` (or an
+  unrecorded one): another CPU rounds differently, so the retrained warm-up
+  will likely not reproduce and the run will be blocked. Runs that can pair
+  on this machine train first. `forks`: `recorded_forks` of the whole plan."""
+
+  def foreign(run):
+    warm = run.after
+    return (
+      warm is not None
+      and warm.key in records
+      and bool(forks[warm.key])
+      and not warm.finished()
+      and records[warm.key].get('machine') != here
+    )
+
+  late = [r for r in runs if foreign(r)]
+  return [r for r in runs if not foreign(r)] + late, late
+
+
 def train_all(runs: list[Run], args) -> None:
   """Runs warm-ups before their forks, `--parallel` at a time. Warm-ups known
-  only from their records are trained again where a fork still needs them; a
+  only from their records are trained again where a fork still needs them
+  (such forks go last where the warm-up was recorded on another machine); a
   retrained warm-up that does not reproduce blocks its own forks only: the
   other runs train, and the sweep then stops with every such error."""
   records = read_records(args)
   needed = {r.after.key for r in runs if r.after is not None and not is_done(r, records)}
   done = {r.key for r in runs if r.finished() or (r.key in records and r.key not in needed)}
-  pending = warmups_before_first_fork([r for r in runs if r.key not in done])
-  forks = collections.defaultdict(list)  # warm-up key -> its recorded forks
-  for r in runs:
-    if r.after is not None and r.key in records:
-      forks[r.after.key].append(r.key)
+  forks = recorded_forks(runs, records)
+  todo = [r for r in runs if r.key not in done]
+  pending, late = foreign_last(todo, records, forks, machine())
+  pending = warmups_before_first_fork(pending)
+  if late:
+    machines = sorted({str(records[r.after.key].get('machine')) for r in late})
+    print(
+      'trained last, as their warm-ups were recorded on another machine '
+      f'({"; ".join(machines)}) and may not reproduce here (then they are blocked): '
+      f'{counted(len(late), "run")}, {listed([r.key for r in late])}',
+      flush=True,
+    )
   blocked = []
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     running = {}
@@ -463,7 +504,9 @@ def main(argv=None):
     measured_runs=len(measured),
     measured_hours=sum(records[r.key]['seconds'] for r in measured) / 3600,
   )
-  missing = [r.key for r in prioritise(runs, args) if not is_done(r, records)]
+  forks = recorded_forks(runs, records)
+  ordered, _ = foreign_last(prioritise(runs, args), records, forks, machine())
+  missing = [r.key for r in ordered if not is_done(r, records)]
   unplanned = sorted(set(records) - {r.key for r in runs})
   if unplanned:
     print(f'{len(unplanned)} recorded runs are not in this plan: {unplanned}', flush=True)

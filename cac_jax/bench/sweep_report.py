@@ -70,7 +70,7 @@ def _keys(k):
   return ('final_miou', 'best_miou', f'last{k}_miou')
 
 
-def _count(n, word) -> str:
+def counted(n, word) -> str:
   return f'{n} {word}' + 's' * (n != 1)
 
 
@@ -152,21 +152,21 @@ def report(results, args, meta) -> str:
         lines += [
           'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
           f'passes): Δ final {interval(d["final_miou"])}, Δ best {interval(d["best_miou"])}, '
-          f'Δ last-k {interval(d[f"last{k}_miou"])} ({_count(len(d["final_miou"]), "seed")}).',
+          f'Δ last-k {interval(d[f"last{k}_miou"])} ({counted(len(d["final_miou"]), "seed")}).',
           '',
         ]
   if empty:
     lines += ['No finished run yet: ' + '; '.join(empty) + '.', '']
   if meta.get('trained_at'):
-    codes = ', '.join(f'{code} ({_count(n, "run")})' for code, n in meta['trained_at'].items())
+    codes = ', '.join(f'{code} ({counted(n, "run")})' for code, n in meta['trained_at'].items())
     lines += [f'Runs (warm-ups included) trained with the code of commit: {codes}.', '']
   if meta.get('cost'):
     c = meta['cost']
     lines += [
       f'Cost: {c["measured_hours"]:.2f} h of training measured over '
-      f'{_count(c["measured_runs"], "run")} ({args.parallel} at a time)'
+      f'{counted(c["measured_runs"], "run")} ({args.parallel} at a time)'
       + (
-        f'; {_count(c["todo_runs"], "run")} left, estimated {c["todo_hours"]:.1f} h'
+        f'; {counted(c["todo_runs"], "run")} left, estimated {c["todo_hours"]:.1f} h'
         if c.get('todo_hours') is not None and c['todo_runs']
         else ''
       )
