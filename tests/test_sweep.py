@@ -211,12 +211,13 @@ def test_report_joins_the_warmup_curve_and_pairs_seeds(tmp_path):
 
 
 def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
-  args = _parsed(tmp_path, arms='supervised,cac,weight_0', dc_steps='160')
+  args = _parsed(tmp_path, arms='supervised,cac,weight_0,bn_labeled', dc_steps='160')
   runs = sweep.plan(args)
   rng = np.random.default_rng()
   sup = rng.uniform(0.2, 0.3, 3)
   finals = {'supervised': sup, 'weight_0': sup - 0.05}
   finals['cac'] = finals['weight_0'] + np.array([0.01, 0.02, 0.03])
+  finals['bn_labeled'] = finals['cac'] + np.array([0.04, 0.05, 0.06])
   for run in runs:
     seed = int(run.key.split('seed')[-1])
     if run.kind == 'warmup':
@@ -230,6 +231,10 @@ def test_report_pairs_cac_with_the_weight_0_control(tmp_path):
   # CAC - weight 0 is +1, +2, +3 points per seed: mean 2, t-interval [-0.5, +4.5].
   assert 'Δ final +2.0 [-0.5, +4.5]' in line and '(3 seeds)' in line
   assert '| cac | 3 |' in '\n'.join(lines) and '| weight_0 | 3 |' in '\n'.join(lines)
+  # Labeled-pass BN - CAC: +4, +5, +6 points, [+2.5, +7.5] (t(0.975, 2) = 4.303).
+  (line,) = [x for x in lines if x.startswith('labeled-pass BN − CAC, paired')]
+  assert 'Δ final **+5.0 [+2.5, +7.5]**' in line
+  assert not any(x.startswith('precise BN') for x in lines)  # no such runs
 
 
 def test_interval_cell_is_bold_markdown_only_where_it_excludes_0():

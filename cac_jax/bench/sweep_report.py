@@ -12,6 +12,23 @@ import numpy as np
 from cac_jax.bench import ablation
 from cac_jax.bench.sweep_records import DIAGNOSTICS, is_done, read_records, scalars_of
 
+# Paired comparisons between two arms that each isolate one switch: (arm,
+# base, what the difference measures), reported where both arms have runs.
+CONTROLS = (
+  ('cac', 'weight_0', 'the DC gradient alone: both arms run the unlabeled passes'),
+  ('bn_labeled', 'cac', "CAC's BatchNorm statistics from the labeled pass only, vs all passes"),
+  ('bn_precise', 'cac', "CAC's BatchNorm statistics re-estimated before each evaluation"),
+  ('supervised_precise', 'supervised', 'precise BatchNorm statistics without the DC loss'),
+)
+NAMES = {
+  'cac': 'CAC',
+  'weight_0': 'weight 0',
+  'bn_labeled': 'labeled-pass BN',
+  'bn_precise': 'precise BN',
+  'supervised_precise': 'supervised with precise BN',
+  'supervised': 'supervised',
+}
+
 
 def run_result(run, seed: int, last_k: int, records: dict) -> dict:
   curves = scalars_of(run, records)
@@ -147,12 +164,16 @@ def report(results, args, meta) -> str:
         lines.append(f'| {name} | {len(r["runs"])} | ' + ' | '.join(cells) + ' |')
       lines.append('')
       arms = results[dc][setting]
-      if arms.get('cac', {}).get('runs') and arms.get('weight_0', {}).get('runs'):
-        d = {key: deltas(results, dc, setting, 'cac', key, base='weight_0') for key in _keys(k)}
+      for arm, base, what in CONTROLS:
+        if not (arms.get(arm, {}).get('runs') and arms.get(base, {}).get('runs')):
+          continue
+        d = {key: deltas(results, dc, setting, arm, key, base=base) for key in _keys(k)}
+        if not d['final_miou']:
+          continue  # no seed has both
         lines += [
-          'CAC − weight 0, paired (the DC gradient alone: both arms run the unlabeled '
-          f'passes): Δ final {interval(d["final_miou"])}, Δ best {interval(d["best_miou"])}, '
-          f'Δ last-k {interval(d[f"last{k}_miou"])} ({counted(len(d["final_miou"]), "seed")}).',
+          f'{NAMES[arm]} − {NAMES[base]}, paired ({what}): Δ final '
+          f'{interval(d["final_miou"])}, Δ best {interval(d["best_miou"])}, Δ last-k '
+          f'{interval(d[f"last{k}_miou"])} ({counted(len(d["final_miou"]), "seed")}).',
           '',
         ]
   if empty:
