@@ -236,12 +236,8 @@ def plots(results, out: pathlib.Path, args) -> None:
     ax.set_title(setting)
     ax.set_xlabel('DC steps')
     ax.set_ylabel('Δ final val mIoU vs supervised (points)\ndots: seeds; mean, 95% CI')
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out.parent / f'{out.name}_delta.png', dpi=110)
-  plt.close(fig)
+    _decorate(ax, fontsize=8)
+  _save(fig, out.parent / f'{out.name}_delta.png')
   # Val mIoU over steps, and the CAC arm's diagnostics, per (budget, setting).
   pairs = [
     (dc, s)
@@ -255,12 +251,22 @@ def plots(results, out: pathlib.Path, args) -> None:
       draw(ax, results[dc][setting], args)
       ax.set_title(f'{setting}, {dc.removeprefix("dc")} DC steps')
       ax.set_xlabel('step')
-      ax.grid(alpha=0.3)
-      if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.parent / f'{out.name}{suffix}.png', dpi=110)
-    plt.close(fig)
+      _decorate(ax, fontsize=7)
+    _save(fig, out.parent / f'{out.name}{suffix}.png')
+
+
+def _decorate(ax, fontsize):
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=fontsize)
+
+
+def _save(fig, path):
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _color(arm, args) -> str:
