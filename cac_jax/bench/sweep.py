@@ -375,8 +375,9 @@ def foreign_last(runs: list[Run], records: dict, forks: dict, here: str):
       and records[warm.key].get('machine') != here
     )
 
-  late = [r for r in runs if foreign(r)]
-  return [r for r in runs if not foreign(r)] + late, late
+  is_foreign = [foreign(r) for r in runs]  # one look at each warm-up's workdir
+  late = [r for r, f in zip(runs, is_foreign) if f]
+  return [r for r, f in zip(runs, is_foreign) if not f] + late, late
 
 
 def train_all(runs: list[Run], args) -> None:
