@@ -159,8 +159,13 @@ def test_fused_step_equals_three_passes(setup, n_devices, mode):
   too (their update is the steps' threading of batch statistics). Drawing
   the views' dropout masks with each other's key instead moves the medians
   to 0.18 (parameters) and the statistics' max by 98x. Metrics: the first
-  step sees identical parameters, so only the forward's summation order
-  differs (rtol 1e-4); later ones carry the amplified parameter gap.
+  step sees identical parameters, so the forward's values differ by summation
+  order only: 1e-4 of max(|value|, 1) (a gap or a cosine is a difference of
+  terms of order 1 or more). grad_norm also sums the backward, where a ReLU
+  or max-pool decision tipped by that round-off moves terms discretely:
+  1e-2 relative (300 fresh draws: median 7e-7, max 7.2e-4, one above 1e-4;
+  the forward values' largest was 6.6e-5 of the gap's value, 2.6e-7 of the
+  rest). Later steps carry the amplified parameter gap: 5e-2.
   """
   devices = jax.devices()[:n_devices]
   want, want_m = _run(setup, devices, mode, 'off')
@@ -181,8 +186,11 @@ def test_fused_step_equals_three_passes(setup, n_devices, mode):
   for k, (g, w) in enumerate(zip(got_m, want_m)):
     assert set(g) == set(w)
     for name in w:
-      scale = max(abs(float(w[name])), 1e-3)
-      tol = 1e-4 if k == 0 else 5e-2
+      if k == 0:
+        scale = abs(float(w[name])) if name == 'grad_norm' else max(abs(float(w[name])), 1.0)
+        tol = 1e-2 if name == 'grad_norm' else 1e-4
+      else:
+        scale, tol = max(abs(float(w[name])), 1e-3), 5e-2
       assert abs(float(g[name]) - float(w[name])) <= tol * scale, (k, name, g[name], w[name])
 
 
