@@ -193,8 +193,9 @@ def test_precise_statistics_pool_the_batches(setup):
   # that differ by round-off, which the network carries on. Each tensor is
   # measured against its own largest entry (a channel mean near 0 has no
   # relative error to speak of): <= 5e-5; the largest tensor's gap over 400
-  # fresh draws: median 4.2e-6, max 1.1e-5. Statistics per device (one image each) instead of
-  # over the global batch are off by a median 2.5e-2 of the same scale.
+  # fresh draws: median 4.2e-6, max 1.1e-5. Statistics per device (one image
+  # each) instead of over the global batch are off by a median 2.5e-2 of the
+  # same scale.
   one = _estimate(setup, host.params, host.batch_stats, batches, jax.devices()[:1])
   gaps = [
     np.abs(a - b).max() / np.abs(b).max()
