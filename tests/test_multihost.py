@@ -55,7 +55,7 @@ def _initial_params():
   return jax.device_get(state.params)
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tiny_run, tmp_path):
   workdir = tmp_path / 'multi'
   env = dict(
     os.environ,
@@ -87,9 +87,9 @@ def test_two_processes_match_one(tmp_path):
   ]
   assert len(prints) == 2 and prints[0] == prints[1], prints
 
-  train.train_and_evaluate(tiny_config(), str(tmp_path / 'single'))
+  single = tiny_run[0]  # configs/tiny.py in one process on its 8 devices
   multi_scalars = read_scalars(str(workdir))
-  single_scalars = read_scalars(str(tmp_path / 'single'))
+  single_scalars = read_scalars(single)
   # Same global batches, keys, devices and per-device programs; only the
   # all-reduce of the 8 per-device partial sums differs (gloo across
   # processes vs in-process): <= 7 roundings, i.e. <= 7 EPS = 4e-7 of the sum
@@ -126,7 +126,7 @@ def test_two_processes_match_one(tmp_path):
   for step, smooth_frac in ((2, 1e-4), (4, 1e-2)):
     assert_updates_close(
       _restore_params(str(workdir), step),
-      _restore_params(str(tmp_path / 'single'), step),
+      _restore_params(single, step),
       init,
       steps=step,
       flip_frac=0.2,

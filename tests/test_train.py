@@ -1,5 +1,7 @@
 """End-to-end training: sharded step, checkpoints, resume, TensorBoard."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -11,9 +13,8 @@ from cac_jax.models import build_model
 from train_utils import assert_updates_close, read_scalars, restored_state, tiny_config
 
 
-def test_train_and_evaluate_end_to_end(tmp_path):
-  workdir = str(tmp_path / 'run')
-  scores = train.train_and_evaluate(tiny_config(), workdir)
+def test_train_and_evaluate_end_to_end(tiny_run):
+  workdir, scores = tiny_run  # configs/tiny.py, trained once per test worker
   assert 0.0 <= scores['miou'] <= 1.0
   assert set(ckpt_lib.make_manager(workdir, 2).all_steps()) == {2, 4}
   scalars = read_scalars(workdir)
@@ -31,17 +32,18 @@ def test_train_and_evaluate_end_to_end(tmp_path):
   ((images,),) = read_scalars(workdir, images=True)['val/examples'].values()
   assert len(images) == 2 + 3  # clu: width, height, then one PNG per image
   assert bytes(images[2])[:8] == b'\x89PNG\r\n\x1a\n'
-  assert (tmp_path / 'run' / 'config.json').exists()
+  assert (pathlib.Path(workdir) / 'config.json').exists()
 
 
-def test_kill_and_resume_is_exact(tmp_path):
-  """N steps in one go == k steps, stop, resume to N (same params, bit for bit)."""
+def test_kill_and_resume_is_exact(tiny_run, tmp_path):
+  """N steps in one go == k steps, stop, resume to N (same params, bit for bit).
+
+  The run in one go is `tiny_run` (the same config, trained in this process)."""
   config = tiny_config()
-  train.train_and_evaluate(config, str(tmp_path / 'full'))
   train.train_and_evaluate(config, str(tmp_path / 'split'), stop_after=1)
   assert ckpt_lib.make_manager(str(tmp_path / 'split'), 2).latest_step() == 1
   train.train_and_evaluate(config, str(tmp_path / 'split'))
-  full, split = (restored_state(tmp_path / n, tiny_config()) for n in ('full', 'split'))
+  full, split = (restored_state(w, tiny_config()) for w in (tiny_run[0], tmp_path / 'split'))
   # Exact on CPU: same ops, same data (step-indexed stream), same keys.
   jax.tree.map(np.testing.assert_array_equal, full.params, split.params)
   jax.tree.map(np.testing.assert_array_equal, full.bank.feats, split.bank.feats)
