@@ -259,7 +259,7 @@ def test_batched_sharded_evaluation_equals_a_per_image_loop(tmp_path):
 @pytest.mark.parametrize(
   'backbone,output_stride,flips',
   [
-    ('resnet_tiny', 16, (False, True)),
+    ('resnet_tiny', 16, (True,)),  # the flipped pass also runs the unflipped one
     ('resnet_tiny', 8, (False,)),
     ('mobilenet_v2', 16, (False,)),
   ],
