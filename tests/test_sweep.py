@@ -7,6 +7,7 @@ workdirs with a final checkpoint directory and TensorBoard scalars written
 by clu, as training writes them.
 """
 
+import collections
 import json
 
 import numpy as np
@@ -34,9 +35,9 @@ def _parsed(tmp_path, **kw):
   captured = {}
   real_plan = sweep.plan
 
-  def spy(args):
+  def spy(args, *rest):
     captured['args'] = args
-    return real_plan(args)
+    return real_plan(args, *rest)
 
   sweep.plan = spy
   try:
@@ -452,7 +453,10 @@ def test_forks_of_a_warmup_recorded_on_another_machine_go_last(tmp_path, monkeyp
   ]
   out = capsys.readouterr().out
   assert 'trained last, as their warm-ups were recorded on another machine (another CPU' in out
-  assert '(then they are blocked): 1 run, dc160/context_biased/supervised/seed1\n' in out
+  assert (
+    '(then they are blocked): 1 run, dc160/context_biased/supervised/seed1; '
+    '--retire=foreign gives their seeds up for new ones\n'
+  ) in out
   # The report's next runs follow the same order.
   sweep.main(_args(tmp_path) + ['--dc_steps=160', '--summary_only'])
   text = (tmp_path / 'out' / 'sweep.md').read_text()
@@ -470,7 +474,7 @@ def test_a_warmup_waits_for_the_first_run_that_forks_from_it(tmp_path):
   # In priority order seed 1's supervised arm comes first, seed 0's CAC later;
   # seed 0's warm-up (retrained only for that CAC arm) must not go first.
   pending = [by_key[key(*k)] for k in (('warmup', 0), ('warmup', 1), ('supervised', 1), ('cac', 0))]
-  ordered = sweep.warmups_before_first_fork(pending)
+  ordered = sweep.seeds_together(pending)
   assert [r.key for r in ordered] == [
     key('warmup', 1),
     key('supervised', 1),
@@ -478,7 +482,7 @@ def test_a_warmup_waits_for_the_first_run_that_forks_from_it(tmp_path):
     key('cac', 0),
   ]
   scratch = by_key[key('no_projector', 2)]  # no warm-up: stays where it is
-  assert sweep.warmups_before_first_fork([scratch, *pending])[0] is scratch
+  assert sweep.seeds_together([scratch, *pending])[0] is scratch
 
 
 def test_backfilled_runs_record_their_code_and_machine_as_unknown(tmp_path):
@@ -511,3 +515,106 @@ def test_fingerprint_tells_checkpoints_apart_bit_for_bit(tiny_run):
   final = sweep_records.fingerprint(workdir, 4)
   assert len(final) == 64 and final == sweep_records.fingerprint(workdir, 4)
   assert sweep_records.fingerprint(workdir, 2) != final
+
+
+def test_a_retired_seed_keeps_its_runs_and_a_new_seed_takes_its_place(
+  tmp_path, monkeypatch, capsys
+):
+  calls = []
+  args, records = _sweep_on_a_new_machine(tmp_path, monkeypatch, calls, ['cac/seed1'])
+  records['dc160/context_biased/warmup/seed1']['machine'] = 'another CPU; jaxlib 0.0'
+  sweep_records.write_records(args, records)
+  argv = _args(tmp_path) + ['--dc_steps=160', '--retire=foreign']
+  sweep.main(argv)  # retires seed 1, then trains the seed that replaces it
+  assert 'retiring 1 seed; dc160/context_biased/seed1 (cac not trained)' in capsys.readouterr().out
+  new = [c.split('/w/')[1] for c in calls[12:]]
+  assert new[0] == 'dc160/context_biased/warmup/seed3'
+  arms = ('cac', 'no_projector', 'supervised')
+  assert sorted(new[1:]) == [f'dc160/context_biased/{arm}/seed3' for arm in arms]
+  kept = sweep_records.read_records(args)
+  why = kept['dc160/context_biased/warmup/seed1'].pop('retired')
+  assert why['not_trained'] == ['cac'] and why['warmup_on'] == 'another CPU; jaxlib 0.0'
+  assert why['on'] == sweep_records.machine()
+  assert {k: v for k, v in kept.items() if 'seed3' not in k} == records  # nothing lost
+  text = (tmp_path / 'out' / 'sweep.md').read_text()
+  assert '**Retired seeds**' in text and 'dc160/context_biased/seed1 (cac not trained;' in text
+  assert '| supervised | 4 |' in text and '| cac | 3 |' in text and '**Partial**' not in text
+  # The paired difference takes the seeds that have both arms: 0, 2 and 3.
+  results = json.loads((tmp_path / 'out' / 'sweep.json').read_text())['results']
+  assert len(sweep_report.deltas(results, 'dc160', 'context_biased', 'cac', 'final_miou')) == 3
+  # Nothing is foreign any more: retiring again changes nothing.
+  saved = sweep_records.records_path(args).read_text()
+  sweep.main(argv + ['--summary_only'])
+  assert 'retiring 0 seeds' in capsys.readouterr().out
+  assert sweep_records.records_path(args).read_text() == saved
+
+
+def test_retire_names_what_it_cannot_retire_and_writes_nothing(tmp_path, monkeypatch, capsys):
+  args = _parsed(tmp_path)
+  args.dc_steps = [160]
+  _fake_trainer(monkeypatch, [])
+  runs = [r for r in sweep.plan(args) if r.key != 'dc160/context_biased/cac/seed2']
+  sweep.train_all(runs, args)
+  saved = sweep_records.records_path(args).read_text()
+  argv = _args(tmp_path) + ['--dc_steps=160', '--summary_only']
+  for name, error in (
+    ('dc160/context_biased/seed7', 'plans no such seed; name it as dc<steps>/<setting>/seed<k>'),
+    ('context_biased/seed1', 'plans no such seed'),
+    ('dc160/context_biased/seed0', 'every run of this seed is finished'),
+  ):
+    with pytest.raises(SystemExit, match=error):
+      sweep.main(argv + [f'--retire={name}'])
+  assert sweep_records.records_path(args).read_text() == saved
+  # --estimate_only prices the new seed without writing the retirement.
+  retire = '--retire=dc160/context_biased/seed2'
+  cost = sweep.main(_args(tmp_path) + ['--dc_steps=160', retire, '--estimate_only'])
+  assert '(not written: --estimate_only); dc160/context_biased/seed2 (cac not trained)' in (
+    capsys.readouterr().out
+  )
+  assert cost['todo_runs'] == 4  # seed 3: warm-up, supervised, cac, no_projector
+  assert sweep_records.records_path(args).read_text() == saved
+  # An unrecorded seed is simply trained whole: nothing to retire.
+  sweep_records.records_path(args).unlink()
+  with pytest.raises(SystemExit, match='its warm-up is not recorded'):
+    sweep.main(argv + [retire])
+
+
+def test_longest_arms_plans_fewer_arms_at_the_longest_budget_only(tmp_path, capsys):
+  args = _parsed(tmp_path, longest_arms='supervised,cac')
+  kinds = collections.defaultdict(set)
+  for run in sweep.plan(args):
+    kinds[run.key.split('/')[0]].add(run.kind)
+  assert kinds == {
+    'dc160': {'warmup', 'supervised', 'cac', 'no_projector'},
+    'dc640': {'warmup', 'supervised', 'cac'},
+  }
+  for bad, error in (
+    ('supervised,weight_0', 'subset of --arms'),
+    ('cac', 'must include supervised'),
+  ):
+    with pytest.raises(SystemExit):
+      sweep.main(_args(tmp_path, longest_arms=bad) + ['--estimate_only'])
+    assert error in capsys.readouterr().err
+
+
+def test_a_seed_started_is_finished_before_the_next_starts(tmp_path):
+  args = _parsed(tmp_path, arms='supervised,cac,weight_0')
+  prioritised = [r.key for r in sweep.prioritise(sweep.plan(args), args)]
+  # Priority alone interleaves seeds: every seed's supervised and CAC, then weight 0.
+  assert [k.split('/')[2] for k in prioritised[9:12]] == ['weight_0'] * 3
+  runs = sweep.prioritise(sweep.plan(args), args)
+  ordered = [r.key.split('/') for r in sweep.seeds_together(runs)]
+  assert [(k[0], k[2], k[3]) for k in ordered[:8]] == [
+    ('dc640', kind, f'seed{s}')
+    for s in (0, 1)
+    for kind in ('warmup', 'supervised', 'cac', 'weight_0')
+  ]
+  seeds = [tuple(k[:2] + k[3:]) for k in ordered]
+  assert all(seeds.index(s) + 4 == len(seeds) - seeds[::-1].index(s) for s in seeds)
+  # A seed whose warm-up this machine has trained (a sweep cut off and begun
+  # again) is finished first, whatever its priority.
+  warm = next(r for r in runs if r.key == 'dc160/context_biased/warmup/seed2')
+  _fake_run(warm, [(80, 0.2)])
+  ordered = [r.key for r in sweep.seeds_together(runs)]
+  kinds = ('warmup', 'supervised', 'cac', 'weight_0')
+  assert ordered[:4] == [f'dc160/context_biased/{k}/seed2' for k in kinds]

@@ -39,7 +39,8 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    weight 0; then the same for the seeds up to `--priority_seeds` (a total,
    e.g. 5), trained after the first seeds' runs so that an interrupted sweep
    has those first; then supervised and CAC at the other budgets of that
-   setting (the paired difference against DC steps); then the rest.
+   setting (the paired difference against DC steps); then the rest (each
+  seed's runs together: see below).
 
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
@@ -60,6 +61,21 @@ the command exits with an error naming the blocked runs. Such forks of a
 warm-up recorded on another machine are therefore trained last. With no
 recorded fork, the new warm-up replaces the record (nothing paired with it
 yet).
+
+**Seeds and machines.** Training is chaotic: a warm-up trained on another
+CPU differs after 80 steps about as much as another seed's, so a seed's arms
+pair only on one machine. The sweep therefore finishes each seed it starts
+before it starts another (the seeds whose warm-up this machine has trained
+first, then the others in priority order), and `--longest_arms` keeps a
+seed at the longest budget within reach (e.g. supervised, CAC and weight 0).
+A seed that cannot be finished here (its warm-up recorded on a machine that
+is gone) can be retired: `--retire=foreign` (every such seed) or
+`--retire=dc<N>/<setting>/seed<K>,...` marks it in the records; its recorded
+runs still count, its missing ones are no longer planned, and its cell gets a
+new seed, numbered after the cell's last, with the same arms. The report
+lists the retired seeds. Undo: delete the `retired` field of that warm-up's
+record.
+
 `--config` points the protocol at any config (a folder dataset too: use
 `--settings=as_configured`).
 
@@ -88,6 +104,7 @@ from cac_jax.bench.sweep_records import (
   read_records,
   record,
   records_path,
+  retired_seeds,
   write_records,
 )
 from cac_jax.bench.sweep_report import counted, listed, plots, report, summarise
@@ -136,16 +153,25 @@ def in_priority_cell(dc: int, setting: str, args) -> bool:
   return dc == max(args.dc_steps) and setting == priority_setting(args)
 
 
-def plan(args) -> list[Run]:
+def plan(args, retired=None) -> list[Run]:
   """Every run of the sweep, warm-ups before the arms that fork from them.
-  The priority cell (longest budget, `priority_setting`) runs its priority
-  arms for `--priority_seeds` seeds in all where that is more than `--seeds`
-  (not when supervised would be their only arm: nothing to pair it with)."""
+  The longest budget trains `--longest_arms` only. The priority cell
+  (longest budget, `priority_setting`) runs its priority arms for
+  `--priority_seeds` seeds in all where that is more than `--seeds` (not
+  when supervised would be their only arm: nothing to pair it with).
+
+  A retired seed (`retired`: warm-up keys; None: those its records mark,
+  `retire`) keeps its recorded runs and plans no more, and its cell gets a
+  new seed, numbered after the cell's last, with the retired seed's arms."""
+  records = read_records(args)
+  if retired is None:
+    retired = retired_seeds(records)
   root = REPO / args.workdirs
   runs = []
   for dc in args.dc_steps:
     total = args.unsup_start + dc
     every = args.eval_every or eval_every_for(dc, args.unsup_start)
+    here = (args.longest_arms or args.arms) if dc == max(args.dc_steps) else args.arms
     base = [
       '--config=' + args.config,
       f'--config.total_steps={total}',
@@ -157,12 +183,13 @@ def plan(args) -> list[Run]:
       *args.extra,
     ]
     for setting in args.settings:
-      extra = [a for a in args.arms if a in PRIORITY_ARMS]
+      extra = [a for a in here if a in PRIORITY_ARMS]
       if not in_priority_cell(dc, setting, args) or extra == ['supervised']:
         extra = []
-      for seed in range(max(args.seeds, args.priority_seeds) if extra else args.seeds):
-        arms = args.arms if seed < args.seeds else extra
-        where = root / f'dc{dc}' / setting
+      count = max(args.seeds, args.priority_seeds) if extra else args.seeds
+      seeds = [(s, here if s < args.seeds else extra) for s in range(count)]
+      where = root / f'dc{dc}' / setting
+      for seed, arms in seeds:  # grows by one seed per retired seed
         common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
         warm = Run(
           where / 'warmup' / f'seed{seed}',
@@ -173,15 +200,19 @@ def plan(args) -> list[Run]:
           0,
         )
         runs.append(warm)
+        if warm.key in retired:
+          seeds.append((len(seeds), arms))
         for arm in arms:
           flags = common + ablation.ARMS[arm]
           sup = '--config.cac.supervised_only=True' in ablation.ARMS[arm]
           if arm in NOT_FORKABLE:
-            runs.append(Run(where / arm / f'seed{seed}', flags, total, arm, args.unsup_start, dc))
-            continue
-          flags += [f'--config.fork_from={warm.workdir}', f'--config.fork_step={args.unsup_start}']
-          runs.append(
-            Run(
+            run = Run(where / arm / f'seed{seed}', flags, total, arm, args.unsup_start, dc)
+          else:
+            flags += [
+              f'--config.fork_from={warm.workdir}',
+              f'--config.fork_step={args.unsup_start}',
+            ]
+            run = Run(
               where / arm / f'seed{seed}',
               flags,
               total,
@@ -190,7 +221,8 @@ def plan(args) -> list[Run]:
               0 if sup else dc,
               after=warm,
             )
-          )
+          if warm.key not in retired or is_done(run, records):
+            runs.append(run)
   return runs
 
 
@@ -307,8 +339,10 @@ def train(run: Run, args, forks: tuple[str, ...] = ()) -> float:
           f'{new["machine"]}, does not reproduce the parameters recorded in '
           f'{records_path(args)} (code {old["code"]}, on {was_on}), '
           f'so new forks of it would not pair exactly with {", ".join(forks)}; it is '
-          f"kept in {aside}. Another CPU can change XLA's float rounding. Delete the "
-          'records of this seed to train all its runs again, or find what changed the numerics'
+          f"kept in {aside}. Another CPU can change XLA's float rounding. Retire the seed "
+          f'(--retire={run.key.replace("/warmup", "")}: its recorded runs count, a new seed '
+          'replaces it), delete the records of this seed to train all its runs again, or '
+          'find what changed the numerics'
         )
       print(
         f'note: {run.key} does not reproduce its recorded parameters, but no recorded '
@@ -334,18 +368,28 @@ def train(run: Run, args, forks: tuple[str, ...] = ()) -> float:
   return seconds
 
 
-def warmups_before_first_fork(runs: list[Run]) -> list[Run]:
-  """`runs` in order, each warm-up moved to just before the first of them that
-  forks from it: a warm-up retrained only for low-priority forks (its record
-  holds, its workdir is gone) waits for them instead of going first."""
-  first_fork = {}
+def seeds_together(runs: list[Run]) -> list[Run]:
+  """`runs` in order, with each warm-up and all its forks moved together to
+  where the first of those forks is, the warm-up leading, and the seeds whose
+  warm-up this machine has already trained first of all: a seed's arms pair
+  only with a warm-up trained on the same machine, so a sweep spread over
+  machines finishes the seeds it has started before starting another (a seed
+  cut off can be retired, `to_retire`). A warm-up retrained only for
+  low-priority forks (its record holds, its workdir is gone) waits for them."""
+
+  def group(run):
+    return (run.after or run).key
+
+  first, started = {}, set()
   for i, r in enumerate(runs):
-    if r.after is not None:
-      first_fork.setdefault(r.after.key, i)
+    if r.kind != 'warmup':
+      first.setdefault(group(r), i)
+      if r.after is not None and r.after.finished():
+        started.add(group(r))
   position = {
-    r.key: first_fork.get(r.key, i) - 0.5 * (r.key in first_fork) for i, r in enumerate(runs)
+    group(r): first.get(group(r), i) - len(runs) * (group(r) in started) for i, r in enumerate(runs)
   }
-  return sorted(runs, key=lambda r: position[r.key])
+  return sorted(runs, key=lambda r: (position[group(r)], r.kind != 'warmup'))
 
 
 def recorded_forks(runs: list[Run], records: dict) -> dict:
@@ -380,6 +424,48 @@ def foreign_last(runs: list[Run], records: dict, forks: dict, here: str):
   return [r for r, f in zip(runs, is_foreign) if not f] + late, late
 
 
+def to_retire(args, retired: set) -> dict:
+  """{warm-up key: what its record keeps of the retirement} for `--retire`:
+  `foreign` (the seeds whose missing runs fork from a warm-up recorded on
+  another machine, which this one would train again and likely not
+  reproduce) or a comma list of `dc<N>/<setting>/seed<K>`."""
+  records = read_records(args)
+  runs = plan(args, retired)
+  planned = {r.key for r in runs}
+  missing = collections.defaultdict(list)  # warm-up key: its unfinished forks
+  for r in runs:
+    if r.after is not None and not is_done(r, records):
+      missing[r.after.key].append(r.kind)
+  here = machine()
+  if args.retire == 'foreign':
+    _, late = foreign_last(runs, records, recorded_forks(runs, records), here)
+    keys = sorted({r.after.key for r in late if not is_done(r, records)})
+  else:
+    keys = []
+    for name in args.retire.split(','):
+      parts = name.split('/')
+      key = '/'.join(parts[:2] + ['warmup'] + parts[2:]) if len(parts) == 3 else ''
+      if key not in planned:
+        example = next(k for k in sorted(planned) if '/warmup/' in k).replace('/warmup', '')
+        raise SweepError(
+          f'--retire={name}: this sweep plans no such seed; name it as '
+          f'dc<steps>/<setting>/seed<k> (e.g. {example}), or pass --retire=foreign'
+        )
+      if key not in records:
+        raise SweepError(
+          f'--retire={name}: its warm-up is not recorded, so no run of it would be '
+          'kept; the sweep trains it whole'
+        )
+      if not missing[key]:
+        raise SweepError(f'--retire={name}: every run of this seed is finished; nothing to retire')
+      keys.append(key)
+  when = time.strftime('%Y-%m-%d %H:%M:%S')
+  return {
+    k: {'at': when, 'on': here, 'warmup_on': records[k].get('machine'), 'not_trained': missing[k]}
+    for k in keys
+  }
+
+
 def train_all(runs: list[Run], args) -> None:
   """Runs warm-ups before their forks, `--parallel` at a time. Warm-ups known
   only from their records are trained again where a fork still needs them
@@ -392,13 +478,14 @@ def train_all(runs: list[Run], args) -> None:
   forks = recorded_forks(runs, records)
   todo = [r for r in runs if r.key not in done]
   pending, late = foreign_last(todo, records, forks, machine())
-  pending = warmups_before_first_fork(pending)
+  pending = seeds_together(pending)
   if late:
     machines = sorted({str(records[r.after.key].get('machine')) for r in late})
     print(
       'trained last, as their warm-ups were recorded on another machine '
       f'({"; ".join(machines)}) and may not reproduce here (then they are blocked): '
-      f'{counted(len(late), "run")}, {listed([r.key for r in late])}',
+      f'{counted(len(late), "run")}, {listed([r.key for r in late])}; --retire=foreign '
+      'gives their seeds up for new ones',
       flush=True,
     )
   blocked = []
@@ -464,6 +551,19 @@ def main(argv=None):
   parser.add_argument('--eval_every', type=int, default=0, help='0: from the budget')
   parser.add_argument('--last_k', type=int, default=3)
   parser.add_argument('--arms', default=','.join(PRIORITY_ARMS))
+  parser.add_argument(
+    '--longest_arms',
+    default='',
+    help='the arms at the longest budget, a subset of --arms (default: all of them); '
+    "a seed's arms must train on one machine, so keep a seed there within reach",
+  )
+  parser.add_argument(
+    '--retire',
+    default='',
+    help='give up seeds whose missing runs cannot pair here: foreign (their warm-up '
+    'was recorded on another machine) or dc<N>/<setting>/seed<K>,...; kept in the '
+    'records: their recorded runs count, a new seed per cell replaces each',
+  )
   parser.add_argument('--settings', default='context_biased,frac_1_16')
   parser.add_argument('--parallel', type=int, default=1)
   parser.add_argument('--max_hours', type=float, default=6.0)
@@ -473,6 +573,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.dc_steps = [int(x) for x in args.dc_steps.split(',')]
   args.arms, args.settings = args.arms.split(','), args.settings.split(',')
+  args.longest_arms = args.longest_arms.split(',') if args.longest_arms else []  # []: --arms
   args.extra = args.extra.split()
   for name, table, given in (
     ('arm', ablation.ARMS, args.arms),
@@ -481,10 +582,30 @@ def main(argv=None):
     bad = [g for g in given if g not in table]
     if bad:
       parser.error(f'unknown {name}(s) {bad}; choose from {sorted(table)}')
-  if 'supervised' not in args.arms:
+  if 'supervised' not in args.arms or 'supervised' not in (args.longest_arms or args.arms):
     parser.error('the arms must include supervised (every difference is paired with it)')
-  runs = plan(args)
+  if set(args.longest_arms) - set(args.arms):
+    parser.error(f'--longest_arms must be a subset of --arms {args.arms}')
+  retired = retired_seeds(read_records(args))
   try:
+    if args.retire:
+      retiring = to_retire(args, retired)
+      retired |= set(retiring)
+      print(
+        f'retiring {counted(len(retiring), "seed")}'
+        + (' (not written: --estimate_only)' if args.estimate_only else '')
+        + ''.join(
+          f'; {k.replace("/warmup", "")} ({", ".join(v["not_trained"])} not trained)'
+          for k, v in retiring.items()
+        ),
+        flush=True,
+      )
+      if retiring and not args.estimate_only:
+        records = read_records(args)
+        for key, why in retiring.items():
+          records[key]['retired'] = why
+        write_records(args, records)
+    runs = plan(args, retired)
     check_records(runs, read_records(args), args)
     backfill(runs, args)
   except SweepError as e:
@@ -507,6 +628,7 @@ def main(argv=None):
   )
   forks = recorded_forks(runs, records)
   ordered, _ = foreign_last(prioritise(runs, args), records, forks, machine())
+  ordered = seeds_together(ordered)
   missing = [r.key for r in ordered if not is_done(r, records)]
   unplanned = sorted(set(records) - {r.key for r in runs})
   if unplanned:
@@ -518,6 +640,8 @@ def main(argv=None):
     'seeds': args.seeds,
     'priority_seeds': max(args.seeds, args.priority_seeds),
     'arms': args.arms,
+    'longest_arms': args.longest_arms or args.arms,
+    'retired': {r.key: records[r.key]['retired'] for r in runs if r.key in retired},
     'settings': args.settings,
     'config': args.config,
     'extra': args.extra,

@@ -5,7 +5,8 @@ mIoU and DC-diagnostic curves the report needs).
 The records alone make a run finished, so a sweep whose workdirs are gone
 (another machine, a fresh clone) reports from them and trains only what is
 missing. A warm-up's record also holds a fingerprint of its parameters, the
-check that a retrained warm-up is the one its recorded arms forked from.
+check that a retrained warm-up is the one its recorded arms forked from, and,
+if its seed was retired (`sweep --retire`), when, where and why.
 """
 
 import json
@@ -86,6 +87,11 @@ def backfill(runs, args) -> None:
 
 def is_done(run, records: dict) -> bool:
   return run.key in records or run.finished()
+
+
+def retired_seeds(records: dict) -> set[str]:
+  """The warm-up keys of the retired seeds (`sweep --retire`)."""
+  return {key for key, rec in records.items() if rec.get('retired')}
 
 
 def fingerprint(workdir: pathlib.Path, step: int) -> str:

@@ -114,6 +114,25 @@ def report(results, args, meta) -> str:
   lines = [f'Command: `{meta["command"]}` (code {meta.get("code", "?")})', '']
   if meta.get('partial'):
     lines += [f'**Partial**: {meta["partial"]}', '']
+  if meta.get('retired'):
+    lines += [
+      '**Retired seeds** (`--retire`: their recorded runs count; each cell trains a new '
+      'seed, numbered after its last, in place of each): '
+      + '; '.join(
+        f'{key.replace("/warmup", "")} ({", ".join(why["not_trained"])} not trained; '
+        f'warm-up on {why["warmup_on"] or "a machine not recorded"}, retired on '
+        f'{why["on"]}, {why["at"][:10]})'
+        for key, why in meta['retired'].items()
+      )
+      + '.',
+      '',
+    ]
+  if meta.get('longest_arms') and meta['longest_arms'] != meta.get('arms'):
+    lines += [
+      f'At {max(meta["dc_steps"])} DC steps only {", ".join(meta["longest_arms"])} '
+      'are planned (`--longest_arms`).',
+      '',
+    ]
   if meta.get('unplanned'):
     lines += [
       f'**Not in this report**: {len(meta["unplanned"])} recorded runs that these flags '
