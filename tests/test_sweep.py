@@ -550,6 +550,8 @@ def test_a_retired_seed_keeps_its_runs_and_a_new_seed_takes_its_place(
 
 
 def test_retire_names_what_it_cannot_retire_and_writes_nothing(tmp_path, monkeypatch, capsys):
+  import shutil
+
   args = _parsed(tmp_path)
   args.dc_steps = [160]
   _fake_trainer(monkeypatch, [])
@@ -575,6 +577,7 @@ def test_retire_names_what_it_cannot_retire_and_writes_nothing(tmp_path, monkeyp
   assert sweep_records.records_path(args).read_text() == saved
   # An unrecorded seed is simply trained whole: nothing to retire.
   sweep_records.records_path(args).unlink()
+  shutil.rmtree(tmp_path / 'w')
   with pytest.raises(SystemExit, match='its warm-up is not recorded'):
     sweep.main(argv + [retire])
 
@@ -618,3 +621,44 @@ def test_a_seed_started_is_finished_before_the_next_starts(tmp_path):
   ordered = [r.key for r in sweep.seeds_together(runs)]
   kinds = ('warmup', 'supervised', 'cac', 'weight_0')
   assert ordered[:4] == [f'dc160/context_biased/{k}/seed2' for k in kinds]
+
+
+def test_a_stand_in_seed_takes_the_arms_and_rank_of_the_seed_it_replaces(
+  tmp_path, monkeypatch, capsys
+):
+  flags = dict(arms='supervised,cac,weight_0,no_projector', priority_seeds=5)
+  args = _parsed(tmp_path, **flags)
+  _fake_trainer(monkeypatch, [])
+  key = 'dc640/context_biased/{}/seed{}'.format
+  cut = {key('weight_0', 1), key('no_projector', 1), key('weight_0', 3)}
+  sweep.train_all([r for r in sweep.plan(args) if r.key not in cut], args)
+  # Seed 1 is one of the first three (every arm); seed 3 an extra one (priority arms).
+  retire = '--retire=dc640/context_biased/seed1,dc640/context_biased/seed3'
+  sweep.main(_args(tmp_path, **flags) + [retire, '--summary_only'])
+  assert (
+    'retiring 2 seeds; dc640/context_biased/seed1 (weight_0, no_projector not trained); '
+    'dc640/context_biased/seed3 (weight_0 not trained)'
+  ) in capsys.readouterr().out
+  runs = sweep.plan(args)
+  arms = collections.defaultdict(set)
+  for run in runs:
+    if run.key.startswith('dc640/'):
+      arms[int(run.key.split('/seed')[1])].add(run.kind)
+  every, priority = {'warmup', 'supervised', 'cac', 'weight_0', 'no_projector'}, {'warmup'}
+  priority |= set(sweep.PRIORITY_ARMS)
+  assert arms == {
+    0: every,
+    1: every - {'weight_0', 'no_projector'},  # recorded runs only
+    2: every,
+    3: priority - {'weight_0'},
+    4: priority,
+    5: every,  # stands in for seed 1
+    6: priority,  # stands in for seed 3
+  }
+  # Seed 5 ranks with the first seeds (tiers 0-1), seed 6 with the extra ones.
+  ordered = [r.key for r in sweep.prioritise(runs, args)]
+  assert {key(k, 5) for k in ('warmup', 'supervised', 'cac')} <= set(ordered[:12])  # tier 0
+  assert key('weight_0', 5) in ordered[12:15]  # tier 1: weight 0 of seeds 0, 2 and 5
+  assert ordered.index(key('cac', 6)) > ordered.index(key('cac', 4)) > ordered.index(key('cac', 5))
+  with pytest.raises(SystemExit, match='seed1: retired already'):
+    sweep.main(_args(tmp_path, **flags) + [retire, '--summary_only'])

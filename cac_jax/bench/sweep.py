@@ -64,9 +64,10 @@ yet).
 
 **Seeds and machines.** Training is chaotic: a warm-up trained on another
 CPU differs after 80 steps about as much as another seed's, so a seed's arms
-pair only on one machine. The sweep therefore finishes each seed it starts
-before it starts another (the seeds whose warm-up this machine has trained
-first, then the others in priority order), and `--longest_arms` keeps a
+pair only on one machine. The sweep therefore trains all the forks of a
+warm-up before it starts another (the seeds whose warm-up this machine has
+trained first, then the others in priority order; an arm trained from
+scratch has no warm-up and keeps its own place), and `--longest_arms` keeps a
 seed at the longest budget within reach (e.g. supervised, CAC and weight 0).
 A seed that cannot be finished here (its warm-up recorded on a machine that
 is gone) can be retired: `--retire=foreign` (every such seed) or
@@ -129,11 +130,12 @@ def eval_every_for(dc_steps: int, unsup_start: int) -> int:
 class Run:
   """One training run of the sweep: its workdir, flags and the steps it ends at."""
 
-  def __init__(self, workdir, flags, end_step, kind, sup_steps, dc_steps, after=None):
+  def __init__(self, workdir, flags, end_step, kind, sup_steps, dc_steps, after=None, extra=False):
     self.workdir, self.flags, self.end_step = workdir, flags, end_step
     self.kind = kind  # 'warmup' | arm name
     self.sup_steps, self.dc_steps = sup_steps, dc_steps  # what this run trains
     self.after = after  # the warm-up it forks from (a Run) or None
+    self.extra = extra  # one of the priority cell's extra seeds (or a stand-in for one)
 
   @property
   def key(self) -> str:
@@ -141,6 +143,12 @@ class Run:
 
   def finished(self) -> bool:
     return (self.workdir / 'checkpoints' / str(self.end_step)).is_dir()
+
+  @property
+  def seed_key(self) -> str:
+    """The key of its seed's warm-up (where a retirement is recorded)."""
+    budget, setting, _, seed = self.key.split('/')
+    return f'{budget}/{setting}/warmup/{seed}'
 
 
 def priority_setting(args) -> str:
@@ -161,8 +169,11 @@ def plan(args, retired=None) -> list[Run]:
   when supervised would be their only arm: nothing to pair it with).
 
   A retired seed (`retired`: warm-up keys; None: those its records mark,
-  `retire`) keeps its recorded runs and plans no more, and its cell gets a
-  new seed, numbered after the cell's last, with the retired seed's arms."""
+  `to_retire`) keeps its recorded runs and plans no more, and its cell gets a
+  new seed, numbered after the cell's last, with the retired seed's arms and
+  rank. The numbers follow from the seed counts: other `--seeds` or
+  `--priority_seeds` number the stand-ins again (their records stay, named as
+  not in the plan)."""
   records = read_records(args)
   if retired is None:
     retired = retired_seeds(records)
@@ -183,13 +194,14 @@ def plan(args, retired=None) -> list[Run]:
       *args.extra,
     ]
     for setting in args.settings:
-      extra = [a for a in here if a in PRIORITY_ARMS]
-      if not in_priority_cell(dc, setting, args) or extra == ['supervised']:
-        extra = []
-      count = max(args.seeds, args.priority_seeds) if extra else args.seeds
-      seeds = [(s, here if s < args.seeds else extra) for s in range(count)]
+      extra_arms = [a for a in here if a in PRIORITY_ARMS]
+      if not in_priority_cell(dc, setting, args) or extra_arms == ['supervised']:
+        extra_arms = []
+      count = max(args.seeds, args.priority_seeds) if extra_arms else args.seeds
+      seeds = [(s, s >= args.seeds) for s in range(count)]
       where = root / f'dc{dc}' / setting
-      for seed, arms in seeds:  # grows by one seed per retired seed
+      for seed, is_extra in seeds:  # grows by one seed per retired seed
+        arms = extra_arms if is_extra else here
         common = base + ablation.SETTINGS[setting] + [f'--config.seed={seed}']
         warm = Run(
           where / 'warmup' / f'seed{seed}',
@@ -198,15 +210,18 @@ def plan(args, retired=None) -> list[Run]:
           'warmup',
           args.unsup_start,
           0,
+          extra=is_extra,
         )
         runs.append(warm)
         if warm.key in retired:
-          seeds.append((len(seeds), arms))
+          seeds.append((len(seeds), is_extra))
         for arm in arms:
           flags = common + ablation.ARMS[arm]
           sup = '--config.cac.supervised_only=True' in ablation.ARMS[arm]
           if arm in NOT_FORKABLE:
-            run = Run(where / arm / f'seed{seed}', flags, total, arm, args.unsup_start, dc)
+            run = Run(
+              where / arm / f'seed{seed}', flags, total, arm, args.unsup_start, dc, extra=is_extra
+            )
           else:
             flags += [
               f'--config.fork_from={warm.workdir}',
@@ -220,6 +235,7 @@ def plan(args, retired=None) -> list[Run]:
               dc if sup else 0,
               0 if sup else dc,
               after=warm,
+              extra=is_extra,
             )
           if warm.key not in retired or is_done(run, records):
             runs.append(run)
@@ -281,7 +297,8 @@ def calibration_runs(runs: list[Run], args) -> list[Run]:
 
 def prioritise(runs: list[Run], args) -> list[Run]:
   """The priority runs first, each warm-up just before the first run that
-  needs it, in tiers:
+  needs it, in tiers (training then keeps each seed's runs together,
+  `seeds_together`, so the tiers decide which seed starts next):
     0. the priority cell (context-biased, longest budget): warm-up,
        supervised and CAC of the first `--seeds` seeds (the main comparison
        gets its interval first);
@@ -297,17 +314,16 @@ def prioritise(runs: list[Run], args) -> list[Run]:
   core = ('warmup', 'supervised', 'cac')
 
   def rank(run):
-    budget, setting, _, seed = run.key.split('/')
+    budget, setting, _, _ = run.key.split('/')
     if setting != priority_setting(args):
       return 5
     if budget != longest:
       return 3 if run.kind in core else 5
-    extra = int(seed.removeprefix('seed')) >= args.seeds
     if run.kind in core:
-      return 2 if extra else 0
+      return 2 if run.extra else 0
     if run.kind not in PRIORITY_ARMS:
       return 5
-    return 4 if extra else 1
+    return 4 if run.extra else 1
 
   return sorted(runs, key=rank)  # stable: warm-ups stay before their forks
 
@@ -426,16 +442,17 @@ def foreign_last(runs: list[Run], records: dict, forks: dict, here: str):
 
 def to_retire(args, retired: set) -> dict:
   """{warm-up key: what its record keeps of the retirement} for `--retire`:
-  `foreign` (the seeds whose missing runs fork from a warm-up recorded on
-  another machine, which this one would train again and likely not
-  reproduce) or a comma list of `dc<N>/<setting>/seed<K>`."""
+  `foreign` (the seeds with runs still to train that fork from a warm-up
+  recorded on another machine, or on one not recorded, which this machine
+  would train again and likely not reproduce) or a comma list of
+  `dc<N>/<setting>/seed<K>`. `retired`: the seeds retired already."""
   records = read_records(args)
   runs = plan(args, retired)
   planned = {r.key for r in runs}
-  missing = collections.defaultdict(list)  # warm-up key: its unfinished forks
+  missing = collections.defaultdict(list)  # warm-up key: its seed's runs still to train
   for r in runs:
-    if r.after is not None and not is_done(r, records):
-      missing[r.after.key].append(r.kind)
+    if r.kind != 'warmup' and not is_done(r, records):
+      missing[r.seed_key].append(r.kind)
   here = machine()
   if args.retire == 'foreign':
     _, late = foreign_last(runs, records, recorded_forks(runs, records), here)
@@ -451,10 +468,12 @@ def to_retire(args, retired: set) -> dict:
           f'--retire={name}: this sweep plans no such seed; name it as '
           f'dc<steps>/<setting>/seed<k> (e.g. {example}), or pass --retire=foreign'
         )
+      if key in retired:
+        raise SweepError(f'--retire={name}: retired already ({records[key]["retired"]["at"]})')
       if key not in records:
         raise SweepError(
-          f'--retire={name}: its warm-up is not recorded, so no run of it would be '
-          'kept; the sweep trains it whole'
+          f'--retire={name}: its warm-up is not recorded (the retirement is kept in '
+          'that record); nothing of this seed is lost if the sweep trains it, so let it'
         )
       if not missing[key]:
         raise SweepError(f'--retire={name}: every run of this seed is finished; nothing to retire')
@@ -582,12 +601,17 @@ def main(argv=None):
     bad = [g for g in given if g not in table]
     if bad:
       parser.error(f'unknown {name}(s) {bad}; choose from {sorted(table)}')
-  if 'supervised' not in args.arms or 'supervised' not in (args.longest_arms or args.arms):
+  if 'supervised' not in args.arms:
     parser.error('the arms must include supervised (every difference is paired with it)')
+  if args.longest_arms and 'supervised' not in args.longest_arms:
+    parser.error('--longest_arms must include supervised (every difference is paired with it)')
   if set(args.longest_arms) - set(args.arms):
     parser.error(f'--longest_arms must be a subset of --arms {args.arms}')
   retired = retired_seeds(read_records(args))
   try:
+    runs = plan(args, retired)
+    check_records(runs, read_records(args), args)
+    backfill(runs, args)
     if args.retire:
       retiring = to_retire(args, retired)
       retired |= set(retiring)
@@ -605,9 +629,9 @@ def main(argv=None):
         for key, why in retiring.items():
           records[key]['retired'] = why
         write_records(args, records)
-    runs = plan(args, retired)
-    check_records(runs, read_records(args), args)
-    backfill(runs, args)
+      runs = plan(args, retired)  # with the new seeds that stand in for the retired ones
+      check_records(runs, read_records(args), args)
+      backfill(runs, args)
   except SweepError as e:
     sys.exit(f'error: {e}')
   blocked = None  # runs a non-reproducing warm-up blocked: reported, then the exit

@@ -127,7 +127,7 @@ def report(results, args, meta) -> str:
       + '.',
       '',
     ]
-  if meta.get('longest_arms') and meta['longest_arms'] != meta.get('arms'):
+  if meta.get('longest_arms') and set(meta['longest_arms']) != set(meta.get('arms', ())):
     lines += [
       f'At {max(meta["dc_steps"])} DC steps only {", ".join(meta["longest_arms"])} '
       'are planned (`--longest_arms`).',
