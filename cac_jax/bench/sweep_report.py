@@ -115,16 +115,18 @@ def report(results, args, meta) -> str:
   if meta.get('partial'):
     lines += [f'**Partial**: {meta["partial"]}', '']
   if meta.get('retired'):
+    events = {}  # (where, when): [seed, ...]: one line per retirement
+    for key, why in meta['retired'].items():
+      seed = (
+        f'{key.replace("/warmup", "")} ({", ".join(why["not_trained"])} not trained; '
+        f'warm-up on {why["warmup_on"] or "a machine not recorded"})'
+      )
+      events.setdefault((why['on'], why['at'][:10]), []).append(seed)
     lines += [
       '**Retired seeds** (`--retire`: their recorded runs count; each cell trains a new '
-      'seed, numbered after its last, in place of each): '
-      + '; '.join(
-        f'{key.replace("/warmup", "")} ({", ".join(why["not_trained"])} not trained; '
-        f'warm-up on {why["warmup_on"] or "a machine not recorded"}, retired on '
-        f'{why["on"]}, {why["at"][:10]})'
-        for key, why in meta['retired'].items()
-      )
-      + '.',
+      'seed, numbered after its last, in place of each):',
+      '',
+      *(f'- on {on}, {at}: ' + '; '.join(seeds) + '.' for (on, at), seeds in events.items()),
       '',
     ]
   if meta.get('longest_arms') and set(meta['longest_arms']) != set(meta.get('arms', ())):
