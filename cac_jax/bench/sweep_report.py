@@ -63,7 +63,8 @@ def summarise(runs, args) -> dict:
     if is_done(run, records):
       cell.append(run_result(run, int(seed.removeprefix('seed')), args.last_k, records))
   for dc in results:
-    for setting in results[dc]:
+    for setting, cell in results[dc].items():  # arms in --arms order, whichever seed came first
+      results[dc][setting] = {arm: cell[arm] for arm in args.arms if arm in cell}
       for arm, rs in results[dc][setting].items():
         agg = ablation.aggregate(rs)
         values = np.array([r[f'last{args.last_k}_miou'] for r in rs])
