@@ -40,7 +40,7 @@ For every budget (DC steps after `--unsup_start`), setting and seed:
    e.g. 5), trained after the first seeds' runs so that an interrupted sweep
    has those first; then supervised and CAC at the other budgets of that
    setting (the paired difference against DC steps); then the rest (each
-  seed's runs together: see below).
+   seed's runs together: see below).
 
 Runs are resumable (a finished run is never trained again; an interrupted one
 continues from its checkpoint), so a sweep can be finished over several
